@@ -1,0 +1,88 @@
+"""`neurons`: the operator's command line.
+
+Every command reads the same settings as the services (environment variables,
+see shared/settings.py). A wrong argument prints one line that says what to do.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import typer
+from typer._click import exceptions as cli_errors
+
+from cli import audit, broker_cmd
+from shared import processes
+from shared.settings import Settings
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+                  help="neurons: train, validate, approve and promote LoRA adapters from an event log.")
+app.add_typer(broker_cmd.app, name="broker")
+app.add_typer(audit.app, name="audit")
+
+
+@app.command()
+def up() -> None:
+    """Start the embedded broker (unless KAFKA_BOOTSTRAP_SERVERS is set) and the six services."""
+    settings = Settings.from_env()
+    started = processes.up(settings)
+    typer.echo(f"broker {started['broker']}")
+    processes.wait_ready(settings)
+    for name, pid in started["services"].items():
+        typer.echo(f"{name:<10} pid {pid}  log {processes.log_file(settings, name)}")
+
+
+@app.command()
+def down() -> None:
+    """Stop every service and the embedded broker."""
+    stopped = processes.down(Settings.from_env())
+    for name, was_running in stopped.items():
+        typer.echo(f"{name:<10} {'stopped' if was_running else 'was not running'}")
+
+
+@app.command()
+def status(as_json: bool = typer.Option(False, "--json", help="print JSON")) -> None:
+    """The broker's address and, for the broker and each service, pid and state."""
+    info = processes.status(Settings.from_env())
+    if as_json:
+        typer.echo(json.dumps(info, indent=2))
+        return
+    typer.echo(f"bootstrap  {info['bootstrap_servers'] or '-'}")
+    for row in [info["broker"], *info["services"]]:
+        typer.echo(f"{row['name']:<10} {row['state']:<8} pid {row['pid'] or '-'}")
+
+
+def fail(message: str) -> None:
+    """Stop with one line on stderr and exit status 2."""
+    typer.echo(f"neurons: {message}", err=True)
+    raise typer.Exit(2)
+
+
+def main(argv: list[str] | None = None) -> int:
+    command = typer.main.get_command(app)
+    try:
+        command.main(args=argv, prog_name="neurons", standalone_mode=False)
+    except cli_errors.NoArgsIsHelpError as exc:
+        typer.echo(exc.ctx.get_help() if exc.ctx else "run `neurons --help`")
+        return 0
+    except cli_errors.UsageError as exc:
+        hint = f"run `{exc.ctx.command_path} --help`" if exc.ctx else "run `neurons --help`"
+        typer.echo(f"neurons: {exc.format_message()} ({hint})", err=True)
+        return 2
+    except typer.Exit as exc:
+        return exc.exit_code
+    except typer.Abort:
+        typer.echo("neurons: aborted", err=True)
+        return 130
+    except cli_errors.ClickException as exc:
+        typer.echo(f"neurons: {exc.format_message()}", err=True)
+        return exc.exit_code
+    except (RuntimeError, ValueError, FileNotFoundError, PermissionError) as exc:
+        typer.echo(f"neurons: {exc}", err=True)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

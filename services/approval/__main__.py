@@ -1,0 +1,3 @@
+from services.approval.app import service
+
+service.main()

@@ -1,0 +1,3 @@
+from services.energy.app import service
+
+service.main()

@@ -1,0 +1,3 @@
+from services.evolution.app import service
+
+service.main()

@@ -1,0 +1,3 @@
+from services.registry.app import service
+
+service.main()

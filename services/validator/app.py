@@ -1,0 +1,7 @@
+"""Validator wiring: the faust worker that reads its topics and calls the domain."""
+
+from __future__ import annotations
+
+from shared.service import Service
+
+service = Service("validator", reads=["training", "adapter"])

@@ -1,0 +1,1 @@
+"""What every neurons service uses: envelope, bus, schemas, archive, tracing, settings."""

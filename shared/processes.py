@@ -1,0 +1,133 @@
+"""Each service as its own process, with pid and log files under var/run and var/log."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from shared import broker
+from shared.settings import Settings
+from shared.topics import SERVICES
+
+
+def _pid_file(settings: Settings, service: str) -> Path:
+    return settings.run_dir / f"{service}.pid"
+
+
+def log_file(settings: Settings, service: str) -> Path:
+    return settings.log_dir / f"{service}.log"
+
+
+def service_pid(settings: Settings, service: str) -> int | None:
+    path = _pid_file(settings, service)
+    if not path.exists():
+        return None
+    try:
+        return int(path.read_text().strip())
+    except ValueError:
+        return None
+
+
+def service_state(settings: Settings, service: str) -> str:
+    return "running" if broker.pid_alive(service_pid(settings, service)) else "stopped"
+
+
+def start_service(settings: Settings, service: str, env: dict[str, str] | None = None) -> int:
+    if service_state(settings, service) == "running":
+        return service_pid(settings, service)  # type: ignore[return-value]
+    settings.run_dir.mkdir(parents=True, exist_ok=True)
+    settings.log_dir.mkdir(parents=True, exist_ok=True)
+    _ready_file(settings, service).unlink(missing_ok=True)
+    child_env = dict(os.environ)
+    child_env.update(env or {})
+    child_env["NEURONS_VAR"] = str(settings.var_dir)
+    child_env.setdefault("PYTHONUNBUFFERED", "1")
+    with open(log_file(settings, service), "ab") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", f"services.{service}"],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=child_env,
+            cwd=str(Path(__file__).resolve().parent.parent),
+            start_new_session=True,
+        )
+    _pid_file(settings, service).write_text(str(proc.pid))
+    return proc.pid
+
+
+def _ready_file(settings: Settings, service: str) -> Path:
+    return settings.run_dir / f"{service}.ready"
+
+
+def stop_service(settings: Settings, service: str, timeout_s: float = 15.0) -> bool:
+    pid = service_pid(settings, service)
+    running = broker.pid_alive(pid)
+    if running and pid:
+        broker.terminate(pid, timeout_s)
+    _pid_file(settings, service).unlink(missing_ok=True)
+    return running
+
+
+def kill_service(settings: Settings, service: str) -> None:
+    """SIGKILL, as a crash would; the pid file stays so status shows it stopped."""
+    import signal
+
+    pid = service_pid(settings, service)
+    if pid and broker.pid_alive(pid):
+        os.kill(pid, signal.SIGKILL)
+        broker._reap(pid)
+
+
+def up(settings: Settings, services: tuple[str, ...] = SERVICES) -> dict:
+    info = broker.start(settings)
+    import asyncio
+
+    from shared.topics import ensure_topics
+
+    asyncio.run(ensure_topics(settings))
+    pids = {name: start_service(settings, name) for name in services}
+    return {"broker": info.bootstrap_servers, "services": pids}
+
+
+def down(settings: Settings, services: tuple[str, ...] = SERVICES) -> dict:
+    from concurrent.futures import ThreadPoolExecutor
+
+    # every worker gets SIGTERM at once: each needs a second or two to leave its group
+    with ThreadPoolExecutor(max_workers=len(services)) as pool:
+        results = list(pool.map(lambda name: stop_service(settings, name), services))
+    stopped = dict(zip(services, results))
+    stopped["broker"] = broker.stop(settings)
+    return stopped
+
+
+def status(settings: Settings, services: tuple[str, ...] = SERVICES) -> dict:
+    b = broker.status(settings)
+    return {
+        "bootstrap_servers": b.bootstrap_servers or None,
+        "broker": {"name": "broker", "pid": b.pid, "state": b.state if b.state != "external" else "running"},
+        "services": [
+            {"name": name, "pid": service_pid(settings, name), "state": service_state(settings, name),
+             "log": str(log_file(settings, name))}
+            for name in services
+        ],
+    }
+
+
+def wait_ready(settings: Settings, services: tuple[str, ...] = SERVICES, timeout_s: float = 90.0) -> None:
+    """Wait until every service has joined its consumer group and holds partitions."""
+    deadline = time.monotonic() + timeout_s
+    pending = set(services)
+    while pending and time.monotonic() < deadline:
+        for name in list(pending):
+            marker = _ready_file(settings, name)
+            if marker.exists() and marker.read_text().strip() == str(service_pid(settings, name)):
+                pending.discard(name)
+            elif service_state(settings, name) == "stopped":
+                raise RuntimeError(f"service {name} exited; see {log_file(settings, name)}")
+        time.sleep(0.3)
+    if pending:
+        raise TimeoutError(f"services not ready after {timeout_s:.0f}s: {sorted(pending)}")

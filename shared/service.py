@@ -1,0 +1,399 @@
+"""The runtime every service is wired on: a faust worker with idempotent handlers.
+
+A service declares the aggregate types it reads and the handlers it runs::
+
+    service = Service("approval", reads=["cycle", "research", "validation"])
+
+    @service.handles("cycle.proposed")
+    def on_proposed(event, ctx):
+        return domain.decide(event, ctx.state.get(...))
+
+Each record is decoded (a malformed one goes to ``neurons.dlq`` with its
+reason and the worker keeps consuming), then its handler runs inside one SQL
+transaction that also records (consumer, event_id) and stores the emitted
+events in the outbox. After the commit the outbox is published. A handler that
+keeps failing dead-letters the event. A span around each handler continues
+the trace carried in the record's headers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import random
+import sys
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Awaitable, Callable, Iterable, Iterator
+
+import faust
+from opentelemetry import trace
+from sqlalchemy.engine import Engine
+from sqlmodel import Session, select
+
+from shared import schemas
+from shared.bus import MalformedEvent, Publisher, decode
+from shared.db import engine_for
+from shared.envelope import Envelope, NewEvent, Producer, seal, utcnow
+from shared.settings import Settings
+from shared.store import (
+    OutboxEvent,
+    StateStore,
+    already_processed,
+    mark_processed,
+    next_sequence,
+    observe_sequence,
+)
+from shared.topics import group_id, topic_for
+from shared.tracing import context_from_traceparent, current_traceparent, extract_context, setup_tracing
+
+Handler = Callable[[Envelope, "HandlerContext"], Iterable[NewEvent] | None]
+TimerFn = Callable[["HandlerContext"], Iterable[NewEvent] | None]
+
+
+@dataclass
+class HandlerContext:
+    """What a handler may touch: its transaction, its state, the clock."""
+
+    service: "Service"
+    session: Session
+    event: Envelope | None
+    now: datetime
+    after_commit: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+
+    @property
+    def state(self) -> StateStore:
+        return StateStore(self.session, self.service.name)
+
+    @property
+    def settings(self) -> Settings:
+        return self.service.settings
+
+    def later(self, coro_fn: Callable[[], Awaitable[None]]) -> None:
+        """Run ``coro_fn`` once the transaction has committed (start a job, say)."""
+        self.after_commit.append(coro_fn)
+
+
+class Service:
+    def __init__(
+        self,
+        name: str,
+        reads: Iterable[str],
+        *,
+        settings: Settings | None = None,
+        tracer_provider=None,
+    ) -> None:
+        self.name = name
+        self.reads = list(reads)
+        self.settings = settings or Settings.from_env()
+        self.consumer = group_id(name)
+        self.log = logging.getLogger(f"neurons.{name}")
+        self._handlers: dict[str, Handler] = {}
+        self._any_handler: Handler | None = None
+        self._timers: list[tuple[float, float, TimerFn]] = []
+        self._startup: list[Callable[["Service"], Awaitable[None]]] = []
+        self._engine: Engine | None = None
+        self._publisher: Publisher | None = None
+        self._publisher_lock: asyncio.Lock | None = None
+        self._flush_lock: asyncio.Lock | None = None
+        self.tracer_provider = tracer_provider or setup_tracing(name, self.settings)
+        self.tracer = self.tracer_provider.get_tracer(f"neurons.{name}")
+        self.producer_info = Producer(service=name, node=self.settings.node)
+        self.background: set[asyncio.Task] = set()
+
+    # --- declaration -------------------------------------------------------
+    def handles(self, *event_types: str) -> Callable[[Handler], Handler]:
+        def register(fn: Handler) -> Handler:
+            for event_type in event_types:
+                if event_type == "*":
+                    self._any_handler = fn
+                else:
+                    self._handlers[event_type] = fn
+            return fn
+
+        return register
+
+    def every(self, seconds: float, jitter: float = 0.0) -> Callable[[TimerFn], TimerFn]:
+        def register(fn: TimerFn) -> TimerFn:
+            self._timers.append((seconds, jitter, fn))
+            return fn
+
+        return register
+
+    def on_start(self, fn: Callable[["Service"], Awaitable[None]]):
+        self._startup.append(fn)
+        return fn
+
+    # --- resources ---------------------------------------------------------
+    @property
+    def engine(self) -> Engine:
+        if self._engine is None:
+            self._engine = engine_for(self.settings.db_url(self.name))
+        return self._engine
+
+    async def publisher(self) -> Publisher:
+        if self._publisher_lock is None:
+            self._publisher_lock = asyncio.Lock()
+        async with self._publisher_lock:
+            if self._publisher is None:
+                publisher = Publisher(self.settings, self.name, self.tracer_provider)
+                await publisher.start()
+                self._publisher = publisher
+        return self._publisher
+
+    async def close(self) -> None:
+        for task in list(self.background):
+            task.cancel()
+        if self._publisher is not None:
+            await self._publisher.stop()
+            self._publisher = None
+        self.tracer_provider.force_flush()
+
+    # --- transactions ------------------------------------------------------
+    @contextmanager
+    def transaction(self, event: Envelope | None = None) -> Iterator[HandlerContext]:
+        with Session(self.engine, expire_on_commit=False) as session:
+            ctx = HandlerContext(self, session, event, utcnow())
+            yield ctx
+            session.commit()
+
+    def stage(self, ctx: HandlerContext, events: Iterable[NewEvent] | None, *,
+              correlation_id: str | None = None, causation_id: str | None = None) -> list[Envelope]:
+        """Seal events into envelopes and put them in the outbox of ``ctx``'s transaction."""
+        sealed = []
+        parent = ctx.event
+        traceparent = current_traceparent()
+        for new in events or ():
+            corr = new.correlation_id or correlation_id or (parent.correlation_id if parent else new.aggregate_id)
+            envelope = seal(
+                new,
+                sequence=next_sequence(ctx.session, self.name, new.aggregate_type, new.aggregate_id),
+                producer=self.producer_info,
+                correlation_id=corr,
+                causation_id=causation_id or (parent.event_id if parent else None),
+                schema_version=schemas.current_version(new.type),
+            )
+            from shared.bus import validate
+
+            validate(envelope)  # refuse to stage what the contract rejects
+            ctx.session.add(
+                OutboxEvent(
+                    service=self.name,
+                    event_id=envelope.event_id,
+                    aggregate_type=envelope.aggregate_type,
+                    aggregate_id=envelope.aggregate_id,
+                    sequence=envelope.sequence,
+                    envelope_json=envelope.to_json().decode(),
+                    traceparent=traceparent,
+                )
+            )
+            sealed.append(envelope)
+        return sealed
+
+    async def emit(self, events: Iterable[NewEvent], *, correlation_id: str | None = None,
+                   causation_id: str | None = None, traceparent: str | None = None) -> list[Envelope]:
+        """Emit events from outside a handler (a finished job, a timer)."""
+        token = None
+        if traceparent:
+            from opentelemetry import context as otel_context
+
+            token = otel_context.attach(context_from_traceparent(traceparent))
+        try:
+            with self.transaction() as ctx:
+                sealed = self.stage(ctx, events, correlation_id=correlation_id, causation_id=causation_id)
+        finally:
+            if token is not None:
+                from opentelemetry import context as otel_context
+
+                otel_context.detach(token)
+        await self.flush_outbox()
+        return sealed
+
+    async def flush_outbox(self) -> int:
+        if self._flush_lock is None:
+            self._flush_lock = asyncio.Lock()
+        async with self._flush_lock:
+            with Session(self.engine, expire_on_commit=False) as session:
+                rows = session.exec(
+                    select(OutboxEvent)
+                    .where(OutboxEvent.service == self.name, OutboxEvent.published_at.is_(None))
+                    .order_by(OutboxEvent.id)
+                ).all()
+            if not rows:
+                return 0
+            publisher = await self.publisher()
+            for row in rows:
+                envelope = Envelope.from_json(row.envelope_json)
+                await publisher.publish(envelope, wait=False, context=context_from_traceparent(row.traceparent))
+            await publisher.producer.flush()
+            with Session(self.engine) as session:
+                now = utcnow()
+                for row in rows:
+                    row.published_at = now
+                    session.add(row)
+                session.commit()
+            return len(rows)
+
+    # --- consuming ---------------------------------------------------------
+    def _apply(self, envelope: Envelope) -> list[Callable[[], Awaitable[None]]]:
+        handler = self._handlers.get(envelope.type) or self._any_handler
+        with self.transaction(envelope) as ctx:
+            if already_processed(ctx.session, self.consumer, envelope.event_id):
+                return []
+            observe_sequence(ctx.session, self.name, envelope)
+            if handler is not None:
+                self.stage(ctx, handler(envelope, ctx))
+            mark_processed(ctx.session, self.consumer, envelope)
+        return ctx.after_commit
+
+    def _mark_dead(self, envelope: Envelope) -> None:
+        with self.transaction(envelope) as ctx:
+            if not already_processed(ctx.session, self.consumer, envelope.event_id):
+                mark_processed(ctx.session, self.consumer, envelope, outcome="dead_lettered")
+
+    async def process(self, value: bytes | None, key: bytes | None, headers, topic: str,
+                      partition: int, offset: int) -> Envelope | None:
+        """Handle one record; returns the event, or None when it was dead-lettered."""
+        try:
+            envelope = decode(value)
+        except MalformedEvent as exc:
+            publisher = await self.publisher()
+            await publisher.dead_letter(value=value, key=key, headers=headers, source_topic=topic,
+                                        partition=partition, offset=offset, reason=exc.reason,
+                                        kind=exc.kind, consumer=self.consumer)
+            return None
+        if envelope.type not in self._handlers and self._any_handler is None:
+            return envelope
+        parent = extract_context(headers)
+        with self.tracer.start_as_current_span(
+            f"{self.name} handle {envelope.type}",
+            context=parent,
+            kind=trace.SpanKind.CONSUMER,
+            attributes={"neurons.event_id": envelope.event_id, "neurons.event_type": envelope.type,
+                        "neurons.correlation_id": envelope.correlation_id},
+        ) as span:
+            error: Exception | None = None
+            for attempt in range(self.settings.handler_retries):
+                try:
+                    callbacks = self._apply(envelope)
+                    error = None
+                    break
+                except Exception as exc:  # a handler bug or a transient store error
+                    error = exc
+                    self.log.warning("handler for %s failed (attempt %d): %r", envelope.type, attempt + 1, exc)
+                    await asyncio.sleep(0.2 * (attempt + 1))
+            if error is not None:
+                span.record_exception(error)
+                self._mark_dead(envelope)
+                publisher = await self.publisher()
+                await publisher.dead_letter(value=value, key=key, headers=headers, source_topic=topic,
+                                            partition=partition, offset=offset,
+                                            reason=f"handler failed {self.settings.handler_retries} times: {error!r}",
+                                            kind="handler_failed", consumer=self.consumer)
+                return None
+            await self.flush_outbox()
+        for callback in callbacks:
+            self.spawn(callback())
+        return envelope
+
+    def spawn(self, coro) -> asyncio.Task:
+        task = asyncio.ensure_future(coro)
+        self.background.add(task)
+        task.add_done_callback(self._task_done)
+        return task
+
+    def _task_done(self, task: asyncio.Task) -> None:
+        self.background.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            self.log.error("background task failed: %r", task.exception(), exc_info=task.exception())
+
+    async def run_timer(self, fn: TimerFn) -> None:
+        with self.tracer.start_as_current_span(f"{self.name} timer {fn.__name__}"):
+            with self.transaction() as ctx:
+                self.stage(ctx, fn(ctx))
+            await self.flush_outbox()
+
+    # --- the faust worker -------------------------------------------------
+    def build_app(self) -> faust.App:
+        s = self.settings
+        (s.var_dir / "faust" / self.name).mkdir(parents=True, exist_ok=True)
+        bootstrap = ";".join(f"kafka://{b.strip()}" for b in s.bootstrap().split(","))
+        app = faust.App(
+            self.consumer,
+            broker=bootstrap,
+            value_serializer="raw",
+            key_serializer="raw",
+            web_enabled=False,
+            topic_allow_declare=False,
+            topic_disable_leader=True,
+            store="memory://",
+            datadir=str(s.var_dir / "faust" / self.name),
+            consumer_auto_offset_reset="earliest",
+            broker_session_timeout=s.session_timeout_s,
+            broker_heartbeat_interval=1.0,
+            broker_rebalance_timeout=max(10.0, s.session_timeout_s * 2),
+            broker_commit_interval=1.0,
+            stream_wait_empty=False,
+            producer_acks=-1,
+        )
+        channel = app.topic(*[topic_for(a) for a in self.reads], value_type=bytes, key_type=bytes,
+                            value_serializer="raw", key_serializer="raw")
+
+        async def consume(stream):
+            async for event in stream.events():
+                msg = event.message
+                await self.process(event.value, msg.key, msg.headers, msg.topic, msg.partition, msg.offset)
+
+        consume.__name__ = f"{self.name}_consume"
+        app.agent(channel, name=f"{self.name}.consume")(consume)
+
+        async def startup() -> None:
+            await self.flush_outbox()  # what a crash left unpublished
+            for fn in self._startup:
+                await fn(self)
+            self.log.info("service %s ready (reads %s)", self.name, ", ".join(self.reads))
+
+        app.task(startup)
+
+        @app.on_rebalance_complete.connect
+        async def ready(sender, **kwargs) -> None:
+            # The group has handed out partitions: from here on this worker reads.
+            marker = self.settings.run_dir / f"{self.name}.ready"
+            marker.parent.mkdir(parents=True, exist_ok=True)
+            marker.write_text(str(os.getpid()))
+            self.log.info("service %s joined group %s", self.name, self.consumer)
+
+        for seconds, jitter, fn in self._timers:
+            app.task(self._timer_loop(seconds, jitter, fn))
+
+        @app.timer(2.0)
+        async def relay_outbox() -> None:
+            await self.flush_outbox()
+
+        self.app = app
+        return app
+
+    def _timer_loop(self, seconds: float, jitter: float, fn: TimerFn):
+        async def loop() -> None:
+            rng = random.Random()
+            while True:
+                await asyncio.sleep(seconds + rng.uniform(0, jitter))
+                try:
+                    await self.run_timer(fn)
+                except Exception:
+                    self.log.exception("timer %s failed", fn.__name__)
+
+        loop.__name__ = f"{self.name}_{fn.__name__}_loop"
+        return loop
+
+    def main(self) -> None:
+        """Run the worker until SIGTERM; ``python -m services.<name>`` calls this."""
+        from shared.topics import ensure_topics
+
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+        asyncio.run(ensure_topics(self.settings))
+        app = self.build_app()
+        sys.argv = [f"neurons-{self.name}", "worker", "--loglevel", "info", "--without-web"]
+        app.main()

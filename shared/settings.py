@@ -1,0 +1,137 @@
+"""Settings read from the environment, and nothing else.
+
+Every variable a service reads is listed in ``ENV_VARS`` so docker-compose and
+the README can be checked against the code. Unset variables fall back to the
+embedded defaults of one machine: the Tansu broker started by ``neurons broker
+start`` (its address is kept in ``var/broker/broker.json``) and SQLite under
+``var/db/``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+ENV_VARS: dict[str, str] = {
+    "NEURONS_VAR": "folder for state, logs, artefacts (default ./var)",
+    "KAFKA_BOOTSTRAP_SERVERS": "external Kafka; unset means the embedded broker",
+    "NEURONS_DATABASE_URL": "SQLAlchemy URL shared by all services; unset means SQLite per service under var/db",
+    "NEURONS_TOPIC_PREFIX": "namespace of topics and consumer groups (default neurons.)",
+    "NEURONS_TOPIC_PARTITIONS": "partitions per topic created at start-up",
+    "NEURONS_TOPIC_REPLICATION": "replication factor of created topics",
+    "NEURONS_SESSION_TIMEOUT_S": "consumer group session timeout",
+    "NEURONS_HANDLER_RETRIES": "attempts before an event goes to the dead-letter topic",
+    "NEURONS_KEYRING": "operator keyring file",
+    "NEURONS_POLICIES": "approval policy file (YAML or JSON)",
+    "NEURONS_NODE": "node name carried in event producers and artefact locations",
+    "NEURONS_ARTEFACT_REMOTE": "fsspec URL of the shared artefact store (s3://bucket/prefix); unset means local only",
+    "NEURONS_TRACE_FILE": "write finished spans as JSON lines to this file (one per service)",
+    "OTEL_EXPORTER_OTLP_ENDPOINT": "send spans to this OTLP/HTTP collector",
+    "NEURONS_CARBON_INTENSITY": "grid carbon intensity in gCO2e per kWh",
+    "NEURONS_PUE": "power usage effectiveness of the site",
+    "NEURONS_CPU_TDP_W": "CPU package TDP in watts for the process energy model",
+    "NEURONS_ENERGY_BUDGETS": "rolling energy budgets, e.g. 12h=300,24h=500 (Wh); unset means none",
+    "NEURONS_MODEL_PARAMS": "parameter count used to size training micro-batches",
+    "NEURONS_MODEL": "base model for cycles: tiny, smollm2 or a local HF folder",
+    "NEURONS_API_PORT": "registry HTTP API and dashboard port",
+}
+
+def _env(name: str, default: str | None = None) -> str | None:
+    value = os.environ.get(name)
+    return value if value not in (None, "") else default
+
+
+@dataclass(frozen=True)
+class Settings:
+    var_dir: Path
+    bootstrap_servers: str | None
+    database_url: str | None
+    topic_partitions: int = 3
+    topic_replication: int = 1
+    session_timeout_s: float = 6.0
+    handler_retries: int = 3
+    keyring_path: Path = Path("var/keys/keyring.json")
+    policies_path: Path | None = None
+    node: str = field(default_factory=socket.gethostname)
+    artefact_remote: str | None = None
+    trace_file: Path | None = None
+    otlp_endpoint: str | None = None
+    carbon_intensity_g_per_kwh: float = 400.0
+    pue: float = 1.2
+    cpu_tdp_w: float | None = None
+    model: str = "smollm2"
+    api_port: int = 8600
+
+    @classmethod
+    def from_env(cls) -> "Settings":
+        var_dir = Path(_env("NEURONS_VAR", "var")).resolve()
+        tdp = _env("NEURONS_CPU_TDP_W")
+        policies = _env("NEURONS_POLICIES")
+        trace_file = _env("NEURONS_TRACE_FILE")
+        return cls(
+            var_dir=var_dir,
+            bootstrap_servers=_env("KAFKA_BOOTSTRAP_SERVERS"),
+            database_url=_env("NEURONS_DATABASE_URL"),
+            topic_partitions=int(_env("NEURONS_TOPIC_PARTITIONS", "3")),
+            topic_replication=int(_env("NEURONS_TOPIC_REPLICATION", "1")),
+            session_timeout_s=float(_env("NEURONS_SESSION_TIMEOUT_S", "6")),
+            handler_retries=int(_env("NEURONS_HANDLER_RETRIES", "3")),
+            keyring_path=Path(_env("NEURONS_KEYRING", str(var_dir / "keys" / "keyring.json"))),
+            policies_path=Path(policies) if policies else None,
+            node=_env("NEURONS_NODE", socket.gethostname()),
+            artefact_remote=_env("NEURONS_ARTEFACT_REMOTE"),
+            trace_file=Path(trace_file) if trace_file else None,
+            otlp_endpoint=_env("OTEL_EXPORTER_OTLP_ENDPOINT"),
+            carbon_intensity_g_per_kwh=float(_env("NEURONS_CARBON_INTENSITY", "400")),
+            pue=float(_env("NEURONS_PUE", "1.2")),
+            cpu_tdp_w=float(tdp) if tdp else None,
+            model=_env("NEURONS_MODEL", "smollm2"),
+            api_port=int(_env("NEURONS_API_PORT", "8600")),
+        )
+
+    def with_(self, **changes) -> "Settings":
+        return replace(self, **changes)
+
+    # --- derived locations -------------------------------------------------
+    @property
+    def broker_dir(self) -> Path:
+        return self.var_dir / "broker"
+
+    @property
+    def artefact_dir(self) -> Path:
+        return self.var_dir / "artefacts"
+
+    @property
+    def model_cache_dir(self) -> Path:
+        return self.var_dir / "models"
+
+    @property
+    def run_dir(self) -> Path:
+        return self.var_dir / "run"
+
+    @property
+    def log_dir(self) -> Path:
+        return self.var_dir / "log"
+
+    def bootstrap(self) -> str:
+        """The Kafka bootstrap address: the configured one or the embedded broker's."""
+        if self.bootstrap_servers:
+            return self.bootstrap_servers
+        info = self.broker_dir / "broker.json"
+        if info.exists():
+            return json.loads(info.read_text())["bootstrap_servers"]
+        raise RuntimeError(
+            "no Kafka broker: run `neurons broker start` (or `neurons up`), "
+            "or set KAFKA_BOOTSTRAP_SERVERS"
+        )
+
+    def db_url(self, service: str) -> str:
+        """One database per service on SQLite; the shared URL when one is set."""
+        if self.database_url:
+            return self.database_url
+        path = self.var_dir / "db" / f"{service}.db"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return f"sqlite:///{path}"

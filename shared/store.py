@@ -1,0 +1,127 @@
+"""What makes a handler idempotent and its effects durable, in one SQL transaction.
+
+- ``ProcessedEvent`` records (consumer, event_id): a redelivered event is seen
+  and skipped in the same transaction that would have changed state.
+- ``OutboxEvent`` holds the events a handler emits, sealed with their final
+  event_id, until they are on the broker: a crash between the commit and the
+  publish re-sends the same event ids, which every consumer de-duplicates.
+- ``AggregateSequence`` keeps the last sequence seen or written per stream
+  (optimistic concurrency: the unique key refuses a second event at a position).
+- ``ServiceState`` is a JSON document per (service, kind, key), for services
+  whose aggregate state is a small document.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from typing import Any, Iterator
+
+from sqlalchemy import Column, Text, UniqueConstraint
+from sqlmodel import Field, Session, SQLModel, select
+
+from shared.envelope import Envelope, utcnow
+
+
+class ProcessedEvent(SQLModel, table=True):
+    __tablename__ = "processed_events"
+    consumer: str = Field(primary_key=True)
+    event_id: str = Field(primary_key=True)
+    event_type: str
+    outcome: str = "applied"  # applied | dead_lettered
+    processed_at: datetime = Field(default_factory=utcnow)
+
+
+class OutboxEvent(SQLModel, table=True):
+    __tablename__ = "outbox_events"
+    __table_args__ = (UniqueConstraint("service", "aggregate_type", "aggregate_id", "sequence"),)
+    id: int | None = Field(default=None, primary_key=True)
+    service: str = Field(index=True)
+    event_id: str = Field(unique=True)
+    aggregate_type: str
+    aggregate_id: str
+    sequence: int
+    envelope_json: str = Field(sa_column=Column(Text, nullable=False))
+    traceparent: str | None = None
+    published_at: datetime | None = Field(default=None, index=True)
+
+
+class AggregateSequence(SQLModel, table=True):
+    __tablename__ = "aggregate_sequences"
+    service: str = Field(primary_key=True)
+    aggregate_type: str = Field(primary_key=True)
+    aggregate_id: str = Field(primary_key=True)
+    last_sequence: int = 0
+
+
+class ServiceState(SQLModel, table=True):
+    __tablename__ = "service_state"
+    service: str = Field(primary_key=True)
+    kind: str = Field(primary_key=True)
+    key: str = Field(primary_key=True)
+    value_json: str = Field(sa_column=Column(Text, nullable=False))
+    updated_at: datetime = Field(default_factory=utcnow)
+
+
+def already_processed(session: Session, consumer: str, event_id: str) -> bool:
+    return session.get(ProcessedEvent, (consumer, event_id)) is not None
+
+
+def mark_processed(session: Session, consumer: str, envelope: Envelope, outcome: str = "applied") -> None:
+    session.add(ProcessedEvent(consumer=consumer, event_id=envelope.event_id, event_type=envelope.type, outcome=outcome))
+
+
+def observe_sequence(session: Session, service: str, envelope: Envelope) -> None:
+    row = session.get(AggregateSequence, (service, envelope.aggregate_type, envelope.aggregate_id))
+    if row is None:
+        session.add(AggregateSequence(service=service, aggregate_type=envelope.aggregate_type,
+                                      aggregate_id=envelope.aggregate_id, last_sequence=envelope.sequence))
+    elif envelope.sequence > row.last_sequence:
+        row.last_sequence = envelope.sequence
+        session.add(row)
+
+
+def next_sequence(session: Session, service: str, aggregate_type: str, aggregate_id: str) -> int:
+    row = session.get(AggregateSequence, (service, aggregate_type, aggregate_id))
+    if row is None:
+        row = AggregateSequence(service=service, aggregate_type=aggregate_type, aggregate_id=aggregate_id)
+    row.last_sequence += 1
+    session.add(row)
+    session.flush()
+    return row.last_sequence
+
+
+class StateStore:
+    """JSON documents of one service, read and written inside the caller's session."""
+
+    def __init__(self, session: Session, service: str) -> None:
+        self.session = session
+        self.service = service
+
+    def get(self, kind: str, key: str, default: Any = None) -> Any:
+        row = self.session.get(ServiceState, (self.service, kind, key))
+        return json.loads(row.value_json) if row else default
+
+    def put(self, kind: str, key: str, value: Any) -> None:
+        row = self.session.get(ServiceState, (self.service, kind, key))
+        text = json.dumps(value, sort_keys=True, default=str)
+        if row is None:
+            row = ServiceState(service=self.service, kind=kind, key=key, value_json=text)
+        else:
+            row.value_json = text
+            row.updated_at = utcnow()
+        self.session.add(row)
+
+    def delete(self, kind: str, key: str) -> None:
+        row = self.session.get(ServiceState, (self.service, kind, key))
+        if row is not None:
+            self.session.delete(row)
+
+    def all(self, kind: str) -> dict[str, Any]:
+        rows = self.session.exec(
+            select(ServiceState).where(ServiceState.service == self.service, ServiceState.kind == kind)
+        )
+        return {row.key: json.loads(row.value_json) for row in rows}
+
+    def items(self, kind: str) -> Iterator[tuple[str, Any]]:
+        yield from self.all(kind).items()

@@ -1,0 +1,113 @@
+"""The bus against the real broker: headers, dead letters, de-duplication, restarts."""
+
+import json
+
+import pytest
+from sqlmodel import select
+
+from shared.bus import Publisher
+from shared.store import ProcessedEvent
+from shared.topics import dlq_topic, ensure_topics, topic_for
+from tests.support import await_until, dataset_payload, make_event, read_topic
+
+
+async def test_publisher_keys_by_aggregate_and_sets_routing_headers(platform, kafka_bootstrap):
+    await platform.aensure_topics()
+    event = make_event("dataset.registered", "ds-hdr", dataset_payload("ds-hdr"))
+    async with Publisher(platform.settings, "test") as publisher:
+        await publisher.publish(event)
+    [record] = await read_topic(kafka_bootstrap, topic_for("dataset"), 1)
+    headers = dict(record.headers)
+    assert record.key == b"ds-hdr"
+    assert headers["event_type"] == b"dataset.registered"
+    assert headers["schema_version"] == b"2"
+    assert headers["event_id"] == event.event_id.encode()
+    assert headers["traceparent"].startswith(b"00-")
+    assert json.loads(record.value)["event_id"] == event.event_id
+
+
+async def test_publisher_refuses_a_payload_the_schema_rejects(platform):
+    await platform.aensure_topics()
+    bad = make_event("dataset.registered", "ds-bad", dataset_payload("ds-bad"))
+    bad = bad.with_payload({**bad.payload, "record_count": -1}, 2)
+    async with Publisher(platform.settings, "test") as publisher:
+        with pytest.raises(Exception, match="record_count"):
+            await publisher.publish(bad)
+
+
+async def test_malformed_events_go_to_the_dlq_and_consumption_goes_on(platform, kafka_bootstrap):
+    await platform.aensure_topics()
+    platform.start("registry")
+    good = make_event("dataset.registered", "ds-good", dataset_payload("ds-good"))
+    unknown = json.loads(good.to_json()) | {"type": "dataset.exploded", "event_id": "6f1b6c0e-0000-4000-8000-000000000001"}
+    violation = json.loads(make_event("dataset.registered", "ds-v", dataset_payload("ds-v")).to_json())
+    violation["payload"]["sha256"] = "not-a-digest"
+    async with Publisher(platform.settings, "test") as publisher:
+        topic = topic_for("dataset")
+        await publisher.send_raw(topic, b"\xff not json", b"x")
+        await publisher.send_raw(topic, json.dumps(unknown).encode(), b"ds-good")
+        await publisher.send_raw(topic, json.dumps(violation).encode(), b"ds-v")
+        await publisher.publish(good)
+    await await_until(lambda: platform.archived("dataset.registered"), 60, message="the good event archived")
+    records = await read_topic(kafka_bootstrap, dlq_topic(), 3)
+    reasons = {dict(r.headers)["dlq_kind"].decode(): dict(r.headers)["dlq_reason"].decode() for r in records}
+    assert set(reasons) == {"bad_json", "unknown_type", "schema_violation"}
+    assert "dataset.exploded" in reasons["unknown_type"]
+    assert "sha256" in reasons["schema_violation"]
+    assert all(dict(r.headers)["dlq_consumer"] == f"{platform.prefix.rstrip('.')}-registry".encode() for r in records)
+    assert [e["event_id"] for e in platform.archived()] == [good.event_id]
+
+
+async def test_the_same_event_delivered_twice_changes_state_once(platform):
+    await platform.aensure_topics()
+    platform.start("registry")
+    event = make_event("dataset.registered", "ds-twice", dataset_payload("ds-twice"))
+    follow = make_event("dataset.registered", "ds-after", dataset_payload("ds-after"))
+    async with Publisher(platform.settings, "test") as publisher:
+        await publisher.publish(event)
+        await publisher.publish(event)
+        await publisher.publish(follow)
+    await await_until(lambda: len(platform.archived()) >= 2, 60, message="both events archived")
+    from services.registry.projections import StreamHead
+
+    with platform.registry_session() as session:
+        head = session.get(StreamHead, ("dataset", "ds-twice"))
+        processed = session.exec(select(ProcessedEvent).where(ProcessedEvent.event_id == event.event_id)).all()
+    assert head.event_count == 1
+    assert len(processed) == 1
+    assert [e["event_id"] for e in platform.archived()] == [event.event_id, follow.event_id]
+
+
+async def test_a_consumer_killed_with_sigkill_resumes_from_its_committed_offset(platform):
+    await platform.aensure_topics()
+    platform.start("registry")
+    events = [make_event("dataset.registered", f"ds-{i % 5}", dataset_payload(f"ds-{i % 5}"), sequence=i // 5 + 1)
+              for i in range(400)]
+    async with Publisher(platform.settings, "test") as publisher:
+        await publisher.publish_many(events[:200])
+        await await_until(lambda: len(platform.archived()) >= 50, 60, message="the first events archived")
+        platform.kill("registry")
+        await publisher.publish_many(events[200:])
+    platform.start("registry")
+    await await_until(lambda: len(platform.archived()) >= 400, 90, message="all 400 events archived")
+    archived = [e["event_id"] for e in platform.archived()]
+    assert sorted(archived) == sorted(e.event_id for e in events)  # none lost, none twice
+    per_stream = {}
+    for e in platform.archived():
+        per_stream.setdefault(e["aggregate_id"], []).append(e["sequence"])
+    assert all(seqs == sorted(seqs) for seqs in per_stream.values())  # order holds per aggregate
+
+
+async def test_topics_are_created_explicitly_with_infinite_retention(platform, kafka_bootstrap):
+    from aiokafka.admin import AIOKafkaAdminClient
+
+    created = await ensure_topics(platform.settings)
+    assert topic_for("training") in created and dlq_topic() in created
+    assert await ensure_topics(platform.settings) == []
+    admin = AIOKafkaAdminClient(bootstrap_servers=kafka_bootstrap)
+    await admin.start()
+    try:
+        topics = await admin.describe_topics([topic_for("training")])
+        assert len(topics[0]["partitions"]) == platform.settings.topic_partitions
+    finally:
+        await admin.close()
