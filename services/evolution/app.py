@@ -1,7 +1,108 @@
-"""Evolution wiring: the faust worker that reads its topics and calls the domain."""
+"""Evolution wiring: triggers and gates propose cycles; verified grants start training.
+
+The state document is a cache: at start-up the configuration population is
+rebuilt from this service's own events (cycle.proposed / evaluated / completed),
+so what the search knows always comes from the log.
+"""
 
 from __future__ import annotations
 
-from shared.service import Service
+import os
+from dataclasses import replace
+from datetime import timedelta
 
-service = Service("evolution", reads=["dataset", "approval", "training", "validation", "energy", "hardware", "scaling", "adapter"])
+from services.approval.policies import load_policies
+from services.evolution import domain
+from services.evolution.search import DEFAULT_CONFIG, DEFAULT_SPACE, Param, SearchSettings, SearchSpace, population_from_events
+from shared.envelope import NewEvent
+from shared.service import HandlerContext, Service
+from shared.signing import Keyring
+
+service = Service("evolution", reads=["dataset", "cycle", "research", "approval", "training", "validation",
+                                      "energy", "hardware", "scaling", "adapter"])
+policies = load_policies(service.settings.policies_path)
+
+
+def _seconds(name: str, default: float | None) -> timedelta | None:
+    raw = os.environ.get(name)
+    value = float(raw) if raw not in (None, "") else default
+    return timedelta(seconds=value) if value else None
+
+
+def _float(name: str, default: float) -> float:
+    raw = os.environ.get(name)
+    return float(raw) if raw not in (None, "") else default
+
+
+def search_settings() -> SearchSettings:
+    """The search space, with the steps bounded for this site (a laptop, a CI runner, a GPU node)."""
+    low_steps = int(_float("NEURONS_MIN_STEPS", 20))
+    high_steps = int(_float("NEURONS_MAX_STEPS", 2000))
+    params = tuple(Param("steps", "int", low_steps, high_steps) if p.name == "steps" else p
+                   for p in DEFAULT_SPACE.params)
+    initial = {**DEFAULT_CONFIG, "steps": min(max(DEFAULT_CONFIG["steps"], low_steps), high_steps)}
+    return SearchSettings(space=SearchSpace(params), initial_config=initial,
+                          seed=int(_float("NEURONS_SEARCH_SEED", 0)))
+
+
+def config() -> domain.EvolutionConfig:
+    budget = os.environ.get("NEURONS_EVOLUTION_BUDGET_WH")
+    return domain.EvolutionConfig(
+        model=service.settings.model,
+        search=search_settings(),
+        keyring=Keyring.load(service.settings.keyring_path),
+        policies=policies,
+        schedule_interval=_seconds("NEURONS_SCHEDULE_INTERVAL_S", 6 * 3600),
+        carbon_intensity_g_per_kwh=service.settings.carbon_intensity_g_per_kwh,
+        energy_budget_wh=float(budget) if budget else None,
+        max_load_per_core=_float("NEURONS_MAX_LOAD_PER_CORE", 0.85),
+        max_pending_approvals=int(_float("NEURONS_MAX_PENDING_APPROVALS", 3)),
+        retry_after=_seconds("NEURONS_GATE_RETRY_S", 1800) or timedelta(minutes=30),
+    )
+
+
+def _load(ctx: HandlerContext) -> domain.EvolutionState:
+    return domain.EvolutionState.from_dict(ctx.state.get("evolution", "state", {}))
+
+
+def _handle(ctx: HandlerContext, message):
+    state, events = domain.handle(message, _load(ctx), config())
+    ctx.state.put("evolution", "state", state.to_dict())
+    return events
+
+
+@service.on_start
+async def rebuild_population(svc: Service) -> None:
+    population = population_from_events(svc.own_events())
+    with svc.transaction() as ctx:
+        state = _load(ctx)
+        ctx.state.put("evolution", "state", replace(state, population=population).to_dict())
+
+
+@service.handles("*")
+def on_event(event, ctx: HandlerContext):
+    if event.type in ("cycle.requested", "research.requested"):
+        kind = domain.RequestCycle if event.type == "cycle.requested" else domain.RequestResearch
+        try:
+            return _handle(ctx, _command(event, kind))
+        except domain.CommandRejected as exc:
+            # the operator hears why; the request stays in the log with its refusal
+            return [NewEvent(f"{event.aggregate_type}.request_refused", event.aggregate_id,
+                             {"command_id": event.aggregate_id, "operator_id": event.payload.get("operator_id"),
+                              "reason": str(exc)})]
+    return _handle(ctx, event)
+
+
+def _command(event, kind):
+    payload = dict(event.payload)
+    fields = {"operator_id": payload.pop("operator_id"), "requested_at": event.occurred_at,
+              "command_id": event.aggregate_id}
+    for name in ("dataset_id", "config", "warm_start", "adapter_sha256"):
+        if payload.get(name) is not None and name in kind.__dataclass_fields__:
+            fields[name] = payload[name]
+    return kind(**fields)
+
+
+@service.every(_float("NEURONS_EVOLUTION_TICK_S", 5.0), jitter=1.0)
+def tick(ctx: HandlerContext):
+    return _handle(ctx, domain.Tick(now=ctx.now))

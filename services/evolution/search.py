@@ -1,0 +1,296 @@
+"""Configuration search: which training configuration the next cycle tries.
+
+A steady-state genetic search. The population is every configuration proposed
+so far and, once its cycle is validated, its fitness: loss improvement per kWh
+measured (``fitness``). The first ``population_size`` proposals sample the
+bounded space; after that each child comes from two tournament-selected
+parents among the best ``population_size`` evaluated configurations, by uniform
+crossover and bounded mutation.
+
+Everything is reproducible: the random generator is seeded from the search
+seed, the generation and the population's content, so the same events always
+give the same next configuration, on any node, after any restart. The
+population is never kept in a side file; ``population_from_events`` rebuilds
+it from the ``cycle.proposed`` / ``cycle.evaluated`` / ``cycle.completed``
+events that evolution itself wrote.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import random
+from dataclasses import dataclass, field, replace
+from statistics import median
+from typing import Any, Iterable, Mapping
+
+# A failed verdict must rank below any passing configuration, however poor.
+FAIL_FITNESS = -1_000_000.0
+# Below this the energy meter is noise; dividing by it would reward luck.
+MIN_ENERGY_WH = 0.01
+
+
+@dataclass(frozen=True)
+class Param:
+    """One searchable setting: a numeric range (``linear``, ``log``, ``int``) or ``choices``."""
+
+    name: str
+    scale: str
+    low: float = 0.0
+    high: float = 0.0
+    choices: tuple[Any, ...] = ()
+
+    def sample(self, rng: random.Random) -> Any:
+        if self.scale == "choice":
+            return rng.choice(self.choices)
+        if self.scale == "log":
+            return self.clamp(math.exp(rng.uniform(math.log(self.low), math.log(self.high))))
+        return self.clamp(rng.uniform(self.low, self.high))
+
+    def mutate(self, value: Any, rng: random.Random, scale: float) -> Any:
+        if self.scale == "choice":
+            # Step to a neighbouring choice: ranks and batch sizes are ordered.
+            index = self.choices.index(value) if value in self.choices else len(self.choices) // 2
+            index = min(max(index + rng.choice((-1, 1)), 0), len(self.choices) - 1)
+            return self.choices[index]
+        if self.scale == "log":
+            span = math.log(self.high) - math.log(self.low)
+            return self.clamp(math.exp(math.log(max(float(value), self.low)) + rng.gauss(0.0, scale * span)))
+        return self.clamp(float(value) + rng.gauss(0.0, scale * (self.high - self.low)))
+
+    def clamp(self, value: Any) -> Any:
+        if self.scale == "choice":
+            return value if value in self.choices else min(self.choices, key=lambda c: abs(c - value))
+        value = min(max(float(value), self.low), self.high)
+        if self.scale == "int":
+            return int(round(value))
+        # Three significant digits: configs stay readable and equal after a JSON round trip.
+        return float(f"{value:.3g}")
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    params: tuple[Param, ...]
+
+    def names(self) -> list[str]:
+        return [p.name for p in self.params]
+
+    def clamp(self, config: Mapping[str, Any]) -> dict[str, Any]:
+        """``config`` with every searched setting inside its bounds; other keys kept."""
+        out = dict(config)
+        for p in self.params:
+            if p.name in out:
+                out[p.name] = p.clamp(out[p.name])
+        return out
+
+    def sample(self, rng: random.Random) -> dict[str, Any]:
+        return {p.name: p.sample(rng) for p in self.params}
+
+
+DEFAULT_SPACE = SearchSpace((
+    Param("learning_rate", "log", 1e-5, 1e-3),
+    Param("lora_rank", "choice", choices=(4, 8, 16, 32, 64)),
+    Param("lora_alpha", "choice", choices=(8, 16, 32, 64, 128)),
+    Param("mask_ratio", "linear", 0.1, 0.5),
+    Param("steps", "int", 20, 2000),
+    Param("batch_size", "choice", choices=(1, 2, 4, 8, 16)),
+))
+# The first configuration ever tried: the usual LoRA/MNTP starting point.
+DEFAULT_CONFIG = {"learning_rate": 2e-4, "lora_rank": 8, "lora_alpha": 16, "mask_ratio": 0.2,
+                  "steps": 200, "batch_size": 8}
+
+
+@dataclass(frozen=True)
+class SearchSettings:
+    space: SearchSpace = DEFAULT_SPACE
+    population_size: int = 8
+    tournament_size: int = 3
+    mutation_rate: float = 0.3  # chance that each setting of a child mutates
+    mutation_scale: float = 0.15  # std-dev of a mutation as a fraction of the range
+    seed: int = 0
+    initial_config: Mapping[str, Any] = field(default_factory=lambda: dict(DEFAULT_CONFIG))
+
+
+@dataclass(frozen=True)
+class Individual:
+    individual_id: str
+    generation: int
+    config: Mapping[str, Any]
+    parents: tuple[str, ...] = ()
+    cycle_id: str | None = None
+    fitness: float | None = None
+    energy_wh: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"individual_id": self.individual_id, "generation": self.generation,
+                "config": dict(self.config), "parents": list(self.parents), "cycle_id": self.cycle_id,
+                "fitness": self.fitness, "energy_wh": self.energy_wh}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "Individual":
+        return cls(data["individual_id"], int(data["generation"]), dict(data["config"]),
+                   tuple(data.get("parents") or ()), data.get("cycle_id"), data.get("fitness"),
+                   data.get("energy_wh"))
+
+
+@dataclass(frozen=True)
+class Population:
+    """Every proposed configuration, in the order proposed."""
+
+    individuals: tuple[Individual, ...] = ()
+
+    def get(self, individual_id: str) -> Individual | None:
+        return next((i for i in self.individuals if i.individual_id == individual_id), None)
+
+    def by_cycle(self, cycle_id: str) -> Individual | None:
+        return next((i for i in self.individuals if i.cycle_id == cycle_id), None)
+
+    def evaluated(self) -> list[Individual]:
+        return [i for i in self.individuals if i.fitness is not None]
+
+    def best(self) -> Individual | None:
+        evaluated = self.evaluated()
+        # Ties go to the earlier individual so "best" never flips on a re-run.
+        return max(evaluated, key=lambda i: (i.fitness, -self.individuals.index(i)), default=None)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"individuals": [i.to_dict() for i in self.individuals]}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "Population":
+        return cls(tuple(Individual.from_dict(i) for i in data.get("individuals") or ()))
+
+    # --- folding events --------------------------------------------------------
+    def apply(self, event: Any) -> "Population":
+        """Fold one of evolution's own events; any other event leaves the population as it is."""
+        payload = event.payload
+        if event.type == "cycle.proposed":
+            spec = payload.get("individual") or {}
+            if not spec.get("individual_id") or self.get(spec["individual_id"]) is not None:
+                return self
+            individual = Individual(spec["individual_id"], int(spec.get("generation", 0)),
+                                    dict(payload.get("config") or {}), tuple(spec.get("parents") or ()),
+                                    payload.get("cycle_id"))
+            return replace(self, individuals=self.individuals + (individual,))
+        if event.type in ("cycle.evaluated", "cycle.completed"):
+            if payload.get("fitness") is None:
+                return self
+            target = (self.get(payload["individual_id"]) if payload.get("individual_id")
+                      else self.by_cycle(payload.get("cycle_id") or ""))
+            if target is None or target.fitness is not None:
+                return self  # the first evaluation of a configuration is the one that counts
+            updated = replace(target, fitness=float(payload["fitness"]), energy_wh=payload.get("energy_wh"))
+            return replace(self, individuals=tuple(updated if i is target else i for i in self.individuals))
+        return self
+
+
+def population_from_events(events: Iterable[Any]) -> Population:
+    """The population that ``events`` (in log order) describe."""
+    population = Population()
+    for event in events:
+        population = population.apply(event)
+    return population
+
+
+# --- fitness ------------------------------------------------------------------------
+
+
+def fitness(verdict: str | None, loss_before: float | None, loss_after: float | None,
+            energy_wh: float | None) -> float:
+    """Loss improvement per kWh for a passing verdict; ``FAIL_FITNESS`` otherwise.
+
+    A pass without loss figures counts as no improvement (0.0): the verdict
+    says the adapter is safe, not that it learnt anything.
+    """
+    if verdict != "pass":
+        return FAIL_FITNESS
+    if loss_before is None or loss_after is None:
+        return 0.0
+    kwh = max(float(energy_wh) if energy_wh is not None else MIN_ENERGY_WH, MIN_ENERGY_WH) / 1000.0
+    return max((float(loss_before) - float(loss_after)) / kwh, FAIL_FITNESS / 2)
+
+
+def estimate_energy_wh(config: Mapping[str, Any], population: Population,
+                       default_wh_per_sample_step: float) -> float:
+    """Energy of a config: measured Wh per (step x batch) so far, else the default rate."""
+    rates = []
+    for individual in population.evaluated():
+        work = _work(individual.config)
+        if individual.energy_wh and work:
+            rates.append(individual.energy_wh / work)
+    rate = median(rates) if rates else default_wh_per_sample_step
+    return round(rate * (_work(config) or 1), 6)
+
+
+def _work(config: Mapping[str, Any]) -> float:
+    return float(config.get("steps") or 0) * float(config.get("batch_size") or 1)
+
+
+# --- proposing ------------------------------------------------------------------------
+
+
+def canonical(obj: Any) -> str:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"))
+
+
+def generation_of(population: Population, settings: SearchSettings) -> int:
+    return len(population.evaluated()) // settings.population_size
+
+
+def rng_for(population: Population, settings: SearchSettings) -> random.Random:
+    """A generator seeded from the search seed, the generation and the population content."""
+    content = [(i.individual_id, dict(i.config), i.fitness) for i in population.individuals]
+    material = canonical({"seed": settings.seed, "generation": generation_of(population, settings),
+                          "population": content})
+    return random.Random(int.from_bytes(hashlib.sha256(material.encode()).digest()[:8], "big"))
+
+
+def _tournament(pool: list[Individual], size: int, rng: random.Random) -> Individual:
+    entrants = rng.sample(pool, min(size, len(pool)))
+    return max(entrants, key=lambda i: (i.fitness, -pool.index(i)))
+
+
+def next_individual(population: Population, settings: SearchSettings = SearchSettings()) -> Individual:
+    """The configuration to try next (not yet in ``population``, without a cycle)."""
+    rng = rng_for(population, settings)
+    generation = generation_of(population, settings)
+    evaluated = population.evaluated()
+    space = settings.space
+    seen = {canonical(dict(i.config)) for i in population.individuals}
+    parents: tuple[str, ...] = ()
+    if not population.individuals:
+        config = space.clamp(settings.initial_config)
+    elif len(population.individuals) < settings.population_size or len(evaluated) < 2:
+        config = space.sample(rng)
+    else:
+        ranked = sorted(evaluated, key=lambda i: (-i.fitness, population.individuals.index(i)))
+        pool = ranked[: settings.population_size]
+        mother = _tournament(pool, settings.tournament_size, rng)
+        father = _tournament([i for i in pool if i is not mother] or pool, settings.tournament_size, rng)
+        parents = (mother.individual_id, father.individual_id)
+        config = _child(mother.config, father.config, space, settings, rng, seen)
+    individual_id = "ind-" + hashlib.sha256(
+        canonical({"n": len(population.individuals), "config": config, "parents": parents}).encode()
+    ).hexdigest()[:12]
+    return Individual(individual_id, generation, config, parents)
+
+
+def _child(mother: Mapping[str, Any], father: Mapping[str, Any], space: SearchSpace,
+           settings: SearchSettings, rng: random.Random, seen: set[str]) -> dict[str, Any]:
+    child: dict[str, Any] = {}
+    for _ in range(16):
+        child = {p.name: (mother if rng.random() < 0.5 else father).get(p.name, p.sample(rng))
+                 for p in space.params}
+        mutated = False
+        for p in space.params:
+            if rng.random() < settings.mutation_rate:
+                child[p.name] = p.mutate(child[p.name], rng, settings.mutation_scale)
+                mutated = True
+        if not mutated:  # a pure copy of the parents teaches nothing new
+            p = rng.choice(space.params)
+            child[p.name] = p.mutate(child[p.name], rng, settings.mutation_scale)
+        child = space.clamp(child)
+        if canonical(child) not in seen:
+            break
+    return child

@@ -1,0 +1,379 @@
+"""Operator keys and signed decisions (Ed25519).
+
+Approval, evolution and the registry all have to agree on what makes a
+decision authentic, so the rules live here once:
+
+- The keyring is a JSON file of operators, each with a raw Ed25519 public key
+  (base64) and roles (``requester``, ``approver``, ``admin``). Roles are
+  checked exactly: ``admin`` manages the keyring and signs rollbacks, it does
+  not silently imply ``approver``.
+- A decision is a dict of ``SIGNED_FIELDS`` plus ``signature``. The signature
+  covers ``canonical_json`` of exactly those fields, so any change after
+  signing (or any field added beside them) fails verification.
+- ``verify_decision`` checks what needs no state: shape, operator, signature,
+  role and validity window. Nonce reuse and self-approval need the caller's
+  state; ``check_nonce`` and ``check_not_self_approval`` are their rules.
+
+Keyring file::
+
+    {"operators": {"alice": {"public_key": "<base64 32 bytes>",
+                             "roles": ["approver"],
+                             "created_at": "2025-01-01T00:00:00Z"}}}
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import os
+import re
+import secrets
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+ROLES = ("requester", "approver", "admin")
+
+# The scheme tag is signed with the rest so a signature made for a decision
+# can never be presented as a signature over some other kind of document.
+SCHEME = "neurons-decision/v1"
+SIGNED_FIELDS = (
+    "scheme",
+    "request_id",
+    "decision",
+    "operator_id",
+    "issued_at",
+    "expires_at",
+    "nonce",
+    "reason",
+    "extra",
+)
+SIGNATURE_FIELD = "signature"
+
+# A decision as it travels: the SIGNED_FIELDS plus ``signature`` (base64).
+SignedDecision = dict[str, Any]
+
+_OPERATOR_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,127}$")
+
+
+class KeyringError(ValueError):
+    """The keyring file or an operator entry is not usable."""
+
+
+# --- canonical form ---------------------------------------------------------
+
+
+def canonical_json(obj: Any) -> bytes:
+    """The bytes that get signed: sorted keys, no spaces, UTF-8."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False,
+                      allow_nan=False).encode("utf-8")
+
+
+def _iso(ts: datetime | str) -> str:
+    if isinstance(ts, str):
+        ts = parse_time(ts)
+    if ts.tzinfo is None:
+        raise ValueError("timestamps must carry a timezone (UTC)")
+    return ts.astimezone(timezone.utc).isoformat().replace("+00:00", "Z")
+
+
+def parse_time(value: str | datetime) -> datetime:
+    """Parse an ISO-8601 timestamp that carries a timezone; return it in UTC."""
+    ts = value if isinstance(value, datetime) else datetime.fromisoformat(value)
+    if ts.tzinfo is None:
+        raise ValueError(f"timestamp without timezone: {value!r}")
+    return ts.astimezone(timezone.utc)
+
+
+# --- keys ---------------------------------------------------------------------
+
+
+def public_key_b64(key: Ed25519PrivateKey | Ed25519PublicKey) -> str:
+    public = key.public_key() if isinstance(key, Ed25519PrivateKey) else key
+    raw = public.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    return base64.b64encode(raw).decode("ascii")
+
+
+def decode_public_key(value: str) -> Ed25519PublicKey:
+    try:
+        raw = base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise KeyringError(f"public key is not base64: {exc}") from None
+    if len(raw) != 32:
+        raise KeyringError(f"an Ed25519 public key has 32 bytes, got {len(raw)}")
+    return Ed25519PublicKey.from_public_bytes(raw)
+
+
+def load_private_key(path: str | os.PathLike) -> Ed25519PrivateKey:
+    """Read an operator's private key: PKCS#8 PEM or the raw 32-byte seed in base64."""
+    data = Path(path).read_bytes()
+    if data.lstrip().startswith(b"-----BEGIN"):
+        key = serialization.load_pem_private_key(data, password=None)
+        if not isinstance(key, Ed25519PrivateKey):
+            raise KeyringError(f"{path} does not hold an Ed25519 key")
+        return key
+    try:
+        seed = base64.b64decode(data.strip(), validate=True)
+    except (binascii.Error, ValueError):
+        raise KeyringError(f"{path} is neither PEM nor base64") from None
+    if len(seed) != 32:
+        raise KeyringError(f"{path}: a raw Ed25519 key has 32 bytes, got {len(seed)}")
+    return Ed25519PrivateKey.from_private_bytes(seed)
+
+
+@dataclass(frozen=True)
+class Operator:
+    operator_id: str
+    public_key: str
+    roles: tuple[str, ...]
+    created_at: str
+
+    def has_role(self, role: str) -> bool:
+        return role in self.roles
+
+    def verifier(self) -> Ed25519PublicKey:
+        return decode_public_key(self.public_key)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"public_key": self.public_key, "roles": list(self.roles), "created_at": self.created_at}
+
+
+def _check_roles(roles: Iterable[str]) -> tuple[str, ...]:
+    roles = tuple(dict.fromkeys(roles))
+    unknown = [r for r in roles if r not in ROLES]
+    if unknown:
+        raise KeyringError(f"unknown roles {unknown}; known: {list(ROLES)}")
+    if not roles:
+        raise KeyringError("an operator needs at least one role")
+    return roles
+
+
+@dataclass
+class Keyring:
+    """Operators allowed to sign, by id. ``path`` is where ``save`` writes by default."""
+
+    operators: dict[str, Operator] = field(default_factory=dict)
+    path: Path | None = None
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "Keyring":
+        """Read the keyring at ``path``; a missing file is an empty keyring."""
+        path = Path(path)
+        if not path.exists():
+            return cls(path=path)
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise KeyringError(f"{path}: not JSON: {exc}") from None
+        return cls.from_dict(data, path=path)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], *, path: Path | None = None) -> "Keyring":
+        keyring = cls(path=path)
+        for operator_id, entry in (data.get("operators") or {}).items():
+            keyring.add(operator_id, entry["public_key"], entry.get("roles", ()),
+                        created_at=entry.get("created_at"))
+        return keyring
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"operators": {oid: op.to_dict() for oid, op in sorted(self.operators.items())}}
+
+    def add(self, operator_id: str, public_key: str, roles: Iterable[str], *,
+            created_at: datetime | str | None = None, replace: bool = False) -> Operator:
+        """Add an operator; an existing id is only overwritten with ``replace=True`` (key rotation)."""
+        if not _OPERATOR_ID.match(operator_id or ""):
+            raise KeyringError(f"bad operator id {operator_id!r}")
+        if operator_id in self.operators and not replace:
+            raise KeyringError(f"operator {operator_id!r} is already in the keyring")
+        decode_public_key(public_key)
+        created = _iso(created_at) if created_at is not None else _iso(datetime.now(timezone.utc))
+        operator = Operator(operator_id, public_key, _check_roles(roles), created)
+        self.operators[operator_id] = operator
+        return operator
+
+    def get(self, operator_id: str) -> Operator | None:
+        return self.operators.get(operator_id)
+
+    def __contains__(self, operator_id: object) -> bool:
+        return operator_id in self.operators
+
+    def save(self, path: str | os.PathLike | None = None) -> Path:
+        """Write the keyring atomically (a half-written keyring would lock everyone out)."""
+        target = Path(path) if path is not None else self.path
+        if target is None:
+            raise KeyringError("no path to save the keyring to")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(target.name + ".tmp")
+        tmp.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+        os.replace(tmp, target)
+        self.path = target
+        return target
+
+
+def generate_operator(name: str, roles: Iterable[str], keyring_path: str | os.PathLike,
+                      key_dir: str | os.PathLike) -> tuple[Path, str]:
+    """Create a key pair for ``name``: the private key (PEM, mode 0600) goes to
+    ``key_dir/<name>.pem``, the public key into the keyring. Returns
+    ``(private_key_path, public_key_b64)``. Refuses to overwrite either."""
+    keyring = Keyring.load(keyring_path)
+    if name in keyring:
+        raise KeyringError(f"operator {name!r} is already in {keyring_path}")
+    key = Ed25519PrivateKey.generate()
+    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                            serialization.NoEncryption())
+    key_dir = Path(key_dir)
+    key_dir.mkdir(parents=True, exist_ok=True)
+    private_path = key_dir / f"{name}.pem"
+    # O_EXCL with the mode set at creation: the key is never readable by others,
+    # not even for the instant a chmod afterwards would leave open.
+    fd = os.open(private_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.write(fd, pem)
+    finally:
+        os.close(fd)
+    os.chmod(private_path, 0o600)  # the umask may have removed bits, never added them; be explicit
+    public = public_key_b64(key)
+    keyring.add(name, public, roles)
+    keyring.save(keyring_path)
+    return private_path, public
+
+
+# --- decisions ------------------------------------------------------------
+
+
+def sign_decision(
+    request_id: str,
+    decision: str,
+    operator_id: str,
+    private_key: Ed25519PrivateKey | str | os.PathLike,
+    issued_at: datetime | str,
+    expires_at: datetime | str,
+    nonce: str | None = None,
+    reason: str | None = None,
+    extra: Mapping[str, Any] | None = None,
+) -> SignedDecision:
+    """Sign ``decision`` ("grant", "reject", "rollback", ...) on ``request_id``.
+
+    ``private_key`` is a key object or the path of a key file. ``nonce``
+    defaults to 128 random bits. Returns the signed fields plus ``signature``.
+    """
+    if not request_id or not decision or not operator_id:
+        raise ValueError("request_id, decision and operator_id are required")
+    key = private_key if isinstance(private_key, Ed25519PrivateKey) else load_private_key(private_key)
+    body = {
+        "scheme": SCHEME,
+        "request_id": request_id,
+        "decision": decision,
+        "operator_id": operator_id,
+        "issued_at": _iso(issued_at),
+        "expires_at": _iso(expires_at),
+        "nonce": nonce if nonce is not None else secrets.token_hex(16),
+        "reason": reason,
+        "extra": dict(extra) if extra is not None else {},
+    }
+    signature = key.sign(canonical_json(body))
+    return {**body, SIGNATURE_FIELD: base64.b64encode(signature).decode("ascii")}
+
+
+def signed_body(signed: Mapping[str, Any]) -> dict[str, Any]:
+    """The part of a decision that the signature covers."""
+    return {name: signed[name] for name in SIGNED_FIELDS if name in signed}
+
+
+@dataclass(frozen=True)
+class VerificationResult:
+    ok: bool
+    reason: str | None = None  # a stable code: "bad_signature", "expired", ...
+    detail: str = ""
+    operator_id: str | None = None  # the claimed operator, when the decision names one
+
+    def __bool__(self) -> bool:
+        return self.ok
+
+
+def _refuse(reason: str, detail: str, operator_id: Any = None) -> VerificationResult:
+    return VerificationResult(False, reason, detail, operator_id if isinstance(operator_id, str) else None)
+
+
+def _shape_error(signed: Any) -> str | None:
+    if not isinstance(signed, Mapping):
+        return "a decision is a JSON object"
+    expected = set(SIGNED_FIELDS) | {SIGNATURE_FIELD}
+    missing = sorted(expected - set(signed))
+    if missing:
+        return f"missing fields {missing}"
+    unexpected = sorted(set(signed) - expected)
+    if unexpected:
+        # Unsigned fields would travel with the decision looking as if signed.
+        return f"unsigned fields {unexpected}"
+    if signed["scheme"] != SCHEME:
+        return f"scheme {signed['scheme']!r} is not {SCHEME!r}"
+    for name in ("request_id", "decision", "operator_id", "issued_at", "expires_at", "nonce", SIGNATURE_FIELD):
+        if not isinstance(signed[name], str) or not signed[name]:
+            return f"{name} must be a non-empty string"
+    if signed["reason"] is not None and not isinstance(signed["reason"], str):
+        return "reason must be a string or null"
+    if not isinstance(signed["extra"], Mapping):
+        return "extra must be an object"
+    return None
+
+
+def verify_decision(signed: Any, keyring: Keyring, *, now: datetime,
+                    required_role: str | None = "approver") -> VerificationResult:
+    """Check shape, operator, signature, role and ``issued_at <= now <= expires_at``.
+
+    The signature is checked before the role so that an unauthenticated claim
+    never learns anything about roles. Nonce reuse and self-approval are the
+    caller's to check (they need state).
+    """
+    problem = _shape_error(signed)
+    if problem:
+        claimed = signed.get("operator_id") if isinstance(signed, Mapping) else None
+        return _refuse("malformed", problem, claimed)
+    operator_id = signed["operator_id"]
+    operator = keyring.get(operator_id)
+    if operator is None:
+        return _refuse("unknown_operator", f"{operator_id!r} is not in the keyring", operator_id)
+    try:
+        signature = base64.b64decode(signed[SIGNATURE_FIELD], validate=True)
+        operator.verifier().verify(signature, canonical_json(signed_body(signed)))
+    except (InvalidSignature, binascii.Error, ValueError, TypeError):
+        return _refuse("bad_signature", "the signature does not match the decision and the operator's key",
+                       operator_id)
+    if required_role is not None and not operator.has_role(required_role):
+        return _refuse("missing_role", f"{operator_id!r} lacks the {required_role!r} role", operator_id)
+    try:
+        issued_at = parse_time(signed["issued_at"])
+        expires_at = parse_time(signed["expires_at"])
+    except ValueError as exc:
+        return _refuse("malformed", f"bad timestamp: {exc}", operator_id)
+    now = parse_time(now)
+    if expires_at < issued_at:
+        return _refuse("malformed", "expires_at is before issued_at", operator_id)
+    if now < issued_at:
+        return _refuse("not_yet_valid", f"issued at {signed['issued_at']}, after now", operator_id)
+    if now > expires_at:
+        return _refuse("expired", f"the decision expired at {signed['expires_at']}", operator_id)
+    return VerificationResult(True, None, "", operator_id)
+
+
+def check_nonce(signed: Mapping[str, Any], used_nonces: Iterable[str] | set[str]) -> VerificationResult:
+    """A nonce is good once: a second decision with the same nonce is a replay."""
+    nonce = signed.get("nonce")
+    if nonce in used_nonces:
+        return _refuse("nonce_reused", f"nonce {nonce!r} was used before", signed.get("operator_id"))
+    return VerificationResult(True, None, "", signed.get("operator_id"))
+
+
+def check_not_self_approval(signed: Mapping[str, Any], requested_by: str | None) -> VerificationResult:
+    """Whoever asked for something may not be the one who approves it."""
+    operator_id = signed.get("operator_id")
+    if requested_by is not None and requested_by in (operator_id, f"operator:{operator_id}"):
+        return _refuse("self_approval", f"{operator_id!r} requested this and may not decide it", operator_id)
+    return VerificationResult(True, None, "", operator_id)
