@@ -12,7 +12,7 @@ import sys
 import typer
 from typer._click import exceptions as cli_errors
 
-from cli import audit, broker_cmd
+from cli import approval_cmds, audit, broker_cmd, cycle_cmds, data_cmds, energy_cmd, train_cmds
 from shared import processes
 from shared.settings import Settings
 
@@ -20,6 +20,15 @@ app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_
                   help="neurons: train, validate, approve and promote LoRA adapters from an event log.")
 app.add_typer(broker_cmd.app, name="broker")
 app.add_typer(audit.app, name="audit")
+app.add_typer(energy_cmd.app, name="energy")
+app.add_typer(approval_cmds.operator_app, name="operator")
+app.add_typer(approval_cmds.approvals_app, name="approvals")
+app.add_typer(cycle_cmds.cycle_app, name="cycle")
+app.add_typer(cycle_cmds.research_app, name="research")
+app.add_typer(data_cmds.data_app, name="data")
+app.command("train")(train_cmds.train)
+app.command("approve")(approval_cmds.approve)
+app.command("reject")(approval_cmds.reject)
 
 
 @app.command()

@@ -236,6 +236,18 @@ class Service:
                 session.commit()
             return len(rows)
 
+    def own_events(self) -> list[Envelope]:
+        """Every event this service has emitted, in order: its own event store.
+
+        A service whose state is a fold of its own decisions rebuilds it from
+        here at start-up instead of keeping a side file.
+        """
+        with Session(self.engine) as session:
+            rows = session.exec(
+                select(OutboxEvent).where(OutboxEvent.service == self.name).order_by(OutboxEvent.id)
+            ).all()
+        return [Envelope.from_json(row.envelope_json) for row in rows]
+
     # --- consuming ---------------------------------------------------------
     def _apply(self, envelope: Envelope) -> list[Callable[[], Awaitable[None]]]:
         handler = self._handlers.get(envelope.type) or self._any_handler

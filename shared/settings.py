@@ -26,6 +26,8 @@ ENV_VARS: dict[str, str] = {
     "NEURONS_HANDLER_RETRIES": "attempts before an event goes to the dead-letter topic",
     "NEURONS_KEYRING": "operator keyring file",
     "NEURONS_POLICIES": "approval policy file (YAML or JSON)",
+    "NEURONS_APPROVAL_TTL_S": "seconds before an approval request expires (default 24 h)",
+    "NEURONS_OPERATOR_KEYS": "folder of operators' private keys used by the CLI (default var/keys/operators)",
     "NEURONS_NODE": "node name carried in event producers and artefact locations",
     "NEURONS_ARTEFACT_REMOTE": "fsspec URL of the shared artefact store (s3://bucket/prefix); unset means local only",
     "NEURONS_TRACE_FILE": "write finished spans as JSON lines to this file (one per service)",
@@ -35,6 +37,23 @@ ENV_VARS: dict[str, str] = {
     "NEURONS_CPU_TDP_W": "CPU package TDP in watts for the process energy model",
     "NEURONS_ENERGY_BUDGETS": "rolling energy budgets, e.g. 12h=300,24h=500 (Wh); unset means none",
     "NEURONS_MODEL_PARAMS": "parameter count used to size training micro-batches",
+    "NEURONS_HARDWARE_PROFILE_S": "seconds between hardware profiles (energy service)",
+    "NEURONS_SOAK_REPLICAS": "replicas per side in a validation soak",
+    "NEURONS_SOAK_CYCLES": "cycles per validation soak",
+    "NEURONS_SOAK_EPISODES": "evaluation episodes per replica per cycle",
+    "NEURONS_SOAK_COOLDOWN_S": "pause between soak cycles",
+    "NEURONS_DRIFT_SOAK_S": "seconds between drift soaks of the adapter in production (0: off)",
+    "NEURONS_VALIDATION_THRESHOLDS": "judgement thresholds file (JSON or YAML) for verdicts",
+    "NEURONS_SOAK_FAULT_LATENCY_JITTER_MS": "chaos drill: random extra latency on candidate replicas",
+    "NEURONS_EVOLUTION_TICK_S": "seconds between evolution's clock ticks (retries, schedule)",
+    "NEURONS_SCHEDULE_INTERVAL_S": "seconds between scheduled cycles (0: none)",
+    "NEURONS_MIN_STEPS": "fewest training steps the configuration search may propose",
+    "NEURONS_MAX_STEPS": "most training steps the configuration search may propose",
+    "NEURONS_SEARCH_SEED": "seed of the configuration search",
+    "NEURONS_EVOLUTION_BUDGET_WH": "energy budget (Wh) over evolution's rolling window",
+    "NEURONS_MAX_LOAD_PER_CORE": "hardware gate: highest load average per core to start a cycle",
+    "NEURONS_MAX_PENDING_APPROVALS": "approvals gate: most pending approvals before cycles wait",
+    "NEURONS_GATE_RETRY_S": "seconds before a deferred cycle is tried again",
     "NEURONS_MODEL": "base model for cycles: tiny, smollm2 or a local HF folder",
     "NEURONS_API_PORT": "registry HTTP API and dashboard port",
 }
@@ -54,6 +73,7 @@ class Settings:
     session_timeout_s: float = 6.0
     handler_retries: int = 3
     keyring_path: Path = Path("var/keys/keyring.json")
+    operator_key_dir: Path = Path("var/keys/operators")
     policies_path: Path | None = None
     node: str = field(default_factory=socket.gethostname)
     artefact_remote: str | None = None
@@ -80,6 +100,7 @@ class Settings:
             session_timeout_s=float(_env("NEURONS_SESSION_TIMEOUT_S", "6")),
             handler_retries=int(_env("NEURONS_HANDLER_RETRIES", "3")),
             keyring_path=Path(_env("NEURONS_KEYRING", str(var_dir / "keys" / "keyring.json"))),
+            operator_key_dir=Path(_env("NEURONS_OPERATOR_KEYS", str(var_dir / "keys" / "operators"))),
             policies_path=Path(policies) if policies else None,
             node=_env("NEURONS_NODE", socket.gethostname()),
             artefact_remote=_env("NEURONS_ARTEFACT_REMOTE"),

@@ -1,7 +1,166 @@
-"""Validator wiring: the faust worker that reads its topics and calls the domain."""
+"""Validator wiring: every trained candidate is soaked against production; production is re-soaked for drift.
+
+The run state is a fold of this service's own events (rebuilt from its
+outbox at start-up) plus the adapter in production per kind, kept as a
+document updated by ``adapter.promoted``. A run that was in flight when the
+service stopped is closed as inconclusive on restart, so it never blocks a
+later run; the candidate can be soaked again by re-requesting it.
+"""
 
 from __future__ import annotations
 
-from shared.service import Service
+import json
+import os
+from dataclasses import replace
+from datetime import timedelta
+from functools import reduce
+from pathlib import Path
 
-service = Service("validator", reads=["training", "adapter"])
+from services.validator import domain
+from services.validator.soak import run_soak
+from services.validator.thresholds import Thresholds
+from shared.artefacts import ArtefactStore
+from shared.envelope import NewEvent, utcnow
+from shared.service import HandlerContext, Service
+
+
+def _env(name: str, default: float) -> float:
+    raw = os.environ.get(name)
+    return float(raw) if raw not in (None, "") else default
+
+
+PLAN = domain.SoakPlan(replicas=int(_env("NEURONS_SOAK_REPLICAS", 2)), cycles=int(_env("NEURONS_SOAK_CYCLES", 2)),
+                       episodes=int(_env("NEURONS_SOAK_EPISODES", 5)))
+COOLDOWN_S = _env("NEURONS_SOAK_COOLDOWN_S", 0.0)
+DRIFT_EVERY_S = _env("NEURONS_DRIFT_SOAK_S", 24 * 3600.0)  # 0 turns drift soaks off
+THRESHOLDS_FILE = os.environ.get("NEURONS_VALIDATION_THRESHOLDS")
+
+service = Service("validator", reads=["training", "adapter", "dataset"])
+thresholds = Thresholds.from_file(THRESHOLDS_FILE) if THRESHOLDS_FILE else Thresholds.default()
+state = domain.initial_state(PLAN, thresholds)
+replica_pids: dict[str, dict[str, int]] = {}
+
+
+def _fold(current, events):
+    return reduce(domain.evolve, events, current)
+
+
+def _stage(ctx: HandlerContext, events, **kw):
+    sealed = service.stage(ctx, events, **kw)
+
+    async def apply() -> None:
+        global state
+        state = _fold(state, sealed)
+
+    ctx.later(apply)
+    return sealed
+
+
+@service.on_start
+async def rebuild(svc: Service) -> None:
+    global state
+    state = _fold(domain.initial_state(PLAN, thresholds), svc.own_events())
+    with svc.transaction() as ctx:
+        production = ctx.state.get("validator", "production", {})
+        state = replace(state, production={k: domain.Baseline.from_dict(v) for k, v in production.items()})
+        for run in state.runs.values():
+            if run.active:  # its replicas died with the previous process
+                _stage(ctx, domain.decide(domain.AbandonRun(run.validation_id, "the validator restarted during the soak"), state))
+    await svc.flush_outbox()
+
+
+@service.handles("training.completed")
+def on_trained(event, ctx: HandlerContext):
+    p = event.payload
+    if p.get("adapter_sha256"):
+        ctx.state.put("adapters", p["adapter_sha256"], {"dataset_uri": p.get("dataset_uri"), "model": p.get("model"),
+                                                        "kind": p.get("kind", "mntp")})
+    for started in _stage(ctx, domain.decide(event, state)):
+        _launch(ctx, started.payload)
+    return []
+
+
+@service.handles("adapter.promoted", "adapter.rolled_back")
+def on_production(event, ctx: HandlerContext):
+    global state
+    state = domain.evolve(state, event) if event.type == "adapter.promoted" else state
+    if event.type == "adapter.rolled_back":
+        kind = event.payload.get("kind", "mntp")
+        state = replace(state, production={**state.production, kind: domain.Baseline(
+            "production", event.payload["adapter_sha256"], event.payload.get("adapter_uri"))})
+    ctx.state.put("validator", "production", {k: v.to_dict() for k, v in state.production.items()})
+    return []
+
+
+def _launch(ctx: HandlerContext, run: dict) -> None:
+    info = ctx.state.get("adapters", run["adapter_sha256"], {}) or {}
+    dataset_uri = info.get("dataset_uri") or ""
+    model = info.get("model") or service.settings.model
+    correlation = run.get("cycle_id") or run["validation_id"]
+
+    async def soak() -> None:
+        try:
+            await _soak(run, model, dataset_uri.removeprefix("file://"), correlation)
+        except Exception as exc:  # a failing run never blocks later runs
+            service.log.exception("soak %s failed", run["validation_id"])
+            with service.transaction() as tx:
+                _stage(tx, domain.decide(domain.AbandonRun(run["validation_id"], f"soak failed: {exc!r}"), state),
+                       correlation_id=correlation)
+            await service.flush_outbox()
+
+    ctx.later(lambda: _spawn(soak()))
+
+
+async def _spawn(coro) -> None:
+    service.spawn(coro)
+
+
+async def _soak(run: dict, model: str, dataset_path: str, correlation: str) -> None:
+    if not dataset_path or not Path(dataset_path).exists():
+        raise FileNotFoundError(f"held-out data for {run['adapter_sha256'][:12]} not found at {dataset_path!r}")
+
+    async def on_cycle(cycle: int, results: list[dict]) -> bool:
+        with service.transaction() as ctx:
+            sealed = _stage(ctx, domain.decide(domain.CycleFinished(run["validation_id"], cycle, results), state),
+                            correlation_id=correlation)
+        await service.flush_outbox()
+        return not any(e.payload.get("stop_early") for e in sealed)
+
+    def remember(pids: dict[str, int]) -> None:
+        replica_pids[run["validation_id"]] = pids
+        marker = service.settings.run_dir / f"validator-{run['validation_id']}.replicas.json"
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.write_text(json.dumps(pids))
+
+    raw, uri, energy = await run_soak(
+        run, model=model, dataset_path=dataset_path, store=ArtefactStore(service.settings.artefact_dir),
+        eval_settings={"mask_ratio": 0.2, "max_length": 64, "batch_size": 4, "texts_per_episode": 4},
+        cooldown_s=COOLDOWN_S, on_cycle=on_cycle, on_replicas=remember,
+        env={**os.environ, "NEURONS_VAR": str(service.settings.var_dir)},
+        fault={"latency_jitter_ms": _env("NEURONS_SOAK_FAULT_LATENCY_JITTER_MS", 0.0) or None})
+    with service.transaction() as ctx:
+        events = [NewEvent(e.type, e.aggregate_id, {**e.payload, "energy": energy}, e.correlation_id)
+                  for e in domain.decide(domain.RunFinished(run["validation_id"], raw, uri), state)]
+        _stage(ctx, events, correlation_id=correlation)
+    await service.flush_outbox()
+
+
+@service.every(60.0, jitter=30.0)
+def drift_tick(ctx: HandlerContext):
+    if not DRIFT_EVERY_S:
+        return []
+    now = utcnow()
+    for kind, baseline in state.production.items():
+        if not baseline.adapter_sha256:
+            continue
+        # the candidate soak that let it into production counts as its first soak
+        last = max((r.started_at for r in state.runs.values()
+                    if r.adapter_sha256 == baseline.adapter_sha256 and r.started_at), default=None)
+        due = domain.next_drift_soak(now, last, DRIFT_EVERY_S, 0.1, f"{service.settings.node}:{baseline.adapter_sha256}")
+        if due > now:
+            continue
+        command = domain.StartDriftSoak(baseline.adapter_sha256, baseline.adapter_uri or "", kind, now,
+                                        baseline=domain.Baseline("base"))
+        for started in _stage(ctx, domain.decide(command, state)):
+            _launch(ctx, started.payload)
+    return []

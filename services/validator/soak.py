@@ -1,0 +1,125 @@
+"""Running a soak: replica processes, their cycles gathered, raw data stored.
+
+The validator's app hands a started run to ``run_soak``; it launches R
+candidate and R baseline replicas (services/validator/replica.py), collects
+each cycle from every replica still alive, and reports it through
+``on_cycle``. A replica that dies is an incident in the cycle it died in; the
+others go on. The raw data (every sample of every replica) is written to the
+artefact store and its URI returned with it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Awaitable, Callable
+
+from shared.artefacts import ArtefactStore
+from shared.energy_meter import EnergyMeter
+
+log = logging.getLogger("neurons.validator.soak")
+ROOT = Path(__file__).resolve().parents[2]
+
+
+class Replica:
+    def __init__(self, spec: dict[str, Any], spec_dir: Path, env: dict[str, str] | None) -> None:
+        self.spec = spec
+        self.path = spec_dir / f"{spec['replica_id']}.json"
+        self.path.write_text(json.dumps(spec))
+        self.env = env
+        self.proc: asyncio.subprocess.Process | None = None
+        self.dead_reason: str | None = None
+
+    async def start(self) -> None:
+        self.proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "services.validator.replica", str(self.path), cwd=str(ROOT), env=self.env,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, limit=2**24)
+
+    async def next_cycle(self) -> dict[str, Any] | None:
+        """The replica's next cycle report, or None once it has exited."""
+        assert self.proc is not None and self.proc.stdout is not None
+        while True:
+            line = await self.proc.stdout.readline()
+            if not line:
+                code = await self.proc.wait()
+                if self.dead_reason is None:
+                    err = (await self.proc.stderr.read()).decode(errors="replace").strip().splitlines()
+                    self.dead_reason = f"replica exited with {code}" + (f": {err[-1]}" if err and code else "")
+                return None
+            try:
+                report = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if report.get("event") == "cycle":
+                return report
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.returncode is None:
+            self.proc.kill()
+
+
+async def run_soak(
+    run: dict[str, Any],
+    *,
+    model: str,
+    dataset_path: str,
+    store: ArtefactStore,
+    eval_settings: dict[str, Any],
+    cooldown_s: float,
+    on_cycle: Callable[[int, list[dict[str, Any]]], Awaitable[bool]],
+    on_replicas: Callable[[dict[str, int]], None] | None = None,
+    env: dict[str, str] | None = None,
+    fault: dict[str, Any] | None = None,
+) -> tuple[dict[str, Any], str, dict | None]:
+    """Soak ``run`` (a validation.started payload); returns (raw data, its URI, energy reading)."""
+    fault = fault or {}
+    meter = EnergyMeter()
+    raw: dict[str, Any] = {"validation_id": run["validation_id"], "adapter_sha256": run["adapter_sha256"],
+                           "baseline": run["baseline"], "kind": run["kind"], "cycles": []}
+    with tempfile.TemporaryDirectory(prefix=f"soak-{run['validation_id']}-") as tmp, meter.window("soak") as window:
+        replicas = []
+        for side in ("candidate", "baseline"):
+            for i in range(int(run["replicas"])):
+                adapter = (run["adapter_sha256"], run["adapter_uri"]) if side == "candidate" else \
+                    (run["baseline"].get("adapter_sha256"), run["baseline"].get("adapter_uri"))
+                spec = {
+                    "replica_id": f"{side}-{i}", "side": side, "model": model,
+                    "adapter_sha256": adapter[0], "adapter_uri": adapter[1], "kind": run["kind"],
+                    "cycles": int(run["cycles"]), "episodes": int(run["episodes"]), "cooldown_s": cooldown_s,
+                    "dataset_path": dataset_path, "eval": eval_settings,
+                    "latency_jitter_ms": fault.get("latency_jitter_ms") if side == "candidate" else None,
+                }
+                replicas.append(Replica(spec, Path(tmp), env))
+        for replica in replicas:
+            await replica.start()
+        if on_replicas:
+            on_replicas({r.spec["replica_id"]: r.proc.pid for r in replicas if r.proc})
+        try:
+            for cycle in range(int(run["cycles"])):
+                reports = await asyncio.gather(*(r.next_cycle() for r in replicas if r.dead_reason is None))
+                alive = [r for r in replicas if r.dead_reason is None]
+                results = []
+                for replica, report in zip(alive, reports):
+                    if report is None:
+                        results.append({"replica_id": replica.spec["replica_id"], "side": replica.spec["side"],
+                                        "samples": {}, "incident": {"reason": replica.dead_reason}})
+                    else:
+                        results.append({"replica_id": report["replica_id"], "side": report["side"],
+                                        "samples": report["samples"], "incident": None, "load": report["load"]})
+                raw["cycles"].append({"cycle": cycle, "replicas": results})
+                if not await on_cycle(cycle, results):
+                    break
+                if not any(r.dead_reason is None for r in replicas):
+                    break
+        finally:
+            for replica in replicas:
+                replica.kill()
+    path = Path(tempfile.mkstemp(prefix="raw-", suffix=".json")[1])
+    path.write_text(json.dumps(raw, sort_keys=True))
+    _, uri = store.put_file(path, f"{run['validation_id']}.raw.json")
+    path.unlink(missing_ok=True)
+    return raw, uri, window.reading.to_dict() if window.reading else None
