@@ -12,7 +12,7 @@ import sys
 import typer
 from typer._click import exceptions as cli_errors
 
-from cli import approval_cmds, audit, broker_cmd, cycle_cmds, data_cmds, energy_cmd, train_cmds
+from cli import approval_cmds, audit, broker_cmd, cycle_cmds, data_cmds, energy_cmd, registry_cmds, train_cmds, validate_cmds
 from shared import processes
 from shared.settings import Settings
 
@@ -26,6 +26,13 @@ app.add_typer(approval_cmds.approvals_app, name="approvals")
 app.add_typer(cycle_cmds.cycle_app, name="cycle")
 app.add_typer(cycle_cmds.research_app, name="research")
 app.add_typer(data_cmds.data_app, name="data")
+app.add_typer(registry_cmds.profiles_app, name="profiles")
+app.add_typer(registry_cmds.adapters_app, name="adapters")
+audit.app.command("at")(registry_cmds.audit_at)
+validate_app = typer.Typer(no_args_is_help=True, help="Validation soaks: snapshots and re-judging.")
+validate_app.command("show")(registry_cmds.validate_show)
+validate_app.command("rejudge")(validate_cmds.rejudge)
+app.add_typer(validate_app, name="validate")
 app.command("train")(train_cmds.train)
 app.command("approve")(approval_cmds.approve)
 app.command("reject")(approval_cmds.reject)
@@ -71,7 +78,9 @@ def fail(message: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     command = typer.main.get_command(app)
     try:
-        command.main(args=argv, prog_name="neurons", standalone_mode=False)
+        code = command.main(args=argv, prog_name="neurons", standalone_mode=False)
+        if isinstance(code, int) and code:
+            return code
     except cli_errors.NoArgsIsHelpError as exc:
         typer.echo(exc.ctx.get_help() if exc.ctx else "run `neurons --help`")
         return 0

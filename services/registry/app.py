@@ -1,19 +1,52 @@
-"""Registry wiring: archive every event once, then project it into the read models."""
+"""Registry wiring: archive every event once, project it into the read models, decide, serve the API.
+
+The decisions (promotion, rollback, profiles) fold a state of their own kept in
+the service's state store; the registry's own events are folded when they are
+decided, not again when they come back from the log.
+"""
 
 from __future__ import annotations
 
+from services.registry import domain
+from services.registry.projections import all_projections
 from shared.archive import archive
 from shared.service import HandlerContext, Service
+from shared.signing import Keyring, KeyringError
 from shared.topics import AGGREGATE_TYPES
-from services.registry.projections import all_projections
 
 service = Service("registry", reads=AGGREGATE_TYPES)
 PROJECTIONS = all_projections()
+STATE = ("decisions", "registry")  # (kind, key) in the state store
 
 
 @service.handles("*")
 def on_event(event, ctx: HandlerContext):
-    if archive(ctx.session, event):
-        for projection in PROJECTIONS:
-            projection.apply(ctx.session, event)
-    return []
+    if not archive(ctx.session, event):
+        return []
+    for projection in PROJECTIONS:
+        projection.apply(ctx.session, event)
+    if event.type not in domain.RELEVANT or event.producer.service == service.name:
+        return []
+    state = domain.RegistryState.from_dict(ctx.state.get(*STATE))
+    config = domain.RegistryConfig(keyring=_keyring(ctx))
+    state, decided = domain.handle(event, state, config)
+    ctx.state.put(*STATE, state.to_dict())
+    return decided
+
+
+def _keyring(ctx: HandlerContext) -> Keyring:
+    # Read on every decision: an operator added to the keyring counts without a restart.
+    try:
+        return Keyring.load(ctx.settings.keyring_path)
+    except KeyringError as exc:
+        # An unreadable keyring verifies nobody: grants are refused (and recorded), while the
+        # event itself is still archived and projected rather than lost to the dead-letter topic.
+        service.log.error("keyring %s unusable: %s", ctx.settings.keyring_path, exc)
+        return Keyring()
+
+
+@service.on_start
+async def serve_api(svc: Service) -> None:
+    from services.registry.api import serve
+
+    await serve(svc)

@@ -1,9 +1,10 @@
-"""Audit operations over the archive and the log: export, replay, republish, verify."""
+"""Audit operations over the archive and the log: export, replay, republish, verify, and "what served at"."""
 
 from __future__ import annotations
 
 import asyncio
 import tempfile
+from datetime import datetime
 from pathlib import Path
 from typing import Callable
 
@@ -14,9 +15,11 @@ from sqlmodel import Session, select
 from shared.archive import ArchivedEvent, Projection, export_jsonl, iter_archive, rebuild, table_digest
 from shared.bus import MalformedEvent, Publisher, decode, event_headers
 from shared.db import engine_for
-from shared.envelope import Envelope
+from shared.envelope import Envelope, iso
 from shared.settings import Settings
+from shared.signing import Keyring, parse_time, verify_decision
 from shared.topics import AGGREGATE_TYPES, ensure_topics, topic_for
+from services.registry import queries
 from services.registry.projections import all_projections
 
 # Columns that differ between two faithful builds of the same history.
@@ -136,3 +139,40 @@ def verify(settings: Settings) -> dict:
         db._ENGINES.pop(f"sqlite:///{tmp}/scratch.db", None)
     report["differs"] = [name for name, t in report["tables"].items() if not t["same"]]
     return report
+
+
+def audit_at(settings: Settings, at: datetime, *, profile: str | None = None, channel: str | None = None) -> dict:
+    """Which adapter served (a profile, or a channel) at ``at``, who put it there, on what evidence.
+
+    The archive is replayed up to ``at`` into scratch read models, so the answer
+    rests on the log as it stood then, not on anything that changed since.
+    """
+    if at.tzinfo is None:
+        raise ValueError("give the moment with its timezone, e.g. 2025-03-04T14:03:00Z")
+    with Session(registry_engine(settings)) as session:
+        events = list(iter_archive(session, until=at))
+    with tempfile.TemporaryDirectory(prefix="neurons-audit-at-") as tmp:
+        url = f"sqlite:///{tmp}/at.db"
+        scratch = engine_for(url)
+        try:
+            rebuild(scratch, all_projections(), events)
+            with Session(scratch) as session:
+                answer = queries.served_at(session, profile=profile, channel=channel)
+        finally:
+            scratch.dispose()
+            from shared import db
+
+            db._ENGINES.pop(url, None)
+    answer = {"at": iso(at), "events_replayed": len(events), **answer}
+    approval = (answer.get("promotion") or {}).get("decision")
+    if approval:
+        answer["signature_check"] = _signature_check(settings, approval)
+    return answer
+
+
+def _signature_check(settings: Settings, decision: dict) -> dict:
+    """The approver's signature checked against today's keyring, as of when it was signed."""
+    keyring = Keyring.load(settings.keyring_path)
+    result = verify_decision(decision, keyring, now=parse_time(decision["issued_at"]), required_role=None)
+    return {"ok": result.ok, "reason": result.reason, "detail": result.detail,
+            "keyring": str(settings.keyring_path)}

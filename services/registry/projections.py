@@ -3,6 +3,14 @@
 Every projection is idempotent given the archive's de-duplication (an event is
 applied once, when it is first archived) and can be rebuilt from the archive
 (``neurons audit replay``) or compared with a rebuilt copy (``neurons audit verify``).
+Each reads only the events (times included), never the clock or a file, so two
+builds from the same history are equal row for row.
+
+- stream heads: the latest event of every stream (here);
+- manifest: adapters with lineage, what serves each channel, channel history (manifest.py);
+- approvals: requests, evidence, decisions (approvals.py);
+- observability: cycles, training runs and loss curves, soak snapshots, energy (observability.py);
+- profiles: personality profiles and their live adapter (profiles.py).
 """
 
 from __future__ import annotations
@@ -47,4 +55,9 @@ STREAM_HEADS = Projection("stream_heads", [StreamHead], apply_stream_head)
 
 
 def all_projections() -> list[Projection]:
-    return [STREAM_HEADS]
+    from services.registry.approvals import APPROVALS
+    from services.registry.manifest import MANIFEST
+    from services.registry.observability import OBSERVABILITY
+    from services.registry.profiles import PROFILES
+
+    return [STREAM_HEADS, MANIFEST, APPROVALS, OBSERVABILITY, PROFILES]

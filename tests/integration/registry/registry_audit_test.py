@@ -1,0 +1,54 @@
+"""`neurons audit at` and `neurons audit verify` against a registry that promoted adapters."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+
+from shared.envelope import iso, utcnow
+from tests.integration.registry.registry_events import promote, sha_of
+
+
+async def test_audit_at_a_moment_between_two_promotions_names_the_first_adapter_and_its_approver(registry):
+    first, second = sha_of("audit-first"), sha_of("audit-second")
+    await promote(registry, first, operator="alice")
+    between = utcnow()
+    time.sleep(0.05)
+    await promote(registry, second, operator="erin")
+
+    then = json.loads(registry.cli("audit", "at", iso(between), "--channel", "production", "--json").stdout)
+    now = json.loads(registry.cli("audit", "at", iso(utcnow()), "--json").stdout)
+
+    assert then["adapter_sha256"] == first
+    assert then["approved_by"] == "alice"
+    assert then["promotion"]["request_id"] == f"apr-promotion-val-{first[:16]}"
+    assert {"validation.completed", "adapter"} <= {e["type"] for e in then["evidence"]}
+    assert then["serving"]["validation"]["verdict"] == "pass"
+    assert then["signature_check"]["ok"] is True
+    assert now["adapter_sha256"] == second and now["approved_by"] == "erin"
+    assert now["put_in_service"]["previous_adapter_sha256"] == first
+    text = registry.cli("audit", "at", iso(between)).stdout
+    assert first in text and "approved by alice" in text
+
+
+async def test_audit_verify_finds_no_difference_and_names_a_table_altered_by_hand(registry):
+    await promote(registry, sha_of("verify-one"), channel="verify")
+
+    clean = registry.cli("audit", "verify", "--json")
+    report = json.loads(clean.stdout)
+    assert clean.returncode == 0 and report["ok"] and report["differs"] == []
+    assert {"registry_adapters", "registry_channels", "registry_approvals", "registry_profiles",
+            "registry_validation_snapshots", "registry_energy_reports"} <= set(report["tables"])
+
+    db = registry.var_dir / "db" / "registry.db"
+    with sqlite3.connect(db) as conn:
+        conn.execute("UPDATE registry_channels SET approver = 'mallory' WHERE channel = 'verify'")
+    try:
+        altered = registry.cli("audit", "verify", check=False)
+        assert altered.returncode == 1
+        assert "differs: registry_channels" in altered.stdout
+    finally:
+        with sqlite3.connect(db) as conn:
+            conn.execute("UPDATE registry_channels SET approver = 'alice' WHERE channel = 'verify'")
+    assert registry.cli("audit", "verify").returncode == 0

@@ -1,0 +1,149 @@
+"""The registry's real handler and runtime transaction, without a broker: what it emits is fed back in,
+as the log would deliver it."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from pathlib import Path
+
+from sqlmodel import Session, select
+
+from services.registry import app
+from shared.bus import MalformedEvent, decode
+from shared.envelope import Envelope, iso, utcnow
+from shared.service import Service
+from shared.settings import Settings
+from shared.signing import generate_operator, load_private_key, sign_decision
+from shared.store import OutboxEvent
+from shared.topics import AGGREGATE_TYPES
+from tests.support import make_event
+
+
+class Registry:
+    def __init__(self, var_dir: Path, database_url: str | None = None) -> None:
+        base = Settings.from_env()
+        self.settings = base.with_(var_dir=var_dir, database_url=database_url, keyring_path=var_dir / "keys" / "keyring.json",
+                                   operator_key_dir=var_dir / "keys" / "operators", trace_file=None, otlp_endpoint=None)
+        self.service = Service("registry", reads=AGGREGATE_TYPES, settings=self.settings)
+        self.service.handles("*")(app.on_event)
+        self.emitted: list[Envelope] = []
+
+    def operator(self, name: str, *roles: str) -> None:
+        generate_operator(name, roles, self.settings.keyring_path, self.settings.operator_key_dir)
+
+    def feed(self, *events: Envelope) -> list[Envelope]:
+        """Handle ``events``, then everything the registry emitted in answer; returns what it emitted.
+
+        Each event is decoded as the consumer would: one the contract does not know is left out,
+        as the dead-letter topic would take it."""
+        queue, emitted = list(events), []
+        while queue:
+            try:
+                event = decode(queue.pop(0).to_json())
+            except MalformedEvent:
+                continue
+            self.service._apply(event)
+            with Session(self.service.engine) as session:
+                rows = session.exec(select(OutboxEvent).where(OutboxEvent.published_at.is_(None))
+                                    .order_by(OutboxEvent.id)).all()
+                for row in rows:
+                    row.published_at = utcnow()
+                    session.add(row)
+                    out = Envelope.from_json(row.envelope_json)
+                    emitted.append(out)
+                    queue.append(out)
+                session.commit()
+        self.emitted += emitted
+        return emitted
+
+    def session(self) -> Session:
+        return Session(self.service.engine)
+
+    def grant(self, sha: str, operator: str, channel: str | None = None) -> Envelope:
+        request_id, now = f"apr-promotion-val-{sha[:16]}", utcnow()
+        signed = sign_decision(request_id, "grant", operator,
+                               load_private_key(self.settings.operator_key_dir / f"{operator}.pem"),
+                               issued_at=now, expires_at=now + timedelta(minutes=10),
+                               extra={"channel": channel} if channel else None)
+        return make_event("approval.granted", request_id, {
+            "request_id": request_id, "kind": "promotion", "subject_id": f"val-{sha[:16]}",
+            "subject": {"validation_id": f"val-{sha[:16]}", "adapter_sha256": sha}, "cycle_id": f"cyc-{sha[:4]}",
+            "requested_by": "validator", "actor": f"operator:{operator}", "operator_id": operator, "policy": None,
+            "decision": signed, "granted_at": iso(now)}, sequence=2, service="approval")
+
+
+TRAINER_CONTRACT = {"training.requested", "training.started", "training.progressed", "training.completed"}
+
+
+def trainer_contract_missing() -> set[str]:
+    from shared import schemas
+
+    return TRAINER_CONTRACT - schemas.event_types()
+
+
+def trainer_event(event_type: str, aggregate_id: str, payload: dict, sequence: int = 1) -> Envelope:
+    # The trainer's schemas may not be part of the contract yet; the registry reads its events defensively.
+    from shared import schemas
+
+    version = None if event_type in schemas.event_types() else 1
+    return make_event(event_type, aggregate_id, payload, sequence=sequence, service="trainer", version=version)
+
+
+def cycle_events(sha: str, dataset_sha: str = "d" * 64) -> list[Envelope]:
+    """One cycle as the other services tell it: proposal, training with progress, soak, energy, a promotion request."""
+    cycle, job, validation = f"cyc-{sha[:4]}", f"job-{sha[:4]}", f"val-{sha[:16]}"
+    now = utcnow()
+    thresholds = {"metrics": {}, "groups": {}, "pass_score": 0.6, "marginal_score": 0.4, "consecutive_failures": 2,
+                  "min_samples": 5}
+    events = [
+        make_event("cycle.proposed", cycle, {
+            "cycle_id": cycle, "kind": "mntp", "model": "tiny",
+            "dataset": {"dataset_id": "ds-1", "sha256": dataset_sha, "uri": "file:///data/ds-1.jsonl"},
+            "config": {"learning_rate": 0.0002, "lora_rank": 8, "steps": 4}, "warm_start": None,
+            "energy_estimate_wh": 1.5, "generation": 0,
+            "individual": {"individual_id": "ind-1", "generation": 0, "parents": []},
+            "requested_by": "evolution", "proposed_at": iso(now)}, service="evolution", correlation_id=cycle),
+        trainer_event("training.requested", job, {"job_id": job, "cycle_id": cycle, "kind": "mntp",
+                                                  "base_model": "tiny", "config": {"steps": 4}}),
+        trainer_event("training.started", job, {"job_id": job, "cycle_id": cycle}, sequence=2),
+        *[trainer_event("training.progressed", job, {"job_id": job, "cycle_id": cycle, "step": step, "loss": 5.0 - step},
+                        sequence=2 + step) for step in (1, 2, 3, 4)],
+        trainer_event("training.completed", job, {
+            "job_id": job, "cycle_id": cycle, "adapter_uri": f"artefact://sha256/{sha}", "adapter_sha256": sha,
+            "status": "trained", "kind": "mntp", "metrics": {"loss_before": 4.0, "loss_after": 1.0},
+            "energy": {"joules": 3600.0, "wh": 1.0}, "base_model": {"name": "tiny", "checksum": "c" * 64},
+            "dataset_sha256": dataset_sha, "config": {"learning_rate": 0.0002, "lora_rank": 8, "steps": 4}},
+            sequence=7),
+        make_event("validation.started", validation, {
+            "validation_id": validation, "cycle_id": cycle, "adapter_sha256": sha, "adapter_uri": f"artefact://sha256/{sha}",
+            "baseline": {"kind": "base", "adapter_sha256": None}, "replicas": 2, "cycles": 2, "episodes": 10,
+            "kind": "mntp", "purpose": "candidate"}, service="validator"),
+        *[make_event("validation.cycle_completed", validation, {
+            "validation_id": validation, "cycle": n, "outcome": outcome, "score": 0.7, "metrics": {}, "vetoes": [],
+            "reason": "", "incidents": [] if n == 1 else [{"cycle": 2, "replica_id": "c-1", "side": "candidate",
+                                                            "reason": "oom"}],
+            "failing_streak": 0, "stop_early": False,
+            "replicas": [{"replica_id": "c-1", "side": "candidate", "episodes": 10, "rss_mb": 200.0,
+                          "cpu_percent": 40.0, "latency_ms": 30.0, "incident": None}]},
+            sequence=1 + n, service="validator") for n, outcome in ((1, "pass"), (2, "marginal"))],
+        make_event("validation.completed", validation, {
+            "validation_id": validation, "adapter_sha256": sha, "adapter_uri": f"artefact://sha256/{sha}",
+            "baseline": {"kind": "base", "adapter_sha256": None}, "kind": "mntp", "purpose": "candidate",
+            "cycle_id": cycle, "verdict": "pass", "explanation": "better on latency", "score": 0.75,
+            "raw_data_uri": None, "sample_sizes": {"candidate": {}, "baseline": {}}, "thresholds": thresholds},
+            sequence=4, service="validator"),
+        *[make_event("energy.reported", job_id, {
+            "job_id": job_id, "job_kind": kind, "cycle_id": cycle, "joules": wh * 3600, "wh": wh, "gco2e": wh * 0.4,
+            "pue": 1.2, "carbon_intensity": 400.0, "method": "rapl", "methods": {}, "reason": None,
+            "window": {"started_at": iso(now), "ended_at": iso(now)}}, service="energy")
+          for job_id, kind, wh in ((job, "training", 1.0), (validation, "validation", 0.5))],
+        make_event("approval.requested", f"apr-promotion-{validation}", {
+            "request_id": f"apr-promotion-{validation}", "kind": "promotion", "subject_id": validation,
+            "subject": {"validation_id": validation, "adapter_sha256": sha, "cycle_id": cycle, "verdict": "pass"},
+            "cycle_id": cycle, "evidence": [{"type": "validation.completed", "id": validation},
+                                            {"type": "adapter", "id": sha, "sha256": sha}],
+            "policy": {"name": "promotion-needs-approver", "auto_approve": False, "rule": {}},
+            "requested_by": "validator", "requested_at": iso(now), "expires_at": iso(now + timedelta(days=1))},
+            service="approval"),
+    ]
+    return events
