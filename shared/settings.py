@@ -51,6 +51,8 @@ ENV_VARS: dict[str, str] = {
     "NEURONS_MAX_STEPS": "most training steps the configuration search may propose",
     "NEURONS_SEARCH_SEED": "seed of the configuration search",
     "NEURONS_EVOLUTION_BUDGET_WH": "energy budget (Wh) over evolution's rolling window",
+    "NEURONS_CARBON_CAUTION_G_PER_KWH": "carbon gate: above this intensity cycles train fewer steps",
+    "NEURONS_CARBON_PAUSE_G_PER_KWH": "carbon gate: above this intensity cycles wait",
     "NEURONS_MAX_LOAD_PER_CORE": "hardware gate: highest load average per core to start a cycle",
     "NEURONS_MAX_PENDING_APPROVALS": "approvals gate: most pending approvals before cycles wait",
     "NEURONS_GATE_RETRY_S": "seconds before a deferred cycle is tried again",

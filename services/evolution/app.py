@@ -56,6 +56,8 @@ def config() -> domain.EvolutionConfig:
         carbon_intensity_g_per_kwh=service.settings.carbon_intensity_g_per_kwh,
         energy_budget_wh=float(budget) if budget else None,
         max_load_per_core=_float("NEURONS_MAX_LOAD_PER_CORE", 0.85),
+        carbon_caution_g_per_kwh=_float("NEURONS_CARBON_CAUTION_G_PER_KWH", 300.0),
+        carbon_pause_g_per_kwh=_float("NEURONS_CARBON_PAUSE_G_PER_KWH", 500.0),
         max_pending_approvals=int(_float("NEURONS_MAX_PENDING_APPROVALS", 3)),
         retry_after=_seconds("NEURONS_GATE_RETRY_S", 1800) or timedelta(minutes=30),
     )
@@ -65,8 +67,11 @@ def _load(ctx: HandlerContext) -> domain.EvolutionState:
     return domain.EvolutionState.from_dict(ctx.state.get("evolution", "state", {}))
 
 
-def _handle(ctx: HandlerContext, message):
-    state, events = domain.handle(message, _load(ctx), config())
+def _handle(ctx: HandlerContext, message, model: str | None = None):
+    cfg = config()
+    if model:
+        cfg = replace(cfg, model=model)  # an operator may ask for another base model for this cycle
+    state, events = domain.handle(message, _load(ctx), cfg)
     ctx.state.put("evolution", "state", state.to_dict())
     return events
 
@@ -84,7 +89,8 @@ def on_event(event, ctx: HandlerContext):
     if event.type in ("cycle.requested", "research.requested"):
         kind = domain.RequestCycle if event.type == "cycle.requested" else domain.RequestResearch
         try:
-            return _handle(ctx, _command(event, kind))
+            model = event.payload.get("model")
+            return _handle(ctx, _command(event, kind), model=model)
         except domain.CommandRejected as exc:
             # the operator hears why; the request stays in the log with its refusal
             return [NewEvent(f"{event.aggregate_type}.request_refused", event.aggregate_id,

@@ -1,7 +1,189 @@
-"""Trainer wiring: the faust worker that reads its topics and calls the domain."""
+"""Trainer wiring: a training request becomes a job in a worker process; its lines become events.
+
+The job document (status, config, checkpoint) lives in the trainer's state
+store in the same transaction as the events that change it, so a redelivered
+request never trains twice and a job completes once. A trainer killed
+mid-job resumes on restart from the job's last checkpoint.
+"""
 
 from __future__ import annotations
 
-from shared.service import Service
+import asyncio
+import json
+import os
+import sys
+from pathlib import Path
 
+from services.trainer import domain
+from shared.artefacts import SharedArtefacts
+from shared.service import HandlerContext, Service
+from shared.tracing import current_traceparent
+
+ROOT = Path(__file__).resolve().parents[2]
 service = Service("trainer", reads=["training", "dataset"])
+running: dict[str, asyncio.subprocess.Process] = {}
+
+
+def _state(ctx: HandlerContext) -> domain.TrainerState:
+    return domain.TrainerState(jobs=ctx.state.all("jobs"), datasets=ctx.state.all("datasets"))
+
+
+def _save(ctx: HandlerContext, state: domain.TrainerState, *job_ids: str) -> None:
+    for job_id in job_ids:
+        if job_id in state.jobs:
+            ctx.state.put("jobs", job_id, state.jobs[job_id])
+
+
+def _apply(ctx: HandlerContext, message, *, correlation_id: str | None = None, traceparent: str | None = None):
+    """Decide, stage the events, fold them into the job document: one transaction."""
+    state = _state(ctx)
+    sealed = service.stage(ctx, domain.decide(message, state), correlation_id=correlation_id)
+    if hasattr(message, "type"):
+        state = domain.evolve(state, message)
+    for event in sealed:
+        state = domain.evolve(state, event)
+    job_id = getattr(message, "job_id", None) or (message.payload.get("job_id") if hasattr(message, "payload") else None)
+    if job_id and job_id in state.jobs:
+        if traceparent:
+            state.jobs[job_id]["traceparent"] = traceparent
+        _save(ctx, state, job_id)
+    return sealed
+
+
+@service.handles("dataset.registered")
+def on_dataset(event, ctx: HandlerContext):
+    state = domain.evolve(_state(ctx), event)
+    ctx.state.put("datasets", event.payload["dataset_id"], state.datasets[event.payload["dataset_id"]])
+    return []
+
+
+@service.handles("training.requested")
+def on_requested(event, ctx: HandlerContext):
+    sealed = _apply(ctx, event, traceparent=current_traceparent())
+    if any(e.type == "training.started" for e in sealed):
+        job_id = event.payload["job_id"]
+        ctx.later(lambda: _start(job_id))
+    return []
+
+
+async def _start(job_id: str) -> None:
+    service.spawn(_run_job(job_id))
+
+
+@service.on_start
+async def resume_jobs(svc: Service) -> None:
+    with svc.transaction() as ctx:
+        jobs = ctx.state.all("jobs")
+        resumed = []
+        for job_id, job in jobs.items():
+            if job["status"] == domain.RUNNING:
+                step = _checkpoint_step(_job_dir(job_id))
+                _apply(ctx, domain.ResumeJob(job_id, step), correlation_id=job["cycle_id"])
+                resumed.append(job_id)
+    await svc.flush_outbox()
+    for job_id in resumed:
+        svc.log.info("resuming job %s", job_id)
+        svc.spawn(_run_job(job_id))
+
+
+def _job_dir(job_id: str) -> Path:
+    return service.settings.var_dir / "jobs" / job_id
+
+
+def _checkpoint_step(job_dir: Path) -> int | None:
+    from services.trainer.ml.checkpoint import STATE_FILE, load_checkpoint
+
+    if not (job_dir / "checkpoint" / STATE_FILE).exists():
+        return None
+    try:
+        return int(load_checkpoint(job_dir / "checkpoint")["step"])
+    except Exception:  # an unreadable checkpoint means starting over, not failing the job
+        return None
+
+
+async def _emit(job_id: str, message) -> list:
+    with service.transaction() as ctx:
+        job = ctx.state.get("jobs", job_id)
+        from opentelemetry import context as otel_context
+
+        from shared.tracing import context_from_traceparent
+
+        token = otel_context.attach(context_from_traceparent(job.get("traceparent")))
+        try:
+            sealed = _apply(ctx, message, correlation_id=job["cycle_id"])
+        finally:
+            otel_context.detach(token)
+    await service.flush_outbox()
+    return sealed
+
+
+async def _run_job(job_id: str) -> None:
+    with service.transaction() as ctx:
+        job = ctx.state.get("jobs", job_id)
+    job_dir = _job_dir(job_id)
+    job_dir.mkdir(parents=True, exist_ok=True)
+    artefacts = SharedArtefacts.for_settings(service.settings)
+    warm_dir = None
+    try:
+        if job.get("warm_start"):
+            warm_dir = str(artefacts.get(job["warm_start"]))  # fetched from the shared store if this node lacks it
+        dataset_path = job["dataset"]["uri"].removeprefix("file://")
+    except Exception as exc:
+        await _emit(job_id, domain.JobFailed(job_id, "artefacts", f"{exc.__class__.__name__}: {exc}"))
+        return
+    checkpoint = job_dir / "checkpoint"
+    spec = {"job_id": job_id, "kind": job["kind"], "config": {**job["config"], "model": job["model"]},
+            "dataset_path": dataset_path, "dataset_sha256": job["dataset"]["sha256"], "out_dir": str(job_dir),
+            "cache_dir": str(service.settings.model_cache_dir),
+            "resume_from": str(checkpoint) if _checkpoint_step(job_dir) is not None and job["kind"] == "mntp" else None,
+            "warm_start_dir": warm_dir}
+    spec_path = job_dir / "spec.json"
+    spec_path.write_text(json.dumps(spec, indent=2))
+    log_path = job_dir / "worker.log"
+    with open(log_path, "ab") as log:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "services.trainer.worker", str(spec_path), cwd=str(ROOT),
+            env={**os.environ, "NEURONS_VAR": str(service.settings.var_dir)},
+            stdout=asyncio.subprocess.PIPE, stderr=log, limit=2**24)
+        running[job_id] = proc
+        outcome = None
+        try:
+            assert proc.stdout is not None
+            async for line in proc.stdout:
+                try:
+                    report = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if report.get("event") == "progress":
+                    await _emit(job_id, domain.JobProgressed(job_id, report))
+                elif report.get("event") in ("result", "error"):
+                    outcome = report
+            await proc.wait()
+        finally:
+            running.pop(job_id, None)
+    if outcome is None or outcome["event"] == "error":
+        error = (outcome or {}).get("error") or f"worker exited with {proc.returncode}; see {log_path}"
+        await _emit(job_id, domain.JobFailed(job_id, (outcome or {}).get("stage", "train"), error))
+        return
+    await _emit(job_id, domain.JobFinished(job_id, _completion(outcome, artefacts)))
+
+
+def _completion(outcome: dict, artefacts: SharedArtefacts) -> dict:
+    """Store the adapter by sha256 (and share it) and say what training.completed carries."""
+    stored = artefacts.local.put_adapter(Path(outcome["adapter_dir"]), {"energy": outcome.get("energy")})
+    if artefacts.remote is not None:
+        artefacts.share(stored.sha256)
+    metrics = outcome.get("metrics") or {}
+    before, after = metrics.get("before") or {}, metrics.get("after") or {}
+    flat = {f"{k}_before": v for k, v in before.items() if isinstance(v, (int, float))}
+    flat.update({f"{k}_after": v for k, v in after.items() if isinstance(v, (int, float))})
+    return {
+        "status": outcome["status"], "fallback_reason": outcome.get("fallback_reason"),
+        "adapter_uri": stored.uri, "adapter_sha256": stored.sha256,
+        "metrics": {"before": before, "after": after, **flat},
+        "duration_s": float(outcome.get("wall_s") or outcome.get("duration_s") or 0.0),
+        "energy": outcome.get("energy"), "base_model": outcome.get("base_model") or None,
+        "steps": int(outcome.get("steps") or 0), "tokens": int(outcome.get("tokens") or 0),
+        "tokens_per_s": outcome.get("tokens_per_s"), "resumed_from_step": outcome.get("resumed_from_step"),
+        "loss_curve": outcome.get("curve") or [],
+    }

@@ -99,7 +99,7 @@ async def run_soak(
         if on_replicas:
             on_replicas({r.spec["replica_id"]: r.proc.pid for r in replicas if r.proc})
         try:
-            for cycle in range(int(run["cycles"])):
+            for cycle in range(1, int(run["cycles"]) + 1):  # cycles count from 1, as the events say
                 reports = await asyncio.gather(*(r.next_cycle() for r in replicas if r.dead_reason is None))
                 alive = [r for r in replicas if r.dead_reason is None]
                 results = []

@@ -1,0 +1,249 @@
+"""Follow one self-training cycle across every service, and see it through to promotion.
+
+``run_cycle`` asks evolution for a cycle (or waits for the one a new dataset
+starts), shows its progress as events arrive (proposal, approval, training
+steps, soak cycles, verdict), signs the promotion with the given operator when
+the soak passes, and returns a summary once the profiles serve the new adapter.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, TopicPartition
+
+from cli.bus_client import command_event
+from shared.bus import MalformedEvent, Publisher, decode
+from shared.envelope import Envelope, NewEvent
+from shared.settings import Settings
+from shared.topics import AGGREGATE_TYPES, ensure_topics, topic_for
+
+TERMINAL = ("profile.adapter_updated",)
+
+
+@dataclass
+class CycleView:
+    cycle_id: str | None = None
+    events: list[Envelope] = field(default_factory=list)
+    outcome: str | None = None
+    summary: dict[str, Any] = field(default_factory=dict)
+
+    def first(self, event_type: str) -> Envelope | None:
+        return next((e for e in self.events if e.type == event_type), None)
+
+    def all(self, event_type: str) -> list[Envelope]:
+        return [e for e in self.events if e.type == event_type]
+
+
+class Reporter:
+    """Prints what happens; the demo and `cycle run` show it with rich progress bars."""
+
+    def __init__(self, quiet: bool = False) -> None:
+        self.quiet = quiet
+        self.progress = None
+        self.training = None
+        self.soak = None
+
+    def __enter__(self):
+        if not self.quiet:
+            from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+            self.progress = Progress(TextColumn("[bold]{task.description:<12}"), BarColumn(),
+                                     TextColumn("{task.completed}/{task.total}"), TextColumn("{task.fields[status]}"),
+                                     TimeElapsedColumn())
+            self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        if self.progress is not None:
+            self.progress.__exit__(*exc)
+
+    def say(self, text: str) -> None:
+        if self.progress is not None:
+            self.progress.console.print(text)
+
+    def on(self, event: Envelope) -> None:
+        p = event.payload
+        if self.progress is None:
+            return
+        if event.type == "cycle.proposed":
+            self.say(f"proposed  {p['cycle_id']}: {p['kind']} on {p['model']}, config {json.dumps(p['config'])}")
+        elif event.type == "cycle.deferred":
+            self.say(f"deferred  gate {p['gate']}: {p['reason']} (retry at {p['retry_at']})")
+        elif event.type == "approval.requested":
+            self.say(f"approval  requested {p['request_id']} ({p['kind']}, policy {p['policy'].get('name')})")
+        elif event.type == "approval.granted":
+            self.say(f"approval  granted {p['request_id']} by {p['actor']}")
+        elif event.type in ("approval.rejected", "approval.refused", "approval.expired"):
+            self.say(f"approval  {event.type.split('.')[1]} {p.get('request_id')}: {p.get('reason', '')}")
+        elif event.type == "training.started":
+            total = None
+            self.training = self.progress.add_task("training", total=total, status="loading model")
+        elif event.type == "training.progressed" and self.training is not None:
+            loss = p.get("loss")
+            figure = f"loss {loss:.4f}" if loss is not None else f"reward {p.get('reward_mean') or 0:.3f}"
+            energy = f", {p['energy_j']:.0f} J" if p.get("energy_j") is not None else ""
+            self.progress.update(self.training, total=p["total_steps"], completed=p["step"],
+                                 status=f"{figure}, {p.get('tokens_per_s') or 0:.0f} tok/s{energy}")
+        elif event.type == "training.completed":
+            if self.training is not None:
+                self.progress.update(self.training, completed=p.get("steps") or 1, total=p.get("steps") or 1,
+                                     status=f"{p['status']}, adapter {p['adapter_sha256'][:12]}")
+            m = p.get("metrics") or {}
+            if "loss_before" in m:
+                self.say(f"trained   held-out masked loss {m['loss_before']:.4f} -> {m['loss_after']:.4f}")
+        elif event.type == "training.failed":
+            self.say(f"[red]training failed[/red] at {p['stage']}: {p['error']}")
+        elif event.type == "validation.started":
+            self.soak = self.progress.add_task("soak", total=p["cycles"],
+                                               status=f"{p['replicas']}+{p['replicas']} replicas vs {p['baseline']['kind']}")
+        elif event.type == "validation.cycle_completed" and self.soak is not None:
+            self.progress.update(self.soak, completed=p["cycle"], status=f"cycle {p['cycle']}: {p['outcome']}")
+        elif event.type == "validation.completed":
+            self.say(f"verdict   {p['verdict']}: {p.get('explanation', '')}")
+        elif event.type == "adapter.promoted":
+            self.say(f"promoted  {p['adapter_sha256'][:12]} to {p['channel']}")
+        elif event.type == "profile.adapter_updated":
+            self.say(f"profile   {p['profile_id']} now serves {p['adapter_sha256'][:12]}")
+
+
+async def _assign_all(consumer: AIOKafkaConsumer, from_beginning: bool) -> None:
+    await consumer._client.force_metadata_update()
+    partitions = [TopicPartition(topic_for(a), p) for a in AGGREGATE_TYPES
+                  for p in consumer.partitions_for_topic(topic_for(a)) or ()]
+    consumer.assign(partitions)
+    if from_beginning:
+        await consumer.seek_to_beginning(*partitions)
+    else:
+        await consumer.seek_to_end(*partitions)
+        for tp in partitions:  # resolve the position now, before anything is published
+            await consumer.position(tp)
+
+
+async def follow_cycle(
+    settings: Settings,
+    *,
+    request: Envelope | None,
+    match_trigger: dict[str, Any],
+    operator: str | None,
+    reporter: Reporter,
+    timeout_s: float,
+    from_beginning: bool = False,
+) -> CycleView:
+    """Publish ``request`` (if any) and follow the cycle whose trigger matches until it ends."""
+    from cli.approval_cmds import submit
+
+    await ensure_topics(settings)
+    consumer = AIOKafkaConsumer(bootstrap_servers=settings.bootstrap(), group_id=None, enable_auto_commit=False,
+                                client_id=f"neurons-cycle-{uuid.uuid4().hex[:6]}")
+    await consumer.start()
+    view = CycleView()
+    deadline = time.monotonic() + timeout_s
+    signed_for: set[str] = set()
+    try:
+        await _assign_all(consumer, from_beginning)
+        if request is not None:
+            async with Publisher(settings, "cli") as publisher:
+                await publisher.publish(request)
+        while time.monotonic() < deadline and view.outcome is None:
+            batch = await consumer.getmany(timeout_ms=500)
+            events = []
+            for records in batch.values():
+                for record in records:
+                    try:
+                        events.append(decode(record.value))
+                    except MalformedEvent:
+                        continue
+            for event in sorted(events, key=lambda e: e.occurred_at):
+                if view.cycle_id is None:
+                    trigger = event.payload.get("trigger") or {}
+                    if event.type in ("cycle.proposed", "research.proposed", "cycle.deferred") and all(
+                            trigger.get(k) == v for k, v in match_trigger.items()):
+                        view.cycle_id = event.payload["cycle_id"]
+                    elif event.type.endswith("request_refused") and \
+                            event.payload.get("command_id") == match_trigger.get("command_id"):
+                        view.outcome = f"refused: {event.payload['reason']}"
+                        break
+                    else:
+                        continue
+                if event.correlation_id != view.cycle_id:
+                    continue
+                view.events.append(event)
+                reporter.on(event)
+                p = event.payload
+                if event.type == "approval.requested" and p["kind"] == "promotion" and operator \
+                        and p["request_id"] not in signed_for:
+                    signed_for.add(p["request_id"])
+                    reporter.say(f"approval  signing promotion {p['request_id']} as {operator}")
+                    answer = await asyncio.to_thread(submit, settings, p["request_id"], "grant", operator, None, None)
+                    if answer is None or answer.type != "approval.granted":
+                        view.outcome = f"promotion not granted: {answer.payload if answer else 'no answer'}"
+                elif event.type == "training.failed":
+                    view.outcome = "training failed"
+                elif event.type == "validation.completed" and p["verdict"] != "pass":
+                    view.outcome = f"not promoted: verdict {p['verdict']}"
+                elif event.type == "cycle.completed" and p.get("outcome") not in ("promoted", None):
+                    view.outcome = view.outcome or f"cycle ended: {p['outcome']}"
+                elif event.type in TERMINAL or (event.type == "adapter.promoted" and not operator):
+                    view.outcome = "promoted"
+        if view.outcome is None:
+            view.outcome = f"timed out after {timeout_s:.0f}s"
+        # the last events of the cycle (energy of the soak, cycle.completed) may trail the promotion
+        end = time.monotonic() + 3.0
+        while time.monotonic() < end:
+            batch = await consumer.getmany(timeout_ms=300)
+            for records in batch.values():
+                for record in records:
+                    try:
+                        event = decode(record.value)
+                    except MalformedEvent:
+                        continue
+                    if event.correlation_id == view.cycle_id:
+                        view.events.append(event)
+    finally:
+        await consumer.stop()
+    view.summary = summarize(view, settings)
+    return view
+
+
+def summarize(view: CycleView, settings: Settings) -> dict[str, Any]:
+    trained = view.first("training.completed")
+    verdict = view.first("validation.completed")
+    promoted = view.first("adapter.promoted")
+    energy = [e.payload for e in view.all("energy.reported")]
+    wh = [r["wh"] for r in energy if r.get("wh") is not None]
+    summary: dict[str, Any] = {
+        "cycle_id": view.cycle_id,
+        "outcome": view.outcome,
+        "adapter_id": trained.payload["adapter_sha256"] if trained else None,
+        "adapter_status": trained.payload["status"] if trained else None,
+        "artefact_dir": str(settings.artefact_dir / trained.payload["adapter_sha256"]) if trained else None,
+        "metrics": (trained.payload.get("metrics") if trained else None),
+        "verdict": verdict.payload["verdict"] if verdict else None,
+        "verdict_explanation": verdict.payload.get("explanation") if verdict else None,
+        "validation_id": verdict.payload["validation_id"] if verdict else None,
+        "raw_data_uri": verdict.payload.get("raw_data_uri") if verdict else None,
+        "energy": {"jobs": [{k: r.get(k) for k in ("job_kind", "job_id", "wh", "gco2e", "method")} for r in energy],
+                   "wh": sum(wh) if wh else None,
+                   "gco2e": sum(r["gco2e"] for r in energy if r.get("gco2e") is not None) if wh else None},
+        "promotion": ({"channel": promoted.payload["channel"], "adapter_sha256": promoted.payload["adapter_sha256"],
+                       "previous": promoted.payload.get("previous_adapter_sha256"),
+                       "approver": promoted.payload.get("approver") or promoted.payload.get("operator_id")}
+                      if promoted else None),
+        "profiles_updated": [e.payload["profile_id"] for e in view.all("profile.adapter_updated")],
+    }
+    return summary
+
+
+def cycle_request(operator: str, model: str | None, steps: int | None, settings_: dict[str, Any]) -> Envelope:
+    command_id = f"req-{uuid.uuid4().hex[:12]}"
+    config = dict(settings_)
+    if steps is not None:
+        config["steps"] = steps
+    payload = {"operator_id": operator, "config": config or None, "model": model}
+    return command_event(NewEvent("cycle.requested", command_id, payload), correlation_id=command_id, operator=operator)

@@ -1,0 +1,181 @@
+"""`neurons cycle run` (one cycle on a running platform) and `neurons demo` (what `make run` does)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import time
+from pathlib import Path
+
+import typer
+
+from cli.cycle_run import Reporter, cycle_request, follow_cycle
+from shared import processes
+from shared.settings import Settings
+from shared.signing import Keyring, generate_operator
+
+DEMO_OPERATOR = "demo-operator"
+DEMO_PROFILE = "demo-assistant"
+
+
+def cycle_run(
+    model: str = typer.Option(None, "--model", help="tiny, smollm2 or a local folder (default: NEURONS_MODEL)"),
+    steps: int = typer.Option(None, "--steps", min=1, help="training steps"),
+    set_: list[str] = typer.Option([], "--set", help="override a setting: NAME=VALUE (repeatable)"),
+    operator: str = typer.Option(DEMO_OPERATOR, "--operator", help="operator who signs the promotion if the soak passes"),
+    wait: bool = typer.Option(True, "--wait/--no-wait", help="follow the cycle to its end"),
+    timeout: float = typer.Option(900.0, help="seconds to wait for the whole cycle"),
+    as_json: bool = typer.Option(False, "--json", help="print only the JSON summary"),
+) -> None:
+    """Run one self-training cycle on a running platform: request, train, soak, promote."""
+    from cli.cycle_cmds import _parse_config
+
+    settings = Settings.from_env()
+    request = cycle_request(operator, model, steps, _parse_config(set_))
+    if not wait:
+        asyncio.run(_publish(settings, request))
+        typer.echo(json.dumps({"command_id": request.aggregate_id}) if as_json else f"requested {request.aggregate_id}")
+        return
+    with Reporter(quiet=as_json) as reporter:
+        view = asyncio.run(follow_cycle(settings, request=request, match_trigger={"command_id": request.aggregate_id},
+                                        operator=operator, reporter=reporter, timeout_s=timeout))
+    _print_summary(view.summary, settings, as_json)
+    if view.outcome != "promoted":
+        raise typer.Exit(1)
+
+
+async def _publish(settings: Settings, envelope) -> None:
+    from shared.bus import Publisher
+
+    async with Publisher(settings, "cli") as publisher:
+        await publisher.publish(envelope)
+
+
+DEMO_ENV = {
+    "NEURONS_SCHEDULE_INTERVAL_S": "0",     # the demo runs the cycle a new dataset starts, nothing else
+    "NEURONS_DRIFT_SOAK_S": "0",
+    "NEURONS_MIN_STEPS": "1",
+    "NEURONS_EVOLUTION_TICK_S": "2",
+    "NEURONS_MAX_LOAD_PER_CORE": "4",       # a 2-core machine is busy with the services starting up
+    "NEURONS_CARBON_CAUTION_G_PER_KWH": "450",  # the default grid figure (400) then trains the steps asked
+}
+
+
+def demo(
+    model: str = typer.Option("smollm2", "--model", help="smollm2 (default) or tiny for a fast rehearsal"),
+    steps: int = typer.Option(20, "--steps", min=1, help="training steps (SmolLM2 trains ~240 tokens/s on a CPU)"),
+    timeout: float = typer.Option(900.0, help="seconds to wait for the whole cycle"),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Start everything on the embedded defaults and run one full self-training cycle end to end."""
+    settings = Settings.from_env()
+    started = time.monotonic()
+    say = (lambda text: None) if as_json else typer.echo
+    env = {**DEMO_ENV, "NEURONS_MODEL": model, "NEURONS_MAX_STEPS": str(steps), "NEURONS_MIN_STEPS": str(min(steps, 1))}
+    if model != "smollm2":
+        env["NEURONS_MODEL_PARAMS"] = "3000000"
+    os.environ.update({k: v for k, v in env.items() if k not in os.environ})
+    say(f"neurons demo: {model}, {steps} training steps, everything under {settings.var_dir}")
+    status = processes.status(settings)
+    if any(s["state"] != "running" for s in status["services"]) or status["broker"]["state"] != "running":
+        say("starting the embedded broker and the six services ...")
+        info = processes.up(settings)
+        processes.wait_ready(settings, timeout_s=180)
+        say(f"broker {info['broker']}; services ready in {time.monotonic() - started:.0f}s")
+    else:
+        say("platform already running; using it (stop it with `neurons down`)")
+
+    keyring = Keyring.load(settings.keyring_path)
+    if DEMO_OPERATOR not in keyring:
+        path, _ = generate_operator(DEMO_OPERATOR, ["approver"], settings.keyring_path, settings.operator_key_dir)
+        say(f"created the DEMO operator key {path} (demo only: real operators keep their own keys)")
+    _ensure_profile(settings, say)
+
+    from cli.data_cmds import register
+    from services.trainer.datasets import build_demo_dataset
+
+    dataset_path = settings.var_dir / "datasets" / "demo.jsonl"
+    info = build_demo_dataset(dataset_path, records=200)
+    say(f"demo dataset {dataset_path}: {info['record_count']} standard-library docstrings, sha256 {info['sha256'][:12]}")
+    # Registering the dataset is the trigger: evolution proposes a cycle on it.
+    with Reporter(quiet=as_json) as reporter:
+        payload = register(settings, dataset_path, "stdlib-docstrings", source=info["source"], wait=True)
+        reporter.say(f"registered {payload['dataset_id']}; evolution proposes a cycle on it")
+        view = asyncio.run(follow_cycle(
+            settings, request=None, operator=DEMO_OPERATOR, reporter=reporter, timeout_s=timeout, from_beginning=True,
+            match_trigger={"type": "dataset", "dataset_id": payload["dataset_id"]}))
+    summary = view.summary
+    export = settings.var_dir / "audit" / "events.jsonl"
+    from services.registry import audit
+
+    summary["audit_export"] = str(export)
+    summary["audit_export_events"] = audit.export(settings, export)
+    summary["dashboard"] = _dashboard_url(settings)
+    summary["seconds"] = round(time.monotonic() - started, 1)
+    _print_summary(summary, settings, as_json)
+    if view.outcome != "promoted":
+        raise typer.Exit(1)
+
+
+def _ensure_profile(settings: Settings, say) -> None:
+    from services.registry.queries import profile, registry_session
+
+    with registry_session(settings) as session:
+        if profile(session, DEMO_PROFILE):
+            return
+    from cli import registry_cmds
+
+    import contextlib
+    import io
+
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            registry_cmds.create_profile(DEMO_PROFILE, channel="production", trait=["tone=warm", "verbosity=brief"],
+                                         style="concise, explains its steps", context=["domain=python"],
+                                         by=DEMO_OPERATOR, timeout=60.0, as_json=True)
+    except SystemExit as exc:
+        if exc.code:
+            raise
+    say(f"profile {DEMO_PROFILE} follows the production channel")
+
+
+def _dashboard_url(settings: Settings) -> str | None:
+    path = settings.run_dir / "registry-api.json"
+    if not path.exists():
+        return None
+    info = json.loads(path.read_text())
+    return info.get("url") or f"http://127.0.0.1:{info.get('port')}/"
+
+
+def _print_summary(summary: dict, settings: Settings, as_json: bool) -> None:
+    if as_json:
+        typer.echo(json.dumps(summary, indent=2, default=str))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"cycle {summary.get('cycle_id')}: {summary.get('outcome')}", show_header=False)
+    table.add_column(style="bold")
+    table.add_column()
+    promotion = summary.get("promotion") or {}
+    energy = summary.get("energy") or {}
+    metrics = summary.get("metrics") or {}
+    rows = [
+        ("in production", f"{promotion.get('adapter_sha256', '-')} ({promotion.get('channel', '-')}, approved by {promotion.get('approver', '-')})"),
+        ("verdict", f"{summary.get('verdict')}: {summary.get('verdict_explanation') or ''}"),
+        ("held-out loss", f"{metrics.get('loss_before', float('nan')):.4f} -> {metrics.get('loss_after', float('nan')):.4f}" if metrics.get("loss_before") is not None else "-"),
+        ("energy", f"{energy.get('wh') or 0:.3f} Wh, {energy.get('gco2e') or 0:.3f} gCO2e ({', '.join(sorted({j['method'] or 'unmeasured' for j in energy.get('jobs', [])})) or '-'})"),
+        ("adapter files", summary.get("artefact_dir") or "-"),
+        ("soak raw data", summary.get("raw_data_uri") or "-"),
+        ("profiles", ", ".join(summary.get("profiles_updated") or []) or "-"),
+        ("dashboard", summary.get("dashboard") or "-"),
+        ("audit export", f"{summary.get('audit_export')} ({summary.get('audit_export_events')} events)" if summary.get("audit_export") else "-"),
+        ("state", str(settings.var_dir)),
+    ]
+    if summary.get("seconds") is not None:
+        rows.append(("took", f"{summary['seconds']} s"))
+    for name, value in rows:
+        table.add_row(name, str(value))
+    Console().print(table)
+    typer.echo("stop everything with `neurons down`; audit with `neurons audit verify`")
