@@ -24,6 +24,8 @@ def cycle_run(
     steps: int = typer.Option(None, "--steps", min=1, help="training steps"),
     set_: list[str] = typer.Option([], "--set", help="override a setting: NAME=VALUE (repeatable)"),
     operator: str = typer.Option(DEMO_OPERATOR, "--operator", help="operator who signs the promotion if the soak passes"),
+    requested_by: str = typer.Option(None, "--requested-by", help="who asks for the cycle (default: your login name); "
+                                     "they may not approve its promotion themselves"),
     wait: bool = typer.Option(True, "--wait/--no-wait", help="follow the cycle to its end"),
     timeout: float = typer.Option(900.0, help="seconds to wait for the whole cycle"),
     as_json: bool = typer.Option(False, "--json", help="print only the JSON summary"),
@@ -32,7 +34,9 @@ def cycle_run(
     from cli.cycle_cmds import _parse_config
 
     settings = Settings.from_env()
-    request = cycle_request(operator, model, steps, _parse_config(set_))
+    import getpass
+
+    request = cycle_request(requested_by or getpass.getuser(), model, steps, _parse_config(set_))
     if not wait:
         asyncio.run(_publish(settings, request))
         typer.echo(json.dumps({"command_id": request.aggregate_id}) if as_json else f"requested {request.aggregate_id}")

@@ -326,6 +326,8 @@ class Service:
             with self.transaction() as ctx:
                 self.stage(ctx, fn(ctx))
             await self.flush_outbox()
+        for callback in ctx.after_commit:
+            self.spawn(callback())
 
     # --- the faust worker -------------------------------------------------
     def build_app(self) -> faust.App:

@@ -56,6 +56,7 @@ ENV_VARS: dict[str, str] = {
     "NEURONS_MAX_LOAD_PER_CORE": "hardware gate: highest load average per core to start a cycle",
     "NEURONS_MAX_PENDING_APPROVALS": "approvals gate: most pending approvals before cycles wait",
     "NEURONS_GATE_RETRY_S": "seconds before a deferred cycle is tried again",
+    "NEURONS_CHECKPOINT_EVERY": "training steps between checkpoints a restarted trainer resumes from",
     "NEURONS_MODEL": "base model for cycles: tiny, smollm2 or a local HF folder",
     "NEURONS_API_PORT": "registry HTTP API and dashboard port",
 }

@@ -11,7 +11,10 @@ from datetime import timedelta
 
 from services.approval import domain
 from services.approval.policies import load_policies
+from opentelemetry import trace
+
 from shared.service import HandlerContext, Service
+from shared.tracing import context_from_traceparent, current_traceparent
 from shared.signing import Keyring
 
 REQUEST_TTL_S = float(os.environ.get("NEURONS_APPROVAL_TTL_S") or 24 * 3600)
@@ -34,14 +37,26 @@ def _handle(ctx: HandlerContext, message):
 
 @service.handles("cycle.proposed", "research.proposed", "validation.completed")
 def on_subject(event, ctx: HandlerContext):
-    return _handle(ctx, event)
+    events = _handle(ctx, event)
+    for new in events:
+        if new.type == "approval.requested":
+            # the decision arrives later from an operator's tool; it continues this trace
+            ctx.state.put("traces", new.aggregate_id, current_traceparent())
+    return events
 
 
 @service.handles("approval.decision_submitted")
 def on_decision(event, ctx: HandlerContext):
     command = domain.SubmitDecision(signed=event.payload["signed"], received_at=ctx.now,
                                     request_id=event.payload["request_id"])
-    return _handle(ctx, command)
+    traceparent = ctx.state.get("traces", event.payload["request_id"])
+    if not traceparent:
+        return _handle(ctx, command)
+    with service.tracer.start_as_current_span(
+            "approval decide", context=context_from_traceparent(traceparent),
+            links=[trace.Link(trace.get_current_span().get_span_context())]):
+        service.stage(ctx, _handle(ctx, command))  # staged here, so the events carry the request's trace
+    return []
 
 
 @service.every(5.0, jitter=1.0)

@@ -132,7 +132,10 @@ async def _run_job(job_id: str) -> None:
         await _emit(job_id, domain.JobFailed(job_id, "artefacts", f"{exc.__class__.__name__}: {exc}"))
         return
     checkpoint = job_dir / "checkpoint"
-    spec = {"job_id": job_id, "kind": job["kind"], "config": {**job["config"], "model": job["model"]},
+    config = {**job["config"], "model": job["model"]}
+    if os.environ.get("NEURONS_CHECKPOINT_EVERY") and job["kind"] == "mntp":
+        config["checkpoint_every"] = int(os.environ["NEURONS_CHECKPOINT_EVERY"])
+    spec = {"job_id": job_id, "kind": job["kind"], "config": config,
             "dataset_path": dataset_path, "dataset_sha256": job["dataset"]["sha256"], "out_dir": str(job_dir),
             "cache_dir": str(service.settings.model_cache_dir),
             "resume_from": str(checkpoint) if _checkpoint_step(job_dir) is not None and job["kind"] == "mntp" else None,

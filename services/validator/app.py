@@ -22,6 +22,7 @@ from services.validator.thresholds import Thresholds
 from shared.artefacts import ArtefactStore
 from shared.envelope import NewEvent, utcnow
 from shared.service import HandlerContext, Service
+from shared.tracing import context_from_traceparent, current_traceparent
 
 
 def _env(name: str, default: float) -> float:
@@ -63,10 +64,21 @@ async def rebuild(svc: Service) -> None:
     with svc.transaction() as ctx:
         production = ctx.state.get("validator", "production", {})
         state = replace(state, production={k: domain.Baseline.from_dict(v) for k, v in production.items()})
+        resume = []
         for run in state.runs.values():
-            if run.active:  # its replicas died with the previous process
-                _stage(ctx, domain.decide(domain.AbandonRun(run.validation_id, "the validator restarted during the soak"), state))
+            if run.active:  # its replicas died with the previous process: go on from the last finished cycle
+                started = next((e.payload for e in svc.own_events()
+                                if e.type == "validation.started" and e.aggregate_id == run.validation_id), None)
+                if started is None:
+                    _stage(ctx, domain.decide(domain.AbandonRun(run.validation_id, "its start is not in the log"), state))
+                else:
+                    resume.append(started)
+        for started in resume:
+            svc.log.info("resuming soak %s", started["validation_id"])
+            _launch(ctx, started)
     await svc.flush_outbox()
+    for callback in ctx.after_commit:
+        await callback()
 
 
 @service.handles("training.completed")
@@ -97,8 +109,12 @@ def _launch(ctx: HandlerContext, run: dict) -> None:
     dataset_uri = info.get("dataset_uri") or ""
     model = info.get("model") or service.settings.model
     correlation = run.get("cycle_id") or run["validation_id"]
+    traceparent = current_traceparent()
 
     async def soak() -> None:
+        from opentelemetry import context as otel_context
+
+        otel_context.attach(context_from_traceparent(traceparent))  # the soak's events stay in the cycle's trace
         try:
             await _soak(run, model, dataset_uri.removeprefix("file://"), correlation)
         except Exception as exc:  # a failing run never blocks later runs
@@ -119,8 +135,9 @@ async def _soak(run: dict, model: str, dataset_path: str, correlation: str) -> N
     if not dataset_path or not Path(dataset_path).exists():
         raise FileNotFoundError(f"held-out data for {run['adapter_sha256'][:12]} not found at {dataset_path!r}")
 
-    async def on_cycle(cycle: int, results: list[dict]) -> bool:
+    async def on_cycle(cycle: int, results: list[dict], raw_cycle: dict) -> bool:
         with service.transaction() as ctx:
+            ctx.state.put("soak_cycles", f"{run['validation_id']}:{cycle:04d}", raw_cycle)
             sealed = _stage(ctx, domain.decide(domain.CycleFinished(run["validation_id"], cycle, results), state),
                             correlation_id=correlation)
         await service.flush_outbox()
@@ -132,12 +149,14 @@ async def _soak(run: dict, model: str, dataset_path: str, correlation: str) -> N
         marker.parent.mkdir(parents=True, exist_ok=True)
         marker.write_text(json.dumps(pids))
 
+    with service.transaction() as ctx:
+        done = [v for k, v in sorted(ctx.state.items("soak_cycles")) if k.startswith(f"{run['validation_id']}:")]
     raw, uri, energy = await run_soak(
         run, model=model, dataset_path=dataset_path, store=ArtefactStore(service.settings.artefact_dir),
         eval_settings={"mask_ratio": 0.2, "max_length": 64, "batch_size": 4, "texts_per_episode": 4},
         cooldown_s=COOLDOWN_S, on_cycle=on_cycle, on_replicas=remember,
         env={**os.environ, "NEURONS_VAR": str(service.settings.var_dir)},
-        fault={"latency_jitter_ms": _env("NEURONS_SOAK_FAULT_LATENCY_JITTER_MS", 0.0) or None})
+        fault={"latency_jitter_ms": _env("NEURONS_SOAK_FAULT_LATENCY_JITTER_MS", 0.0) or None}, done_cycles=done)
     with service.transaction() as ctx:
         events = [NewEvent(e.type, e.aggregate_id, {**e.payload, "energy": energy}, e.correlation_id)
                   for e in domain.decide(domain.RunFinished(run["validation_id"], raw, uri), state)]

@@ -75,7 +75,8 @@ def main(argv: list[str]) -> int:
         score = get_reward(rl_config.reward, **(ev.get("reward_params") or {}))
         prompts = [t.split(". ")[0][:160] for t in held_out]
 
-    for cycle in range(int(spec["cycles"])):
+    first = int(spec.get("first_cycle", 0))  # a resumed soak continues the episode sequence
+    for cycle in range(first, first + int(spec["cycles"])):
         samples: dict[str, list[float]] = {}
         for episode in range(int(spec["episodes"])):
             index = cycle * int(spec["episodes"]) + episode

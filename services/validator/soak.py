@@ -70,16 +70,23 @@ async def run_soak(
     store: ArtefactStore,
     eval_settings: dict[str, Any],
     cooldown_s: float,
-    on_cycle: Callable[[int, list[dict[str, Any]]], Awaitable[bool]],
+    on_cycle: Callable[[int, list[dict[str, Any]], dict[str, Any]], Awaitable[bool]],
     on_replicas: Callable[[dict[str, int]], None] | None = None,
     env: dict[str, str] | None = None,
     fault: dict[str, Any] | None = None,
+    done_cycles: list[dict[str, Any]] | None = None,
 ) -> tuple[dict[str, Any], str, dict | None]:
-    """Soak ``run`` (a validation.started payload); returns (raw data, its URI, energy reading)."""
+    """Soak ``run`` (a validation.started payload); returns (raw data, its URI, energy reading).
+
+    ``done_cycles`` are the raw cycles a previous process finished before it
+    died: the soak goes on from the next cycle instead of starting over.
+    """
     fault = fault or {}
     meter = EnergyMeter()
+    done = list(done_cycles or [])
+    first = len(done) + 1
     raw: dict[str, Any] = {"validation_id": run["validation_id"], "adapter_sha256": run["adapter_sha256"],
-                           "baseline": run["baseline"], "kind": run["kind"], "cycles": []}
+                           "baseline": run["baseline"], "kind": run["kind"], "cycles": done}
     with tempfile.TemporaryDirectory(prefix=f"soak-{run['validation_id']}-") as tmp, meter.window("soak") as window:
         replicas = []
         for side in ("candidate", "baseline"):
@@ -89,17 +96,20 @@ async def run_soak(
                 spec = {
                     "replica_id": f"{side}-{i}", "side": side, "model": model,
                     "adapter_sha256": adapter[0], "adapter_uri": adapter[1], "kind": run["kind"],
-                    "cycles": int(run["cycles"]), "episodes": int(run["episodes"]), "cooldown_s": cooldown_s,
+                    "cycles": int(run["cycles"]) - len(done), "first_cycle": first - 1,
+                    "episodes": int(run["episodes"]), "cooldown_s": cooldown_s,
                     "dataset_path": dataset_path, "eval": eval_settings,
                     "latency_jitter_ms": fault.get("latency_jitter_ms") if side == "candidate" else None,
                 }
                 replicas.append(Replica(spec, Path(tmp), env))
+        if first > int(run["cycles"]):
+            replicas = []
         for replica in replicas:
             await replica.start()
         if on_replicas:
             on_replicas({r.spec["replica_id"]: r.proc.pid for r in replicas if r.proc})
         try:
-            for cycle in range(1, int(run["cycles"]) + 1):  # cycles count from 1, as the events say
+            for cycle in range(first, int(run["cycles"]) + 1):  # cycles count from 1, as the events say
                 reports = await asyncio.gather(*(r.next_cycle() for r in replicas if r.dead_reason is None))
                 alive = [r for r in replicas if r.dead_reason is None]
                 results = []
@@ -111,7 +121,7 @@ async def run_soak(
                         results.append({"replica_id": report["replica_id"], "side": report["side"],
                                         "samples": report["samples"], "incident": None, "load": report["load"]})
                 raw["cycles"].append({"cycle": cycle, "replicas": results})
-                if not await on_cycle(cycle, results):
+                if not await on_cycle(cycle, results, raw["cycles"][-1]):
                     break
                 if not any(r.dead_reason is None for r in replicas):
                     break

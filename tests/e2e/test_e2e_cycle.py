@@ -1,0 +1,44 @@
+"""The whole platform as a user runs it: six services as processes, the real broker, one cycle."""
+
+import json
+from collections import Counter
+
+import pytest
+
+from tests.e2e.cycle_support import CYCLE, SERVICES, prepare, spans, start
+
+
+@pytest.mark.slow
+def test_one_cycle_from_request_to_profile_update_is_one_trace(platform, tmp_path):
+    prepare(platform, tmp_path)
+    start(platform, tmp_path)
+    result = platform.cli(*CYCLE, timeout=600)
+    summary = json.loads(result.stdout)
+    assert summary["outcome"] == "promoted", summary
+    assert summary["verdict"] == "pass"
+    assert summary["promotion"]["channel"] == "production"
+    assert summary["promotion"]["approver"] == "ops"
+    assert summary["profiles_updated"] == ["helper-en"]
+    assert summary["metrics"]["loss_after"] < summary["metrics"]["loss_before"]
+
+    cycle = summary["cycle_id"]
+    events = [e for e in platform.archived() if e["correlation_id"] == cycle]
+    kinds = Counter(e["type"] for e in events)
+    assert kinds["training.completed"] == kinds["validation.completed"] == kinds["adapter.promoted"] == 1
+    assert kinds["profile.adapter_updated"] == 1
+
+    proposed = next(s for s in spans(platform) if s["name"] == "publish cycle.proposed")
+    trace = [s for s in spans(platform) if s["trace_id"] == proposed["trace_id"]]
+    services = {s["service"] for s in trace}
+    assert services >= {f"neurons-{name}" for name in SERVICES}, services
+    order = [s["name"] for s in sorted(trace, key=lambda s: s["start_ns"]) if s["name"].startswith("publish ")]
+    firsts = [order.index(f"publish {t}") for t in ("cycle.proposed", "approval.requested", "approval.granted",
+                                                     "training.requested", "training.completed",
+                                                     "validation.completed", "adapter.promoted",
+                                                     "profile.adapter_updated")]
+    assert firsts == sorted(firsts), order
+
+    verify = json.loads(platform.cli("audit", "verify", "--json").stdout)
+    assert verify["ok"], verify["differs"]
+    served = json.loads(platform.cli("audit", "at", events[-1]["occurred_at"], "--profile", "helper-en", "--json").stdout)
+    assert summary["adapter_id"] in json.dumps(served)
