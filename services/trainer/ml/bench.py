@@ -1,0 +1,124 @@
+"""Throughput of the MNTP training loop against a bare torch + peft loop.
+
+Both loops train the same adapter on the same model, batch size and sequence
+length in one process, one step each in turn; each side's speed is the median
+over its steps, so a burst of other work on the machine hits neither. The
+platform side runs ``MntpLoop`` (data pipeline, masking, clipping, scheduler,
+progress reports); the bare side runs the same batches, built beforehand,
+through forward, backward and an AdamW step.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from services.trainer.ml.config import MntpConfig
+from services.trainer.ml.lora import attach_lora
+from services.trainer.ml.mntp import IGNORE, MaskedBatches, MntpLoop, bidirectional_mask
+from services.trainer.ml.models import load_model, mask_token_id, offline, torch_threads
+
+log = logging.getLogger("neurons.trainer.bench")
+
+
+def bench_trainer(
+    model: str = "tiny",
+    steps: int = 40,
+    batch: int = 8,
+    seq_len: int = 64,
+    cache_dir: Path | None = None,
+) -> dict[str, Any]:
+    """Tokens/s of the platform's training step and of a bare loop on the same batches, and their ratio."""
+    with torch_threads(model):
+        return _bench(model, steps, batch, seq_len, cache_dir)
+
+
+def _bench(model: str, steps: int, batch: int, seq_len: int, cache_dir: Path | None) -> dict[str, Any]:
+    offline()
+    cache_dir = Path(cache_dir or Path(os.environ.get("NEURONS_VAR", "var")) / "models")
+    loaded = load_model(model, cache_dir)
+    tokenizer = loaded.tokenizer
+    config = MntpConfig(model=model, steps=steps + 1, batch_size=batch, max_length=seq_len, checkpoint_every=0)
+    torch.manual_seed(config.seed)
+    peft_model = attach_lora(
+        loaded.model,
+        rank=config.lora_rank,
+        alpha=config.lora_alpha,
+        dropout=config.lora_dropout,
+        target_modules=config.target_modules,
+    )
+    peft_model.train()
+
+    generator = torch.Generator().manual_seed(0)
+    sequences = torch.randint(3, len(tokenizer), (batch * 8, seq_len), generator=generator).tolist()
+    batches = MaskedBatches(sequences, batch, tokenizer.pad_token_id, mask_token_id(tokenizer), config.mask_ratio, config.seed)
+    loop = MntpLoop(peft_model, batches, config)
+
+    # The bare loop gets the very batches the platform builds at each step, made
+    # beforehand, so both do equal work (masked counts vary between batches).
+    prepared = []
+    for index in range(steps + 1):
+        built = batches.batch(index)
+        selected = built.labels[:, 1:] != IGNORE
+        prepared.append((built.input_ids, bidirectional_mask(built.attention_mask), selected, built.labels[:, 1:][selected], built.tokens))
+    bare_params = [p for p in peft_model.parameters() if p.requires_grad]
+    bare_optimizer = torch.optim.AdamW(bare_params, lr=config.learning_rate, weight_decay=0.0)
+    base = peft_model.get_base_model()
+    decoder, head = base.get_decoder(), base.get_output_embeddings()
+
+    def bare_steps(first: int, count: int) -> int:
+        tokens = 0
+        for index in range(first, first + count):
+            input_ids, mask, selected, targets, batch_tokens = prepared[index]
+            hidden = decoder(input_ids=input_ids, attention_mask=mask).last_hidden_state
+            loss = F.cross_entropy(head(hidden[:, :-1][selected]).float(), targets)
+            loss.backward()
+            bare_optimizer.step()
+            bare_optimizer.zero_grad(set_to_none=True)
+            tokens += batch_tokens
+        return tokens
+
+    def report(*_: Any) -> None:
+        pass
+
+    step = 0
+    loop.run(step, step + 1, report)  # warm-up of both paths: first calls allocate
+    bare_steps(0, 1)
+    step += 1
+    rates: dict[str, list[float]] = {"platform": [], "bare": []}
+    for index in range(steps):
+        # Alternate single steps and which side goes first, so slow patches of
+        # a shared machine fall on both sides alike.
+        for side in ("platform", "bare") if index % 2 == 0 else ("bare", "platform"):
+            started = time.perf_counter()
+            if side == "platform":
+                tokens_before = loop.tokens
+                loop.run(step, step + 1, report)
+                tokens = loop.tokens - tokens_before
+            else:
+                tokens = bare_steps(step, 1)
+            rates[side].append(tokens / (time.perf_counter() - started))
+        step += 1
+
+    # Medians: other processes on a shared machine slow down single steps.
+    result = {
+        "model": model,
+        "batch": batch,
+        "seq_len": seq_len,
+        "steps": steps,
+        "platform_tokens_per_s": statistics.median(rates["platform"]),
+        "bare_tokens_per_s": statistics.median(rates["bare"]),
+    }
+    result["ratio"] = result["platform_tokens_per_s"] / result["bare_tokens_per_s"]
+    log.info(
+        "bench %s batch %d x %d: platform %.0f tokens/s, bare %.0f tokens/s, ratio %.3f",
+        model, batch, seq_len, result["platform_tokens_per_s"], result["bare_tokens_per_s"], result["ratio"],
+    )
+    return result

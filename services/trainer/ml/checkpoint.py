@@ -1,0 +1,73 @@
+"""Training checkpoints: enough state to continue a run exactly where it stopped.
+
+``<out_dir>/checkpoint/`` holds ``adapter/`` (peft format) and
+``trainer_state.pt`` (step, optimizer, scheduler, RNG states and the run's
+bookkeeping). A new checkpoint is written beside the old one and swapped in,
+so a crash while writing leaves the previous checkpoint usable.
+"""
+
+from __future__ import annotations
+
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+from services.trainer.ml.lora import save_adapter
+
+STATE_FILE = "trainer_state.pt"
+ADAPTER = "adapter"
+
+
+def save_checkpoint(
+    folder: Path, peft_model: Any, optimizer: Any, scheduler: Any, step: int, extra: dict[str, Any]
+) -> Path:
+    import torch
+
+    folder = Path(folder)
+    staging = folder.with_name(folder.name + ".new")
+    if staging.exists():
+        shutil.rmtree(staging)
+    staging.mkdir(parents=True)
+    save_adapter(peft_model, staging / ADAPTER)
+    torch.save(
+        {
+            "step": int(step),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "torch_rng": torch.get_rng_state(),
+            "python_rng": random.getstate(),
+            "extra": extra,
+        },
+        staging / STATE_FILE,
+    )
+    previous = folder.with_name(folder.name + ".old")
+    if folder.exists():
+        if previous.exists():
+            shutil.rmtree(previous)
+        folder.rename(previous)
+    staging.rename(folder)
+    if previous.exists():
+        shutil.rmtree(previous)
+    return folder
+
+
+def load_checkpoint(folder: Path) -> dict[str, Any]:
+    import torch
+
+    folder = Path(folder)
+    path = folder / STATE_FILE
+    if not path.exists() or not (folder / ADAPTER / "adapter_model.safetensors").exists():
+        raise FileNotFoundError(f"{folder} is not a training checkpoint (needs {ADAPTER}/ and {STATE_FILE})")
+    return torch.load(path, weights_only=True)
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    import torch
+
+    torch.set_rng_state(state["torch_rng"])
+    random.setstate(state["python_rng"])
+
+
+def checkpoint_adapter(folder: Path) -> Path:
+    return Path(folder) / ADAPTER

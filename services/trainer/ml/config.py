@@ -1,0 +1,110 @@
+"""Training configurations, one dataclass per method (importable without torch).
+
+A configuration travels in ``training.requested`` as a JSON object; keys this
+version does not know are ignored with a warning, so an orchestrator that
+searches a wider space never breaks an older trainer.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, TypeVar
+
+log = logging.getLogger("neurons.trainer.config")
+
+C = TypeVar("C", bound="_Config")
+
+
+class _Config:
+    @classmethod
+    def from_dict(cls: type[C], data: dict[str, Any] | None) -> C:
+        data = dict(data or {})
+        known = {f.name for f in fields(cls)}  # type: ignore[arg-type]
+        unknown = sorted(set(data) - known)
+        if unknown:
+            log.warning("%s: ignoring unknown keys %s", cls.__name__, unknown)
+        config = cls(**{k: v for k, v in data.items() if k in known})
+        config.check()  # type: ignore[attr-defined]
+        return config
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)  # type: ignore[call-overload]
+
+
+@dataclass
+class MntpConfig(_Config):
+    """Masked next-token prediction with LoRA, as in LLM2Vec."""
+
+    model: str = "tiny"
+    steps: int = 20
+    learning_rate: float = 5e-4
+    lora_rank: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.05
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    mask_ratio: float = 0.2
+    batch_size: int = 8
+    grad_accum: int = 1
+    max_length: int = 128
+    warmup_steps: int = 2
+    max_grad_norm: float = 1.0
+    seed: int = 0
+    eval_fraction: float = 0.1
+    checkpoint_every: int = 50  # 0 turns checkpoints off
+    progress_every: int = 10
+    threads: int = 0  # torch intra-op threads; 0: 1 for the tiny model, torch's default otherwise
+
+    def check(self) -> None:
+        _positive(self, "steps", "lora_rank", "batch_size", "grad_accum", "max_length", "progress_every")
+        if not 0.0 < self.mask_ratio < 1.0:
+            raise ValueError(f"mask_ratio must lie in (0, 1), got {self.mask_ratio}")
+        if not 0.0 <= self.eval_fraction < 1.0:
+            raise ValueError(f"eval_fraction must lie in [0, 1), got {self.eval_fraction}")
+        if self.max_length < 4:
+            raise ValueError("max_length must be at least 4 tokens")
+        if self.learning_rate <= 0:
+            raise ValueError("learning_rate must be positive")
+        self.target_modules = list(self.target_modules)
+
+
+@dataclass
+class RlConfig(_Config):
+    """Group-relative policy optimisation with a verifiable reward."""
+
+    model: str = "tiny"
+    steps: int = 40
+    learning_rate: float = 2e-2
+    lora_rank: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.0  # dropout would make sampled and scored policies differ
+    # lm_head is included so a small model can move probability between
+    # individual tokens; attention-only adapters barely move a random model's policy.
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj", "lm_head"])
+    reward: str = "length_target"
+    reward_params: dict[str, Any] = field(default_factory=dict)
+    group_size: int = 8
+    prompts_per_step: int = 4
+    max_new_tokens: int = 8
+    temperature: float = 1.0
+    kl_coef: float = 0.0
+    max_grad_norm: float = 1.0
+    warmup_steps: int = 0
+    seed: int = 0
+    eval_prompts: int = 8
+    progress_every: int = 1
+    threads: int = 0  # as MntpConfig.threads
+
+    def check(self) -> None:
+        _positive(self, "steps", "lora_rank", "group_size", "prompts_per_step", "max_new_tokens", "progress_every")
+        if self.group_size < 2:
+            raise ValueError("group_size must be at least 2: advantages are relative within a group")
+        if self.temperature <= 0:
+            raise ValueError("temperature must be positive")
+        self.target_modules = list(self.target_modules)
+
+
+def _positive(config: Any, *names: str) -> None:
+    for name in names:
+        if int(getattr(config, name)) < 1:
+            raise ValueError(f"{name} must be at least 1, got {getattr(config, name)}")

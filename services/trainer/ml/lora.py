@@ -1,0 +1,68 @@
+"""LoRA adapters on a base model, via peft."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("neurons.trainer.lora")
+
+
+def attach_lora(
+    model: Any,
+    *,
+    rank: int,
+    alpha: float,
+    dropout: float,
+    target_modules: list[str],
+    adapter_dir: Path | None = None,
+) -> Any:
+    """A trainable ``PeftModel``: a fresh LoRA, or the adapter in ``adapter_dir``.
+
+    An existing adapter keeps its own rank and target modules; the ones given
+    here only shape a fresh adapter.
+    """
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    with warnings.catch_warnings():
+        # Adapting the tied output head is intended (RL); the weights stay tied.
+        warnings.filterwarnings("ignore", message=".*tie_word_embeddings.*")
+        if adapter_dir is not None:
+            peft_model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=True)
+            log.info("loaded adapter %s for further training", adapter_dir)
+        else:
+            config = LoraConfig(
+                r=int(rank),
+                lora_alpha=alpha,
+                lora_dropout=float(dropout),
+                target_modules=list(target_modules),
+                bias="none",
+                task_type="CAUSAL_LM",
+            )
+            peft_model = get_peft_model(model, config)
+    return peft_model
+
+
+def lora_settings(peft_model: Any) -> dict[str, Any]:
+    """The effective LoRA settings (a warm-started adapter may differ from the request)."""
+    config = peft_model.peft_config["default"]
+    return {
+        "rank": int(config.r),
+        "alpha": config.lora_alpha,
+        "dropout": config.lora_dropout,
+        "target_modules": sorted(config.target_modules),
+    }
+
+
+def save_adapter(peft_model: Any, folder: Path) -> None:
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*tie_word_embeddings.*")
+        # The base weights of an adapted output head are frozen: saving them
+        # would only copy the base model's embedding into every adapter.
+        peft_model.save_pretrained(str(folder), save_embedding_layers=False)
+    # peft writes a model card template; the summary is the model card here.
+    readme = Path(folder) / "README.md"
+    if readme.exists():
+        readme.unlink()
