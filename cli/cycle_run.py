@@ -88,8 +88,10 @@ class Reporter:
             loss = p.get("loss")
             figure = f"loss {loss:.4f}" if loss is not None else f"reward {p.get('reward_mean') or 0:.3f}"
             energy = f", {p['energy_j']:.0f} J" if p.get("energy_j") is not None else ""
-            self.progress.update(self.training, total=p["total_steps"], completed=p["step"],
-                                 status=f"{figure}, {p.get('tokens_per_s') or 0:.0f} tok/s{energy}")
+            status = f"{figure}, {p.get('tokens_per_s') or 0:.0f} tok/s{energy}"
+            self.progress.update(self.training, total=p["total_steps"], completed=p["step"], status=status)
+            if not self.progress.console.is_terminal:  # a log file gets a line per report instead of a bar
+                self.say(f"training  step {p['step']}/{p['total_steps']}: {status}")
         elif event.type == "training.completed":
             if self.training is not None:
                 self.progress.update(self.training, completed=p.get("steps") or 1, total=p.get("steps") or 1,
@@ -104,6 +106,8 @@ class Reporter:
                                                status=f"{p['replicas']}+{p['replicas']} replicas vs {p['baseline']['kind']}")
         elif event.type == "validation.cycle_completed" and self.soak is not None:
             self.progress.update(self.soak, completed=p["cycle"], status=f"cycle {p['cycle']}: {p['outcome']}")
+            if not self.progress.console.is_terminal:
+                self.say(f"soak      cycle {p['cycle']}: {p['outcome']} (score {p.get('score')})")
         elif event.type == "validation.completed":
             self.say(f"verdict   {p['verdict']}: {p.get('explanation', '')}")
         elif event.type == "adapter.promoted":

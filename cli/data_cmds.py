@@ -16,7 +16,8 @@ data_app = typer.Typer(no_args_is_help=True, help="Curated training datasets.")
 
 
 def register(settings: Settings, path: Path, name: str | None = None, quarantine: bool = False,
-             reason: str | None = None, source: str = "operator", wait: bool = True) -> dict:
+             reason: str | None = None, source: str = "operator", wait: bool = True,
+             auto_cycle: bool = True) -> dict:
     """Copy the dataset into var/datasets under its sha256 and publish dataset.registered."""
     from services.trainer.datasets import DatasetError, inspect_dataset
 
@@ -33,7 +34,7 @@ def register(settings: Settings, path: Path, name: str | None = None, quarantine
     dataset_id = f"ds-{info['sha256'][:12]}"
     payload = {"dataset_id": dataset_id, "name": name or Path(path).stem, "sha256": info["sha256"],
                "uri": f"file://{target}", "record_count": info["record_count"], "quarantined": quarantine,
-               "quarantine_reason": reason if quarantine else None, "source": source}
+               "quarantine_reason": reason if quarantine else None, "source": source, "auto_cycle": auto_cycle}
     event = command_event(NewEvent("dataset.registered", dataset_id, payload), correlation_id=dataset_id)
     if wait:
         run(publish_and_wait(settings, event, ["dataset"], lambda e: e.event_id == event.event_id, 30))
@@ -46,10 +47,11 @@ def add(
     name: str | None = typer.Option(None, help="a readable name (default: the file name)"),
     quarantine: bool = typer.Option(False, "--quarantine", help="register it but never train on it"),
     reason: str | None = typer.Option(None, "--reason", help="why it is quarantined"),
+    auto_cycle: bool = typer.Option(True, "--cycle/--no-cycle", help="let evolution start a cycle on it now"),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Register a curated dataset (sha256, record count, quarantine flag)."""
-    payload = register(Settings.from_env(), file, name, quarantine, reason)
+    payload = register(Settings.from_env(), file, name, quarantine, reason, auto_cycle=auto_cycle)
     if as_json:
         typer.echo(json.dumps(payload, indent=2))
     else:

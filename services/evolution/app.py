@@ -96,6 +96,10 @@ def on_event(event, ctx: HandlerContext):
             return [NewEvent(f"{event.aggregate_type}.request_refused", event.aggregate_id,
                              {"command_id": event.aggregate_id, "operator_id": event.payload.get("operator_id"),
                               "reason": str(exc)})]
+    if event.type == "dataset.registered" and event.payload.get("auto_cycle") is False:
+        # registered for later cycles: known to evolution, but it starts none now
+        ctx.state.put("evolution", "state", domain.evolve(_load(ctx), event).to_dict())
+        return []
     return _handle(ctx, event)
 
 

@@ -127,7 +127,13 @@ async def _run_job(job_id: str) -> None:
     try:
         if job.get("warm_start"):
             warm_dir = str(artefacts.get(job["warm_start"]))  # fetched from the shared store if this node lacks it
-        dataset_path = job["dataset"]["uri"].removeprefix("file://")
+        if job.get("dataset"):
+            dataset_path = job["dataset"]["uri"].removeprefix("file://")
+        else:  # a research loop on an adapter alone: prompts from text every machine has
+            from services.trainer.datasets import build_demo_dataset
+
+            dataset_path = str(job_dir / "prompts.jsonl")
+            build_demo_dataset(Path(dataset_path), records=64)
     except Exception as exc:
         await _emit(job_id, domain.JobFailed(job_id, "artefacts", f"{exc.__class__.__name__}: {exc}"))
         return
@@ -136,7 +142,7 @@ async def _run_job(job_id: str) -> None:
     if os.environ.get("NEURONS_CHECKPOINT_EVERY") and job["kind"] == "mntp":
         config["checkpoint_every"] = int(os.environ["NEURONS_CHECKPOINT_EVERY"])
     spec = {"job_id": job_id, "kind": job["kind"], "config": config,
-            "dataset_path": dataset_path, "dataset_sha256": job["dataset"]["sha256"], "out_dir": str(job_dir),
+            "dataset_path": dataset_path, "dataset_sha256": (job.get("dataset") or {}).get("sha256"), "out_dir": str(job_dir),
             "cache_dir": str(service.settings.model_cache_dir),
             "resume_from": str(checkpoint) if _checkpoint_step(job_dir) is not None and job["kind"] == "mntp" else None,
             "warm_start_dir": warm_dir}

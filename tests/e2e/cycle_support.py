@@ -28,7 +28,7 @@ def prepare(platform: Platform, tmp_path) -> None:
 def start(platform: Platform, tmp_path) -> None:
     platform.start(*SERVICES)
     platform.cli("profiles", "create", "helper-en", "--channel", "production", "--trait", "tone=warm")
-    platform.cli("data", "add", str(tmp_path / "demo.jsonl"), "--name", "stdlib")
+    platform.cli("data", "add", str(tmp_path / "demo.jsonl"), "--name", "stdlib", "--no-cycle")
 
 
 def spans(platform: Platform) -> list[dict]:

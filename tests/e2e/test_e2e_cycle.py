@@ -27,7 +27,8 @@ def test_one_cycle_from_request_to_profile_update_is_one_trace(platform, tmp_pat
     assert kinds["training.completed"] == kinds["validation.completed"] == kinds["adapter.promoted"] == 1
     assert kinds["profile.adapter_updated"] == 1
 
-    proposed = next(s for s in spans(platform) if s["name"] == "publish cycle.proposed")
+    proposed = next(s for s in spans(platform) if s["name"] == "publish cycle.proposed"
+                    and s["attributes"].get("neurons.correlation_id") == cycle)
     trace = [s for s in spans(platform) if s["trace_id"] == proposed["trace_id"]]
     services = {s["service"] for s in trace}
     assert services >= {f"neurons-{name}" for name in SERVICES}, services
