@@ -12,7 +12,7 @@ import sys
 import typer
 from typer._click import exceptions as cli_errors
 
-from cli import approval_cmds, audit, broker_cmd, cycle_cmds, data_cmds, demo_cmds, energy_cmd, registry_cmds, train_cmds, validate_cmds
+from cli import approval_cmds, audit, bench_cmd, broker_cmd, cycle_cmds, data_cmds, demo_cmds, energy_cmd, registry_cmds, train_cmds, validate_cmds
 from shared import processes
 from shared.settings import Settings
 
@@ -28,6 +28,7 @@ app.add_typer(cycle_cmds.research_app, name="research")
 app.add_typer(data_cmds.data_app, name="data")
 cycle_cmds.cycle_app.command("run")(demo_cmds.cycle_run)
 app.command("demo")(demo_cmds.demo)
+app.command("bench")(bench_cmd.bench)
 app.add_typer(registry_cmds.profiles_app, name="profiles")
 app.add_typer(registry_cmds.adapters_app, name="adapters")
 audit.app.command("at")(registry_cmds.audit_at)

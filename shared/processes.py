@@ -79,7 +79,10 @@ def kill_service(settings: Settings, service: str) -> None:
     pid = service_pid(settings, service)
     if pid and broker.pid_alive(pid):
         os.kill(pid, signal.SIGKILL)
-        broker._reap(pid)
+        deadline = time.monotonic() + 10.0
+        while broker.pid_alive(pid) and time.monotonic() < deadline:  # gone before anyone restarts it
+            broker._reap(pid)
+            time.sleep(0.05)
 
 
 def up(settings: Settings, services: tuple[str, ...] = SERVICES) -> dict:

@@ -49,6 +49,28 @@ from shared.store import (
 from shared.topics import group_id, topic_for
 from shared.tracing import context_from_traceparent, current_traceparent, extract_context, setup_tracing
 
+def _short_fetch_wait(wait_ms: int) -> None:
+    """faust asks the broker to hold every fetch up to 1.5 s; an event then waits that long.
+
+    Brokers that hold a fetch for its whole wait even when records arrive (the
+    embedded one does) would add that to every hop of a cycle, so the worker's
+    consumer asks for ``wait_ms`` instead.
+    """
+    import types
+
+    import aiokafka
+    import faust.transport.drivers.aiokafka as driver
+
+    class ShortWaitConsumer(aiokafka.AIOKafkaConsumer):
+        def __init__(self, *args, **kwargs):
+            kwargs["fetch_max_wait_ms"] = wait_ms
+            super().__init__(*args, **kwargs)
+
+    shim = types.SimpleNamespace(**vars(aiokafka))
+    shim.AIOKafkaConsumer = ShortWaitConsumer
+    driver.aiokafka = shim
+
+
 Handler = Callable[[Envelope, "HandlerContext"], Iterable[NewEvent] | None]
 TimerFn = Callable[["HandlerContext"], Iterable[NewEvent] | None]
 
@@ -332,6 +354,7 @@ class Service:
     # --- the faust worker -------------------------------------------------
     def build_app(self) -> faust.App:
         s = self.settings
+        _short_fetch_wait(s.fetch_wait_ms)
         (s.var_dir / "faust" / self.name).mkdir(parents=True, exist_ok=True)
         bootstrap = ";".join(f"kafka://{b.strip()}" for b in s.bootstrap().split(","))
         app = faust.App(

@@ -23,6 +23,7 @@ ENV_VARS: dict[str, str] = {
     "NEURONS_TOPIC_PARTITIONS": "partitions per topic created at start-up",
     "NEURONS_TOPIC_REPLICATION": "replication factor of created topics",
     "NEURONS_SESSION_TIMEOUT_S": "consumer group session timeout",
+    "NEURONS_FETCH_WAIT_MS": "longest a worker's fetch waits at the broker for new records",
     "NEURONS_HANDLER_RETRIES": "attempts before an event goes to the dead-letter topic",
     "NEURONS_KEYRING": "operator keyring file",
     "NEURONS_POLICIES": "approval policy file (YAML or JSON)",
@@ -75,6 +76,7 @@ class Settings:
     topic_replication: int = 1
     session_timeout_s: float = 6.0
     handler_retries: int = 3
+    fetch_wait_ms: int = 100
     keyring_path: Path = Path("var/keys/keyring.json")
     operator_key_dir: Path = Path("var/keys/operators")
     policies_path: Path | None = None
@@ -102,6 +104,7 @@ class Settings:
             topic_replication=int(_env("NEURONS_TOPIC_REPLICATION", "1")),
             session_timeout_s=float(_env("NEURONS_SESSION_TIMEOUT_S", "6")),
             handler_retries=int(_env("NEURONS_HANDLER_RETRIES", "3")),
+            fetch_wait_ms=int(_env("NEURONS_FETCH_WAIT_MS", "100")),
             keyring_path=Path(_env("NEURONS_KEYRING", str(var_dir / "keys" / "keyring.json"))),
             operator_key_dir=Path(_env("NEURONS_OPERATOR_KEYS", str(var_dir / "keys" / "operators"))),
             policies_path=Path(policies) if policies else None,

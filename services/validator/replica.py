@@ -14,8 +14,11 @@ sides answer the same questions.
 Spec: replica_id, side, model, adapter_sha256, adapter_uri (null: the base model
 alone), kind, cycles, episodes, cooldown_s, dataset_path, eval (mask_ratio,
 max_length, batch_size, eval_fraction, seed, texts_per_episode, reward,
-reward_params), latency_jitter_ms (fault injection: random extra latency, for
-chaos drills).
+reward_params), latency_hold_ms and latency_jitter_ms (fault injection, for
+chaos drills: every episode is held ``latency_hold_ms`` longer; with
+``latency_jitter_ms`` the hold moves early and late by turns, by a random half
+to all of the jitter, so the latency spread widens while its median and mean
+stay where an unjittered replica with the same hold has them).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import random
 import signal
 import sys
 import time
+import zlib
 from pathlib import Path
 
 
@@ -63,7 +67,10 @@ def main(argv: list[str]) -> int:
     _, held_out = split_held_out(load_jsonl(Path(spec["dataset_path"])), ev.get("eval_fraction", 0.1), ev.get("seed", 0))
     per_episode = int(ev.get("texts_per_episode", 4))
     process = psutil.Process()
-    jitter = random.Random(hash(spec["replica_id"]) & 0xFFFF)
+    jitter_ms = float(spec.get("latency_jitter_ms") or 0.0)
+    hold_ms = max(float(spec.get("latency_hold_ms") or 0.0), jitter_ms)  # no hold turns negative
+    # crc32, not hash(): str hashes are salted per process, and a drill should replay
+    jitter = random.Random(zlib.crc32(spec["replica_id"].encode()))
     score = None
     if spec["kind"] == "rl":
         from services.trainer.ml.config import RlConfig
@@ -98,8 +105,11 @@ def main(argv: list[str]) -> int:
             except Exception as exc:  # an episode that fails is data (errors), not the end of the soak
                 errors = 1.0
                 sys.stderr.write(f"episode {index} failed: {exc!r}\n")
-            if spec.get("latency_jitter_ms"):
-                time.sleep(jitter.expovariate(1.0 / float(spec["latency_jitter_ms"])) / 1000.0)
+            extra_ms = hold_ms
+            if jitter_ms:  # early and late by turns: the spread widens, the median holds
+                extra_ms += (1 if index % 2 else -1) * jitter_ms * jitter.uniform(0.5, 1.0)
+            if extra_ms > 0:
+                time.sleep(extra_ms / 1000.0)
             samples.setdefault("latency_ms", []).append((time.perf_counter() - began) * 1000.0)
             samples.setdefault("rss_mb", []).append(process.memory_info().rss / 2**20)
             samples.setdefault("errors", []).append(errors)

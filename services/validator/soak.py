@@ -57,9 +57,19 @@ class Replica:
             if report.get("event") == "cycle":
                 return report
 
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.returncode is None:
-            self.proc.kill()
+    async def stop(self) -> None:
+        """Kill the process and reap it, so no zombie or open pipe outlives the soak."""
+        if self.proc is None:
+            return
+        if self.proc.returncode is None:
+            try:
+                self.proc.kill()
+            except ProcessLookupError:
+                pass
+        try:
+            await asyncio.wait_for(self.proc.wait(), timeout=10.0)
+        except asyncio.TimeoutError:
+            log.warning("replica %s (pid %s) did not exit after SIGKILL", self.spec["replica_id"], self.proc.pid)
 
 
 async def run_soak(
@@ -99,6 +109,9 @@ async def run_soak(
                     "cycles": int(run["cycles"]) - len(done), "first_cycle": first - 1,
                     "episodes": int(run["episodes"]), "cooldown_s": cooldown_s,
                     "dataset_path": dataset_path, "eval": eval_settings,
+                    # A jitter drill holds every episode of both sides for the same mean time and
+                    # spreads it on the candidate's only: the latency's shape changes, not its location.
+                    "latency_hold_ms": fault.get("latency_jitter_ms"),
                     "latency_jitter_ms": fault.get("latency_jitter_ms") if side == "candidate" else None,
                 }
                 replicas.append(Replica(spec, Path(tmp), env))
@@ -110,8 +123,10 @@ async def run_soak(
             on_replicas({r.spec["replica_id"]: r.proc.pid for r in replicas if r.proc})
         try:
             for cycle in range(first, int(run["cycles"]) + 1):  # cycles count from 1, as the events say
-                reports = await asyncio.gather(*(r.next_cycle() for r in replicas if r.dead_reason is None))
+                # Who is alive is fixed before the gather: a replica that dies during it marks
+                # itself dead, and its report (None) must still pair with it, not with the next one.
                 alive = [r for r in replicas if r.dead_reason is None]
+                reports = await asyncio.gather(*(r.next_cycle() for r in alive))
                 results = []
                 for replica, report in zip(alive, reports):
                     if report is None:
@@ -126,8 +141,7 @@ async def run_soak(
                 if not any(r.dead_reason is None for r in replicas):
                     break
         finally:
-            for replica in replicas:
-                replica.kill()
+            await asyncio.gather(*(replica.stop() for replica in replicas), return_exceptions=True)
     path = Path(tempfile.mkstemp(prefix="raw-", suffix=".json")[1])
     path.write_text(json.dumps(raw, sort_keys=True))
     _, uri = store.put_file(path, f"{run['validation_id']}.raw.json")

@@ -1,0 +1,234 @@
+"""Latency from a signed promotion grant to the profile following the new adapter.
+
+The registry runs as its own process (a faust worker, as in production) on
+the private broker. An approver is created in the keyring it reads, and one
+profile follows the ``production`` channel. For each promotion, the events it
+rests on (training completed, validation passed, promotion requested) are
+published and archived first; then the clock starts, the operator's signed
+``approval.granted`` is published, and the clock stops when a consumer on the
+profile topic sees the registry's ``profile.adapter_updated`` for that adapter.
+The path measured: publish, the worker's fetch, signature and rule checks,
+archive and projections in one SQL transaction, the outbox publish, and the
+measuring consumer's fetch (its wait is short, ``MEASURE_FETCH_WAIT_MS``).
+
+The latency is split at the moment the registry's handler took the grant
+(the archive row is stamped in its transaction), and the baseline is the
+broker's own delivery: a bare record published and read by a plain consumer
+with the fetch wait the worker's consumer uses, at the same random pauses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+import uuid
+from datetime import datetime, timezone
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from sqlmodel import Session, func, select
+
+from bench.events import (
+    profile_create_requested,
+    promotion_granted,
+    promotion_requested,
+    sha_of,
+    training_completed,
+    validation_completed,
+)
+from bench.figure import Figure, percentile
+from shared.archive import ArchivedEvent
+from shared.bus import MalformedEvent, Publisher, decode
+from shared.db import engine_for
+from shared.envelope import utcnow
+from shared.settings import Settings
+from shared.signing import generate_operator
+from shared.topics import dlq_topic, topic_for
+
+NAME = "promotion"
+TARGET_P99_MS = 250.0
+OPERATOR = "bench-approver"
+CHANNEL = "production"
+PROFILE = "bench-assistant"
+SERVICES = ("registry",)
+# Grants arrive at random moments, as operators' do: the pause before each is
+# drawn uniformly from this range (seconds), wider than the worker's fetch
+# cycle, so the samples do not all fall at one phase of its polling. The
+# shortest pause still lets the registry archive the previous promotion's own
+# events first.
+PAUSE_S = (0.2, 1.8)
+# The fetch wait faust's aiokafka driver gives its consumers; the delivery
+# baseline reads with the same setting.
+WORKER_FETCH_WAIT_MS = 1500
+# The measuring consumer's fetch wait: short, so the clock stops soon after the answer is there.
+MEASURE_FETCH_WAIT_MS = 100
+
+
+def prepare(settings: Settings) -> None:
+    """What must exist before the registry starts: the approver in its keyring."""
+    generate_operator(OPERATOR, ["approver"], settings.keyring_path, settings.operator_key_dir)
+
+
+def measure(settings: Settings, promotions: int = 30, warmup: int = 2, probes: int = 20) -> Figure:
+    samples = asyncio.run(_promote(settings, promotions, warmup))
+    delivery = asyncio.run(_delivery(settings, probes))
+    delivery_p50, delivery_p99 = percentile(delivery, 50), percentile(delivery, 99)
+    latencies = [s["total_ms"] for s in samples]
+    p50, p99 = percentile(latencies, 50), percentile(latencies, 99)
+    parts = {}
+    for part in ("to_handler_ms", "after_handler_ms"):
+        values = [s[part] for s in samples if s.get(part) is not None]
+        if values:
+            parts[part] = {"p50": round(percentile(values, 50), 1), "p99": round(percentile(values, 99), 1)}
+    split = ""
+    if len(parts) == 2:
+        split = (f"; publish -> registry handler p50 {parts['to_handler_ms']['p50']:.0f} / p99 "
+                 f"{parts['to_handler_ms']['p99']:.0f} ms, handler -> profile event seen p50 "
+                 f"{parts['after_handler_ms']['p50']:.0f} / p99 {parts['after_handler_ms']['p99']:.0f} ms")
+    return Figure(
+        name=NAME, value=p99, unit="ms", p50=p50, p99=p99, baseline=delivery_p99,
+        target=f"p99 < {TARGET_P99_MS:.0f} ms", passed=p99 < TARGET_P99_MS, samples=len(latencies),
+        notes=(f"approval.granted published -> profile.adapter_updated seen, registry as a process on the "
+               f"embedded broker; {promotions} promotions after {warmup} not counted, "
+               f"{PAUSE_S[0]}-{PAUSE_S[1]} s apart at random; max {max(latencies):.0f} ms{split}; "
+               f"baseline (p99): one raw record published and read by a plain aiokafka consumer with the "
+               f"worker's fetch wait ({WORKER_FETCH_WAIT_MS} ms), p50 {delivery_p50:.0f} / p99 "
+               f"{delivery_p99:.0f} ms over {len(delivery)}"),
+        extra={"latencies_ms": [round(x, 2) for x in latencies], "max_ms": max(latencies), "parts": parts,
+               "baseline_p50": delivery_p50, "baseline_samples": len(delivery)},
+    )
+
+
+async def _delivery(settings: Settings, probes: int) -> list[float]:
+    """Publish -> receive of a bare record on the same broker, read as the worker's consumer reads."""
+    topic = dlq_topic()  # no service reads it, and a probe is no event
+    consumer = AIOKafkaConsumer(bootstrap_servers=settings.bootstrap(), group_id=None, enable_auto_commit=False,
+                                client_id="neurons-bench-probe", fetch_max_wait_ms=WORKER_FETCH_WAIT_MS)
+    producer = AIOKafkaProducer(bootstrap_servers=settings.bootstrap(), client_id="neurons-bench-probe",
+                                acks="all", enable_idempotence=False, linger_ms=0)
+    await consumer.start()
+    await producer.start()
+    try:
+        await consumer._client.force_metadata_update()
+        partitions = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic) or ()]
+        consumer.assign(partitions)
+        for tp, offset in (await consumer.end_offsets(partitions)).items():
+            consumer.seek(tp, offset)
+        pauses = random.Random(1)
+        latencies = []
+        for index in range(probes + 1):  # the first one is not counted: connections warm up
+            await asyncio.sleep(pauses.uniform(*PAUSE_S))
+            key = f"probe-{index}".encode()
+            started = time.perf_counter()
+            await (await producer.send(topic, value=b"probe", key=key))
+            deadline = time.monotonic() + 30
+            while not any(r.key == key for records in (await consumer.getmany(timeout_ms=100)).values()
+                          for r in records):
+                if time.monotonic() > deadline:
+                    raise TimeoutError("a probe record did not come back within 30s")
+            if index:
+                latencies.append((time.perf_counter() - started) * 1000)
+        return latencies
+    finally:
+        await producer.stop()
+        await consumer.stop()
+
+
+async def _promote(settings: Settings, promotions: int, warmup: int) -> list[dict[str, float | None]]:
+    total = promotions + warmup
+    adapters = [sha_of(f"promotion-{uuid.uuid4().hex}") for _ in range(total)]
+    consumer = AIOKafkaConsumer(bootstrap_servers=settings.bootstrap(), group_id=None, enable_auto_commit=False,
+                                client_id="neurons-bench-profiles", fetch_max_wait_ms=MEASURE_FETCH_WAIT_MS)
+    await consumer.start()
+    publisher = Publisher(settings, "bench")
+    await publisher.start()
+    try:
+        await consumer._client.force_metadata_update()
+        # The adapter topic too, so that a refused promotion is reported rather than waited for.
+        partitions = [TopicPartition(topic_for(a), p) for a in ("profile", "adapter")
+                      for p in consumer.partitions_for_topic(topic_for(a)) or ()]
+        consumer.assign(partitions)
+        for tp, offset in (await consumer.end_offsets(partitions)).items():
+            consumer.seek(tp, offset)
+
+        await publisher.publish(profile_create_requested(PROFILE, CHANNEL))
+        await _wait_for(consumer, lambda e: e.type == "profile.created" and e.payload["profile_id"] == PROFILE, 60)
+
+        # Everything each promotion rests on, archived by the registry before any grant.
+        before = _archived(settings)
+        rests_on = []
+        for sha in adapters:
+            cycle = f"cyc-{sha[:12]}"
+            rests_on += [training_completed(sha, cycle), validation_completed(sha, cycle),
+                         promotion_requested(sha, cycle)]
+        await publisher.publish_many(rests_on)
+        await _until(lambda: _archived(settings) >= before + len(rests_on), 120, "the registry to archive "
+                     f"{len(rests_on)} events")
+
+        pauses = random.Random(0)
+        measured = []
+        for index, sha in enumerate(adapters):
+            grant = promotion_granted(sha, f"cyc-{sha[:12]}", OPERATOR, settings.operator_key_dir)
+            await asyncio.sleep(pauses.uniform(*PAUSE_S))
+            published_at = utcnow()
+            started = time.perf_counter()
+            await publisher.publish(grant)
+            await _wait_for(consumer, lambda e, sha=sha: (e.type == "profile.adapter_updated"
+                                                          and e.payload["adapter_sha256"] == sha), 30)
+            elapsed_ms = (time.perf_counter() - started) * 1000
+            if index >= warmup:
+                measured.append((grant.event_id, published_at, elapsed_ms))
+        handled = _handled_at(settings, [event_id for event_id, _, _ in measured])
+        samples = []
+        for event_id, published_at, elapsed_ms in measured:
+            sample: dict[str, float | None] = {"total_ms": elapsed_ms, "to_handler_ms": None, "after_handler_ms": None}
+            if event_id in handled:
+                to_handler = (handled[event_id] - published_at).total_seconds() * 1000
+                sample["to_handler_ms"] = to_handler
+                sample["after_handler_ms"] = elapsed_ms - to_handler
+            samples.append(sample)
+        return samples
+    finally:
+        await publisher.stop()
+        await consumer.stop()
+
+
+async def _wait_for(consumer: AIOKafkaConsumer, matches, timeout_s: float):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        batch = await consumer.getmany(timeout_ms=100)
+        for records in batch.values():
+            for record in records:
+                try:
+                    event = decode(record.value)
+                except MalformedEvent:
+                    continue
+                if event.type == "adapter.promotion_refused" or event.type == "profile.update_refused":
+                    raise RuntimeError(f"the registry refused: {event.payload}")
+                if matches(event):
+                    return event
+    raise TimeoutError(f"no matching event within {timeout_s:.0f}s")
+
+
+def _handled_at(settings: Settings, event_ids: list[str]) -> dict[str, datetime]:
+    """When the registry's handler took each grant (the archive row is stamped in its transaction)."""
+    with Session(engine_for(settings.db_url("registry"))) as session:
+        rows = session.exec(select(ArchivedEvent.event_id, ArchivedEvent.archived_at)
+                            .where(ArchivedEvent.event_id.in_(event_ids))).all()
+    return {event_id: at if at.tzinfo else at.replace(tzinfo=timezone.utc) for event_id, at in rows}
+
+
+def _archived(settings: Settings) -> int:
+    try:
+        with Session(engine_for(settings.db_url("registry"))) as session:
+            return session.exec(select(func.count()).select_from(ArchivedEvent)).one()
+    except Exception:  # the registry may still be creating its tables
+        return 0
+
+
+async def _until(predicate, timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout_s:.0f}s waiting for {what}")
+        await asyncio.sleep(0.2)

@@ -1,0 +1,182 @@
+"""The MNTP training step on a GPU in bf16, against a bare loop on the same device, with model FLOPs utilisation.
+
+The trainer's ``MntpLoop`` runs on the CPU in float32 only (it builds its
+batches and its loss accumulator on the host), so this variant drives the
+trainer's own pieces on the device: the same ``MaskedBatches`` pipeline built
+per step and copied over, ``masked_logits``, the cross entropy, gradient
+clipping, AdamW and the ``WarmupLinear`` schedule, in the order ``MntpLoop``
+runs them. The bare side runs forward, backward and an AdamW step on the same
+batches, built and copied to the device beforehand. Base weights are bf16;
+the LoRA weights stay float32 as peft keeps them. With ``compile`` the
+decoder, which both sides share, is compiled once with ``torch.compile``.
+
+Model FLOPs utilisation is ``6 * parameters * tokens/s / peak``, with the
+peak bf16 dense tensor throughput of the device from ``PEAK_BF16_DENSE``.
+The 6 counts a full backward; LoRA skips the base weights' gradients and
+MNTP projects only masked positions onto the vocabulary, so the hardware
+does less than this counts, as is usual for the figure.
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+from bench.figure import Figure
+
+log = logging.getLogger("neurons.bench.trainer_gpu")
+
+NAME = "trainer.gpu"
+TARGET = 0.95
+
+# (name contains, peak bf16 dense FLOP/s, what the figure is); the first match wins.
+PEAK_BF16_DENSE: tuple[tuple[str, float, str], ...] = (
+    ("GH200", 989e12, "GH200 (H100 SXM tensor cores), bf16 dense"),
+    ("H200", 989e12, "H200 SXM, bf16 dense (same tensor cores as H100 SXM)"),
+    ("H100 PCIe", 756e12, "H100 PCIe, bf16 dense"),
+    ("H100 NVL", 835e12, "H100 NVL, bf16 dense, per GPU"),
+    ("H100", 989e12, "H100 SXM, bf16 dense"),
+    ("B200", 2250e12, "B200, bf16 dense"),
+    ("A100", 312e12, "A100, bf16 dense"),
+    ("L40S", 362e12, "L40S, bf16 dense"),
+    ("L4", 121e12, "L4, bf16 dense"),
+)
+
+
+def peak_flops(device_name: str) -> tuple[float | None, str]:
+    for needle, peak, source in PEAK_BF16_DENSE:
+        if needle in device_name:
+            return peak, source
+    return None, f"no peak known for {device_name!r}"
+
+
+def measure(cache_dir: Path, model: str = "smollm2", steps: int = 30, batch: int = 16, seq_len: int = 512,
+            compile: bool = False, device: str = "cuda", dtype: str = "bfloat16", warmup: int = 3) -> Figure:
+    result = bench_step(cache_dir, model, steps, batch, seq_len, compile, device, dtype, warmup)
+    name = f"{NAME}.compiled" if compile else NAME
+    r = result["ratio"]
+    mfu = result["mfu"]
+    return Figure(
+        name=name, value=result["platform_tokens_per_s"], unit="tokens/s", baseline=result["bare_tokens_per_s"],
+        ratio=r, target=f"ratio >= {TARGET}", passed=r >= TARGET, samples=steps,
+        notes=(f"MNTP step vs bare loop on {result['device_name']}, model {model}, batch {batch} x {seq_len}, "
+               f"{dtype} weights, {'torch.compile on the decoder' if compile else 'eager'}; {steps} alternating "
+               f"steps per side after {warmup} warm-up, median step; MFU "
+               + (f"{mfu:.1%} of {result['peak_flops'] / 1e12:.0f} TFLOP/s ({result['peak_source']})"
+                  if mfu is not None else f"unknown: {result['peak_source']}")),
+        extra={"tokens_per_s": result["platform_tokens_per_s"], "mfu": mfu, "bare_mfu": result["bare_mfu"],
+               "peak_flops": result["peak_flops"], "peak_source": result["peak_source"],
+               "parameters": result["parameters"], "model": model, "batch": batch, "seq_len": seq_len,
+               "device": result["device_name"], "dtype": dtype, "compiled": compile},
+    )
+
+
+def bench_step(cache_dir: Path, model: str, steps: int, batch: int, seq_len: int, compile: bool, device: str,
+               dtype: str, warmup: int) -> dict[str, Any]:
+    import torch
+    import torch.nn.functional as F
+
+    from services.trainer.ml.config import MntpConfig
+    from services.trainer.ml.lora import attach_lora
+    from services.trainer.ml.mntp import IGNORE, MaskedBatches, WarmupLinear, bidirectional_mask, masked_logits
+    from services.trainer.ml.models import load_model, mask_token_id, offline
+
+    offline()
+    on_cuda = torch.device(device).type == "cuda"
+    device_name = torch.cuda.get_device_name(torch.device(device)) if on_cuda else "cpu"
+
+    def sync() -> None:
+        if on_cuda:
+            torch.cuda.synchronize()
+
+    loaded = load_model(model, cache_dir)
+    tokenizer = loaded.tokenizer
+    parameters = int(loaded.info["num_parameters"])
+    config = MntpConfig(model=model, steps=warmup + steps, batch_size=batch, max_length=seq_len, checkpoint_every=0)
+    torch.manual_seed(config.seed)
+    base_model = loaded.model.to(device=device, dtype=getattr(torch, dtype))
+    peft_model = attach_lora(base_model, rank=config.lora_rank, alpha=config.lora_alpha,
+                             dropout=config.lora_dropout, target_modules=config.target_modules).to(device)
+    peft_model.train()
+    core = peft_model.get_base_model()
+    decoder, head = core.get_decoder(), core.get_output_embeddings()
+    if compile:
+        decoder.compile()  # in place: both sides call the same compiled decoder
+
+    generator = torch.Generator().manual_seed(0)
+    sequences = torch.randint(3, len(tokenizer), (batch * 8, seq_len), generator=generator).tolist()
+    batches = MaskedBatches(sequences, batch, tokenizer.pad_token_id, mask_token_id(tokenizer), config.mask_ratio,
+                            config.seed)
+    params = [p for p in peft_model.parameters() if p.requires_grad]
+
+    # The platform's step, as MntpLoop.run takes it (grad_accum 1), with its tensors on the device.
+    optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=0.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, WarmupLinear(config.warmup_steps, config.steps))
+    window_loss = torch.zeros((), device=device)
+
+    def platform_step(index: int) -> int:
+        nonlocal window_loss
+        built = batches.batch(index)
+        input_ids = built.input_ids.to(device, non_blocking=True)
+        attention = built.attention_mask.to(device, non_blocking=True)
+        labels = built.labels.to(device, non_blocking=True)
+        logits, targets = masked_logits(peft_model, input_ids, attention, labels)
+        loss = F.cross_entropy(logits, targets)
+        loss.backward()
+        window_loss += loss.detach()
+        if config.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        return built.tokens
+
+    # The bare loop: the same batches, made beforehand and already on the device.
+    prepared = []
+    for index in range(warmup + steps):
+        built = batches.batch(index)
+        selected = built.labels[:, 1:] != IGNORE
+        prepared.append((built.input_ids.to(device), bidirectional_mask(built.attention_mask).to(device),
+                         selected.to(device), built.labels[:, 1:][selected].to(device), built.tokens))
+    bare_optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=0.0)
+
+    def bare_step(index: int) -> int:
+        input_ids, mask, selected, targets, tokens = prepared[index]
+        hidden = decoder(input_ids=input_ids, attention_mask=mask).last_hidden_state
+        loss = F.cross_entropy(head(hidden[:, :-1][selected]).float(), targets)
+        loss.backward()
+        bare_optimizer.step()
+        bare_optimizer.zero_grad(set_to_none=True)
+        return tokens
+
+    started = time.perf_counter()
+    for index in range(warmup):  # first calls allocate, and compile when asked
+        platform_step(index)
+        bare_step(index)
+    sync()
+    warmup_s = time.perf_counter() - started
+
+    rates: dict[str, list[float]] = {"platform": [], "bare": []}
+    for offset in range(steps):
+        index = warmup + offset
+        for side in ("platform", "bare") if offset % 2 == 0 else ("bare", "platform"):
+            sync()
+            begun = time.perf_counter()
+            tokens = platform_step(index) if side == "platform" else bare_step(index)
+            sync()
+            rates[side].append(tokens / (time.perf_counter() - begun))
+    float(window_loss)  # the loop's one host read of the loss
+
+    platform = statistics.median(rates["platform"])
+    bare = statistics.median(rates["bare"])
+    peak, source = peak_flops(device_name) if on_cuda else (None, "no peak for a CPU")
+    mfu = 6 * parameters * platform / peak if peak else None
+    bare_mfu = 6 * parameters * bare / peak if peak else None
+    log.info("gpu bench %s on %s (%s%s): platform %.0f tokens/s, bare %.0f tokens/s, warm-up %.1fs",
+             model, device_name, dtype, ", compiled" if compile else "", platform, bare, warmup_s)
+    return {"platform_tokens_per_s": platform, "bare_tokens_per_s": bare, "ratio": platform / bare,
+            "mfu": mfu, "bare_mfu": bare_mfu, "peak_flops": peak, "peak_source": source,
+            "parameters": parameters, "device_name": device_name, "warmup_s": warmup_s}
