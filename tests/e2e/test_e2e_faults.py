@@ -101,6 +101,7 @@ def test_a_broker_restart_is_restored_from_the_archive(tmp_path, monkeypatch):
     try:
         plat.cli("broker", "start")
         start(plat, tmp_path)
+        plat.cli("cycle", "request", "--operator", "alice", "--set", "steps=5")
         wait_until(lambda: archived_types(plat)["training.requested"] > 0, 120, message="a cycle under way")
         wait_until(lambda: archived_types(plat)["scaling.recommended"] > 0, 60, message="hardware profiled")
         plat.stop()
