@@ -38,7 +38,7 @@ from bench.events import (
 )
 from bench.figure import Figure, percentile
 from shared.archive import ArchivedEvent
-from shared.bus import MalformedEvent, Publisher, decode
+from shared.bus import Publisher, decode_batch
 from shared.db import engine_for
 from shared.envelope import utcnow
 from shared.settings import Settings
@@ -196,17 +196,11 @@ async def _promote(settings: Settings, promotions: int, warmup: int) -> list[dic
 async def _wait_for(consumer: AIOKafkaConsumer, matches, timeout_s: float):
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        batch = await consumer.getmany(timeout_ms=100)
-        for records in batch.values():
-            for record in records:
-                try:
-                    event = decode(record.value)
-                except MalformedEvent:
-                    continue
-                if event.type == "adapter.promotion_refused" or event.type == "profile.update_refused":
-                    raise RuntimeError(f"the registry refused: {event.payload}")
-                if matches(event):
-                    return event
+        for event in decode_batch(await consumer.getmany(timeout_ms=100)):
+            if event.type == "adapter.promotion_refused" or event.type == "profile.update_refused":
+                raise RuntimeError(f"the registry refused: {event.payload}")
+            if matches(event):
+                return event
     raise TimeoutError(f"no matching event within {timeout_s:.0f}s")
 
 

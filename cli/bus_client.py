@@ -10,7 +10,7 @@ from typing import Callable
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from shared import schemas
-from shared.bus import MalformedEvent, Publisher, decode
+from shared.bus import Publisher, decode_batch
 from shared.envelope import Envelope, NewEvent, Producer, seal
 from shared.settings import Settings
 from shared.topics import ensure_topics, topic_for
@@ -62,15 +62,9 @@ async def publish_and_wait(
                 await publisher.publish(envelope)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            batch = await consumer.getmany(timeout_ms=500)
-            for records in batch.values():
-                for record in records:
-                    try:
-                        event = decode(record.value)
-                    except MalformedEvent:
-                        continue
-                    if matches(event):
-                        return event
+            for event in decode_batch(await consumer.getmany(timeout_ms=500)):
+                if matches(event):
+                    return event
         return None
     finally:
         await consumer.stop()

@@ -18,7 +18,7 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from cli.bus_client import command_event
-from shared.bus import MalformedEvent, Publisher, decode
+from shared.bus import Publisher, decode_batch
 from shared.envelope import Envelope, NewEvent
 from shared.settings import Settings
 from shared.topics import AGGREGATE_TYPES, ensure_topics, topic_for
@@ -155,14 +155,7 @@ async def follow_cycle(
             async with Publisher(settings, "cli") as publisher:
                 await publisher.publish(request)
         while time.monotonic() < deadline and view.outcome is None:
-            batch = await consumer.getmany(timeout_ms=500)
-            events = []
-            for records in batch.values():
-                for record in records:
-                    try:
-                        events.append(decode(record.value))
-                    except MalformedEvent:
-                        continue
+            events = decode_batch(await consumer.getmany(timeout_ms=500))
             for event in sorted(events, key=lambda e: e.occurred_at):
                 if view.cycle_id is None:
                     trigger = event.payload.get("trigger") or {}
@@ -200,15 +193,9 @@ async def follow_cycle(
         # the last events of the cycle (energy of the soak, cycle.completed) may trail the promotion
         end = time.monotonic() + 3.0
         while time.monotonic() < end:
-            batch = await consumer.getmany(timeout_ms=300)
-            for records in batch.values():
-                for record in records:
-                    try:
-                        event = decode(record.value)
-                    except MalformedEvent:
-                        continue
-                    if event.correlation_id == view.cycle_id:
-                        view.events.append(event)
+            for event in decode_batch(await consumer.getmany(timeout_ms=300)):
+                if event.correlation_id == view.cycle_id:
+                    view.events.append(event)
     finally:
         await consumer.stop()
     view.summary = summarize(view, settings)

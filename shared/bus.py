@@ -73,6 +73,18 @@ def decode(raw: bytes | None) -> Envelope:
     return envelope
 
 
+def decode_batch(batch) -> list[Envelope]:
+    """The valid events of one consumer poll (``getmany``); tools that only read skip the rest."""
+    events = []
+    for records in batch.values():
+        for record in records:
+            try:
+                events.append(decode(record.value))
+            except MalformedEvent:
+                continue
+    return events
+
+
 def event_headers(envelope: Envelope, traceparent_headers: Headers | None = None) -> list[tuple[str, bytes]]:
     headers = list(traceparent_headers if traceparent_headers is not None else inject_headers())
     headers += [

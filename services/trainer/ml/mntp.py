@@ -24,7 +24,7 @@ from services.trainer.ml.checkpoint import checkpoint_adapter, load_checkpoint, 
 from services.trainer.ml.config import MntpConfig
 from services.trainer.ml.lora import attach_lora, lora_settings, save_adapter
 from services.trainer.ml.models import load_model, mask_token_id, offline, torch_threads
-from services.trainer.ml.result import ADAPTER_DIR, TrainingResult, software_versions, write_summary
+from services.trainer.ml.result import ADAPTER_DIR, TrainingResult, finish_trained
 
 __all__ = [
     "MntpConfig",
@@ -415,41 +415,12 @@ def _train_mntp(
         shutil.rmtree(adapter_dir)
     save_adapter(model, adapter_dir)
 
-    tokens_per_s = loop.tokens / train_seconds if train_seconds > 0 else 0.0
-    base_model = {"name": loaded.info["name"], "checksum": loaded.info["checksum"]}
-    summary = {
-        "kind": "mntp",
-        "status": "trained",
-        "fallback_reason": None,
-        "config": config.to_dict(),
-        "lora": lora_settings(model),
-        "dataset_sha256": dataset_sha256,
-        "records": {"train": len(train_texts), "held_out": len(eval_texts)},
-        "base_model": {**base_model, "num_parameters": loaded.info["num_parameters"], "source": loaded.info["source"]},
-        "metrics": {"before": before, "after": after},
-        "loss_curve": curve,
-        "energy": None,
-        "software": software_versions(),
-        "steps": config.steps,
-        "tokens": prior_tokens + loop.tokens,
-        "tokens_per_s": tokens_per_s,
-        "duration_s": time.perf_counter() - started,
-        "resumed_from_step": start_step if state else None,
-        "warm_start": str(warm_start_adapter) if warm_start_adapter and not state else None,
-    }
-    write_summary(adapter_dir, summary)
-    return TrainingResult(
-        kind="mntp",
-        status="trained",
-        adapter_dir=adapter_dir,
-        summary=summary,
-        metrics=summary["metrics"],
-        curve=curve,
-        steps=config.steps,
-        tokens=summary["tokens"],
-        duration_s=summary["duration_s"],
-        tokens_per_s=tokens_per_s,
-        base_model=base_model,
-        resumed_from_step=summary["resumed_from_step"],
-        model=model,
+    return finish_trained(
+        kind="mntp", model=model, adapter_dir=adapter_dir, config=config, lora=lora_settings(model),
+        info=loaded.info, dataset_sha256=dataset_sha256,
+        records={"train": len(train_texts), "held_out": len(eval_texts)}, before=before, after=after,
+        curve=curve, tokens=prior_tokens + loop.tokens,
+        tokens_per_s=loop.tokens / train_seconds if train_seconds > 0 else 0.0,
+        duration_s=time.perf_counter() - started, resumed_from_step=start_step if state else None,
+        warm_start=str(warm_start_adapter) if warm_start_adapter and not state else None,
     )

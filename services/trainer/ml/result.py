@@ -58,3 +58,51 @@ def software_versions() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             continue
     return versions
+
+
+def finish_trained(
+    *,
+    kind: str,
+    model: Any,
+    adapter_dir: Path,
+    config: Any,
+    lora: dict[str, Any],
+    info: dict[str, Any],
+    dataset_sha256: str | None,
+    records: dict[str, int],
+    before: dict[str, Any],
+    after: dict[str, Any],
+    curve: list[dict[str, Any]],
+    tokens: int,
+    tokens_per_s: float,
+    duration_s: float,
+    resumed_from_step: int | None,
+    warm_start: str | None,
+) -> TrainingResult:
+    """Write the summary beside the saved adapter and say what the run produced (MNTP and RL alike)."""
+    base_model = {"name": info["name"], "checksum": info["checksum"]}
+    summary = {
+        "kind": kind,
+        "status": "trained",
+        "fallback_reason": None,
+        "config": config.to_dict(),
+        "lora": lora,
+        "dataset_sha256": dataset_sha256,
+        "records": records,
+        "base_model": {**base_model, "num_parameters": info["num_parameters"], "source": info["source"]},
+        "metrics": {"before": before, "after": after},
+        "loss_curve": curve,
+        "energy": None,
+        "software": software_versions(),
+        "steps": config.steps,
+        "tokens": tokens,
+        "tokens_per_s": tokens_per_s,
+        "duration_s": duration_s,
+        "resumed_from_step": resumed_from_step,
+        "warm_start": warm_start,
+    }
+    write_summary(adapter_dir, summary)
+    return TrainingResult(kind=kind, status="trained", adapter_dir=adapter_dir, summary=summary,
+                          metrics=summary["metrics"], curve=curve, steps=config.steps, tokens=tokens,
+                          duration_s=duration_s, tokens_per_s=tokens_per_s, base_model=base_model,
+                          resumed_from_step=resumed_from_step, model=model)

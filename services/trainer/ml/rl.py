@@ -27,7 +27,7 @@ import torch
 from services.trainer.ml.config import RlConfig
 from services.trainer.ml.lora import attach_lora, lora_settings, save_adapter
 from services.trainer.ml.models import load_model, offline, torch_threads
-from services.trainer.ml.result import ADAPTER_DIR, TrainingResult, software_versions, write_summary
+from services.trainer.ml.result import ADAPTER_DIR, TrainingResult, finish_trained
 from services.trainer.ml.rewards import get_reward
 
 __all__ = ["RlConfig", "Rollout", "evaluate_policy", "group_advantages", "sample_rollout", "train_rl"]
@@ -256,40 +256,11 @@ def _train_rl(
         shutil.rmtree(adapter_dir)
     save_adapter(model, adapter_dir)
 
-    tokens_per_s = tokens_total / train_seconds if train_seconds > 0 else 0.0
-    base_model = {"name": loaded.info["name"], "checksum": loaded.info["checksum"]}
-    summary = {
-        "kind": "rl",
-        "status": "trained",
-        "fallback_reason": None,
-        "config": config.to_dict(),
-        "lora": lora_settings(model),
-        "dataset_sha256": dataset_sha256,
-        "records": {"prompts": len(prompts), "eval_prompts": len(eval_prompts)},
-        "base_model": {**base_model, "num_parameters": loaded.info["num_parameters"], "source": loaded.info["source"]},
-        "metrics": {"before": before, "after": after},
-        "loss_curve": curve,
-        "energy": None,
-        "software": software_versions(),
-        "steps": config.steps,
-        "tokens": tokens_total,
-        "tokens_per_s": tokens_per_s,
-        "duration_s": time.perf_counter() - started,
-        "resumed_from_step": None,
-        "warm_start": str(warm_start_adapter) if warm_start_adapter else None,
-    }
-    write_summary(adapter_dir, summary)
-    return TrainingResult(
-        kind="rl",
-        status="trained",
-        adapter_dir=adapter_dir,
-        summary=summary,
-        metrics=summary["metrics"],
-        curve=curve,
-        steps=config.steps,
-        tokens=tokens_total,
-        duration_s=summary["duration_s"],
-        tokens_per_s=tokens_per_s,
-        base_model=base_model,
-        model=model,
+    return finish_trained(
+        kind="rl", model=model, adapter_dir=adapter_dir, config=config, lora=lora_settings(model),
+        info=loaded.info, dataset_sha256=dataset_sha256,
+        records={"prompts": len(prompts), "eval_prompts": len(eval_prompts)}, before=before, after=after,
+        curve=curve, tokens=tokens_total, tokens_per_s=tokens_total / train_seconds if train_seconds > 0 else 0.0,
+        duration_s=time.perf_counter() - started, resumed_from_step=None,
+        warm_start=str(warm_start_adapter) if warm_start_adapter else None,
     )
