@@ -63,11 +63,14 @@ def training() -> list:
     """The trainer's events, when its schemas are part of the contract."""
     if not {"training.started", "training.progressed"} <= schemas.event_types():
         return []
-    events = [make_event("training.started", "job-dash", {"job_id": "job-dash", "cycle_id": CYCLE, "kind": "mntp"},
-                         service="trainer")]
+    events = [make_event("training.started", "job-dash", {
+        "job_id": "job-dash", "cycle_id": CYCLE, "kind": "mntp", "model": "tiny", "dataset_sha256": None,
+        "config": {"steps": 10}, "resumed_from_step": None}, service="trainer")]
     for step in range(1, 11):
         events.append(make_event("training.progressed", "job-dash", {
-            "job_id": "job-dash", "cycle_id": CYCLE, "step": step, "loss": 4.0 / step}, sequence=1 + step, service="trainer"))
+            "job_id": "job-dash", "cycle_id": CYCLE, "step": step, "total_steps": 10, "loss": 4.0 / step,
+            "reward_mean": None, "learning_rate": 1e-4, "tokens_per_s": 100.0, "energy_j": None},
+            sequence=1 + step, service="trainer"))
     return events
 
 
