@@ -107,7 +107,8 @@ class Reporter:
         elif event.type == "validation.cycle_completed" and self.soak is not None:
             self.progress.update(self.soak, completed=p["cycle"], status=f"cycle {p['cycle']}: {p['outcome']}")
             if not self.progress.console.is_terminal:
-                self.say(f"soak      cycle {p['cycle']}: {p['outcome']} (score {p.get('score')})")
+                score = p.get("score")
+                self.say(f"soak      cycle {p['cycle']}: {p['outcome']}" + (f" (score {score:.2f})" if score is not None else ""))
         elif event.type == "validation.completed":
             self.say(f"verdict   {p['verdict']}: {p.get('explanation', '')}")
         elif event.type == "adapter.promoted":

@@ -45,7 +45,7 @@ ENV_VARS: dict[str, str] = {
     "NEURONS_SOAK_COOLDOWN_S": "pause between soak cycles",
     "NEURONS_DRIFT_SOAK_S": "seconds between drift soaks of the adapter in production (0: off)",
     "NEURONS_VALIDATION_THRESHOLDS": "judgement thresholds file (JSON or YAML) for verdicts",
-    "NEURONS_SOAK_FAULT_LATENCY_JITTER_MS": "chaos drill: random extra latency on candidate replicas",
+    "NEURONS_SOAK_FAULT_LATENCY_JITTER_MS": "chaos drill: candidate replicas answer early and late by turns (wider latency, same median)",
     "NEURONS_EVOLUTION_TICK_S": "seconds between evolution's clock ticks (retries, schedule)",
     "NEURONS_SCHEDULE_INTERVAL_S": "seconds between scheduled cycles (0: none)",
     "NEURONS_MIN_STEPS": "fewest training steps the configuration search may propose",

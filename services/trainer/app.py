@@ -139,6 +139,8 @@ async def _run_job(job_id: str) -> None:
         return
     checkpoint = job_dir / "checkpoint"
     config = {**job["config"], "model": job["model"]}
+    # about ten progress reports per job, whatever its length: bars move, loss curves have points
+    config.setdefault("progress_every", max(1, min(10, int(config.get("steps") or 10) // 10)))
     if os.environ.get("NEURONS_CHECKPOINT_EVERY") and job["kind"] == "mntp":
         config["checkpoint_every"] = int(os.environ["NEURONS_CHECKPOINT_EVERY"])
     spec = {"job_id": job_id, "kind": job["kind"], "config": config,

@@ -571,6 +571,10 @@ def rejudge(raw_data: Mapping[str, Any], thresholds: Thresholds) -> Verdict:
     return judge_run([CycleSamples.from_raw(c) for c in raw_data["cycles"]], thresholds, kind=kind)
 
 
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
 def _sample_size_sentence(
     sample_sizes: Mapping[str, Mapping[str, int]],
     replicas: Mapping[str, Mapping[str, int]],
@@ -586,8 +590,8 @@ def _sample_size_sentence(
         return ", ".join(f"{m} n={n}" for m, n in values.items())
 
     text = (
-        f"Sample sizes: candidate {sizes('candidate')} from {replicas['candidate']['replicas']} replicas, "
-        f"baseline {sizes('baseline')} from {replicas['baseline']['replicas']} replicas."
+        f"Sample sizes: candidate {sizes('candidate')} from {_count(replicas['candidate']['replicas'], 'replica')}, "
+        f"baseline {sizes('baseline')} from {_count(replicas['baseline']['replicas'], 'replica')}."
     )
     reduced = [
         m for m in sample_sizes["candidate"]

@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import math
 import random
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,9 +21,9 @@ import torch.nn.functional as F
 
 from services.trainer.ml.checkpoint import checkpoint_adapter, load_checkpoint, restore_rng, save_checkpoint
 from services.trainer.ml.config import MntpConfig
-from services.trainer.ml.lora import attach_lora, lora_settings, save_adapter
+from services.trainer.ml.lora import attach_lora, lora_settings
 from services.trainer.ml.models import load_model, mask_token_id, offline, torch_threads
-from services.trainer.ml.result import ADAPTER_DIR, TrainingResult, finish_trained
+from services.trainer.ml.result import TrainingResult, finish_trained
 
 __all__ = [
     "MntpConfig",
@@ -410,13 +409,8 @@ def _train_mntp(
 
     after = evaluate()
     log.info("mntp %s: held-out masked loss %.4f -> %.4f", context, before["loss"], after["loss"])
-    adapter_dir = out_dir / ADAPTER_DIR
-    if adapter_dir.exists():
-        shutil.rmtree(adapter_dir)
-    save_adapter(model, adapter_dir)
-
     return finish_trained(
-        kind="mntp", model=model, adapter_dir=adapter_dir, config=config, lora=lora_settings(model),
+        kind="mntp", model=model, out_dir=out_dir, config=config, lora=lora_settings(model),
         info=loaded.info, dataset_sha256=dataset_sha256,
         records={"train": len(train_texts), "held_out": len(eval_texts)}, before=before, after=after,
         curve=curve, tokens=prior_tokens + loop.tokens,

@@ -64,7 +64,7 @@ def finish_trained(
     *,
     kind: str,
     model: Any,
-    adapter_dir: Path,
+    out_dir: Path,
     config: Any,
     lora: dict[str, Any],
     info: dict[str, Any],
@@ -79,7 +79,15 @@ def finish_trained(
     resumed_from_step: int | None,
     warm_start: str | None,
 ) -> TrainingResult:
-    """Write the summary beside the saved adapter and say what the run produced (MNTP and RL alike)."""
+    """Save the adapter with its summary in ``out_dir/adapter`` and say what the run produced (MNTP and RL alike)."""
+    import shutil
+
+    from services.trainer.ml.lora import save_adapter
+
+    adapter_dir = Path(out_dir) / ADAPTER_DIR
+    if adapter_dir.exists():
+        shutil.rmtree(adapter_dir)
+    save_adapter(model, adapter_dir)
     base_model = {"name": info["name"], "checksum": info["checksum"]}
     summary = {
         "kind": kind,

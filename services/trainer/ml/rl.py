@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 import random
-import shutil
 import statistics
 import time
 from dataclasses import dataclass
@@ -25,9 +24,9 @@ from typing import Any, Callable, Sequence
 import torch
 
 from services.trainer.ml.config import RlConfig
-from services.trainer.ml.lora import attach_lora, lora_settings, save_adapter
+from services.trainer.ml.lora import attach_lora, lora_settings
 from services.trainer.ml.models import load_model, offline, torch_threads
-from services.trainer.ml.result import ADAPTER_DIR, TrainingResult, finish_trained
+from services.trainer.ml.result import TrainingResult, finish_trained
 from services.trainer.ml.rewards import get_reward
 
 __all__ = ["RlConfig", "Rollout", "evaluate_policy", "group_advantages", "sample_rollout", "train_rl"]
@@ -251,13 +250,8 @@ def _train_rl(
 
     after = evaluate_policy(model, tokenizer, eval_prompts, score, config, seed=config.seed + 1)
     log.info("rl %s: reward %.3f -> %.3f", context, before["reward_mean"], after["reward_mean"])
-    adapter_dir = out_dir / ADAPTER_DIR
-    if adapter_dir.exists():
-        shutil.rmtree(adapter_dir)
-    save_adapter(model, adapter_dir)
-
     return finish_trained(
-        kind="rl", model=model, adapter_dir=adapter_dir, config=config, lora=lora_settings(model),
+        kind="rl", model=model, out_dir=out_dir, config=config, lora=lora_settings(model),
         info=loaded.info, dataset_sha256=dataset_sha256,
         records={"prompts": len(prompts), "eval_prompts": len(eval_prompts)}, before=before, after=after,
         curve=curve, tokens=tokens_total, tokens_per_s=tokens_total / train_seconds if train_seconds > 0 else 0.0,
