@@ -232,10 +232,11 @@ def summarize(view: CycleView, settings: Settings) -> dict[str, Any]:
     return summary
 
 
-def cycle_request(operator: str, model: str | None, steps: int | None, settings_: dict[str, Any]) -> Envelope:
+def cycle_request(operator: str, model: str | None, steps: int | None, settings_: dict[str, Any],
+                  dataset_id: str | None = None) -> Envelope:
     command_id = f"req-{uuid.uuid4().hex[:12]}"
     config = dict(settings_)
     if steps is not None:
         config["steps"] = steps
-    payload = {"operator_id": operator, "config": config or None, "model": model}
+    payload = {"operator_id": operator, "config": config or None, "model": model, "dataset_id": dataset_id}
     return command_event(NewEvent("cycle.requested", command_id, payload), correlation_id=command_id, operator=operator)

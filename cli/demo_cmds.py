@@ -102,13 +102,18 @@ def demo(
     dataset_path = settings.var_dir / "datasets" / "demo.jsonl"
     info = build_demo_dataset(dataset_path, records=200)
     say(f"demo dataset {dataset_path}: {info['record_count']} standard-library docstrings, sha256 {info['sha256'][:12]}")
-    # Registering the dataset is the trigger: evolution proposes a cycle on it.
+    # The dataset is registered for later cycles too; this run asks for its own cycle, so a second
+    # `make run` trains again (warm-starting from the adapter in production) instead of finding nothing to do.
+    import getpass
+
     with Reporter(quiet=as_json) as reporter:
-        payload = register(settings, dataset_path, "stdlib-docstrings", source=info["source"], wait=True)
-        reporter.say(f"registered {payload['dataset_id']}; evolution proposes a cycle on it")
-        view = asyncio.run(follow_cycle(
-            settings, request=None, operator=DEMO_OPERATOR, reporter=reporter, timeout_s=timeout, from_beginning=True,
-            match_trigger={"type": "dataset", "dataset_id": payload["dataset_id"]}))
+        payload = register(settings, dataset_path, "stdlib-docstrings", source=info["source"], wait=True,
+                           auto_cycle=False)
+        request = cycle_request(getpass.getuser(), model, steps, {"learning_rate": 2e-4, "mask_ratio": 0.2},
+                                dataset_id=payload["dataset_id"])
+        reporter.say(f"registered {payload['dataset_id']}; asking evolution for a cycle on it ({request.aggregate_id})")
+        view = asyncio.run(follow_cycle(settings, request=request, operator=DEMO_OPERATOR, reporter=reporter,
+                                        timeout_s=timeout, match_trigger={"command_id": request.aggregate_id}))
     summary = view.summary
     export = settings.var_dir / "audit" / "events.jsonl"
     from services.registry import audit
