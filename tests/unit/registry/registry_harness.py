@@ -72,21 +72,8 @@ class Registry:
             "decision": signed, "granted_at": iso(now)}, sequence=2, service="approval")
 
 
-TRAINER_CONTRACT = {"training.requested", "training.started", "training.progressed", "training.completed"}
-
-
-def trainer_contract_missing() -> set[str]:
-    from shared import schemas
-
-    return TRAINER_CONTRACT - schemas.event_types()
-
-
 def trainer_event(event_type: str, aggregate_id: str, payload: dict, sequence: int = 1) -> Envelope:
-    # The trainer's schemas may not be part of the contract yet; the registry reads its events defensively.
-    from shared import schemas
-
-    version = None if event_type in schemas.event_types() else 1
-    return make_event(event_type, aggregate_id, payload, sequence=sequence, service="trainer", version=version)
+    return make_event(event_type, aggregate_id, payload, sequence=sequence, service="trainer")
 
 
 def cycle_events(sha: str, dataset_sha: str = "d" * 64) -> list[Envelope]:

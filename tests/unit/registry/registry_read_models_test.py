@@ -10,7 +10,7 @@ from sqlalchemy import text
 from services.registry import audit, queries
 from shared.envelope import utcnow
 from tests.support import make_event
-from tests.unit.registry.registry_harness import Registry, cycle_events, trainer_contract_missing
+from tests.unit.registry.registry_harness import Registry, cycle_events
 
 SHA_1, SHA_2 = "1" * 64, "2" * 64
 
@@ -44,7 +44,6 @@ def test_a_promotion_shows_in_the_manifest_with_its_whole_lineage(registry):
     assert approval["outcome"] == "promoted to production"
 
 
-@pytest.mark.skipif(bool(trainer_contract_missing()), reason=f"no schemas yet for {sorted(trainer_contract_missing())}")
 def test_the_trainers_report_completes_the_lineage_and_draws_the_loss_curve(registry):
     registry.feed(*cycle_events(SHA_1), registry.grant(SHA_1, "alice"))
 
