@@ -1,6 +1,7 @@
 """The whole platform as a user runs it: six services as processes, the real broker, one cycle."""
 
 import json
+from datetime import datetime
 from collections import Counter
 
 import pytest
@@ -41,5 +42,7 @@ def test_one_cycle_from_request_to_profile_update_is_one_trace(platform, tmp_pat
 
     verify = json.loads(platform.cli("audit", "verify", "--json").stdout)
     assert verify["ok"], verify["differs"]
-    served = json.loads(platform.cli("audit", "at", events[-1]["occurred_at"], "--profile", "helper-en", "--json").stdout)
+    # the archive keeps arrival order, which is not time order across topics: ask about the latest moment
+    latest = max(events, key=lambda e: datetime.fromisoformat(e["occurred_at"].replace("Z", "+00:00")))["occurred_at"]
+    served = json.loads(platform.cli("audit", "at", latest, "--profile", "helper-en", "--json").stdout)
     assert summary["adapter_id"] in json.dumps(served)
