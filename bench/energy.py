@@ -21,7 +21,7 @@ def measure(cache_dir: Path, steps: int = 40, batch: int = 8, seq_len: int = 64)
     import torch
 
     from services.trainer.ml.config import MntpConfig
-    from services.trainer.ml.lora import attach_lora
+    from services.trainer.ml.lora import attach_configured_lora
     from services.trainer.ml.mntp import MaskedBatches, MntpLoop
     from services.trainer.ml.models import load_model, mask_token_id, offline
     from shared.energy_meter import EnergyMeter, measure_overhead
@@ -31,8 +31,7 @@ def measure(cache_dir: Path, steps: int = 40, batch: int = 8, seq_len: int = 64)
     tokenizer = loaded.tokenizer
     config = MntpConfig(model="tiny", steps=steps + 1, batch_size=batch, max_length=seq_len, checkpoint_every=0)
     torch.manual_seed(config.seed)
-    model = attach_lora(loaded.model, rank=config.lora_rank, alpha=config.lora_alpha, dropout=config.lora_dropout,
-                        target_modules=config.target_modules)
+    model = attach_configured_lora(loaded.model, config)
     model.train()
     generator = torch.Generator().manual_seed(0)
     sequences = torch.randint(3, len(tokenizer), (batch * 8, seq_len), generator=generator).tolist()

@@ -80,7 +80,7 @@ def bench_step(cache_dir: Path, model: str, steps: int, batch: int, seq_len: int
     import torch.nn.functional as F
 
     from services.trainer.ml.config import MntpConfig
-    from services.trainer.ml.lora import attach_lora
+    from services.trainer.ml.lora import attach_configured_lora
     from services.trainer.ml.mntp import IGNORE, MaskedBatches, WarmupLinear, bidirectional_mask, masked_logits
     from services.trainer.ml.models import load_model, mask_token_id, offline
 
@@ -98,8 +98,7 @@ def bench_step(cache_dir: Path, model: str, steps: int, batch: int, seq_len: int
     config = MntpConfig(model=model, steps=warmup + steps, batch_size=batch, max_length=seq_len, checkpoint_every=0)
     torch.manual_seed(config.seed)
     base_model = loaded.model.to(device=device, dtype=getattr(torch, dtype))
-    peft_model = attach_lora(base_model, rank=config.lora_rank, alpha=config.lora_alpha,
-                             dropout=config.lora_dropout, target_modules=config.target_modules).to(device)
+    peft_model = attach_configured_lora(base_model, config).to(device)
     peft_model.train()
     core = peft_model.get_base_model()
     decoder, head = core.get_decoder(), core.get_output_embeddings()

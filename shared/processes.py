@@ -13,6 +13,21 @@ from shared.settings import Settings
 from shared.topics import SERVICES
 
 
+def die_with_parent() -> None:
+    """In a job's child process: be killed when the service that started it dies (Linux).
+
+    A service killed mid-job must not leave a second worker on the same job
+    when it comes back; elsewhere the service stops its workers itself.
+    """
+    import ctypes
+    import signal
+
+    try:
+        ctypes.CDLL("libc.so.6").prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
 def _pid_file(settings: Settings, service: str) -> Path:
     return settings.run_dir / f"{service}.pid"
 

@@ -34,7 +34,7 @@ from sqlalchemy.engine import Engine
 from sqlmodel import Session, select
 
 from shared import schemas
-from shared.bus import MalformedEvent, Publisher, decode
+from shared.bus import MalformedEvent, Publisher, decode, validate
 from shared.db import engine_for
 from shared.envelope import Envelope, NewEvent, Producer, seal, utcnow
 from shared.settings import Settings
@@ -47,7 +47,7 @@ from shared.store import (
     observe_sequence,
 )
 from shared.topics import group_id, topic_for
-from shared.tracing import context_from_traceparent, current_traceparent, extract_context, setup_tracing
+from shared.tracing import context_from_traceparent, continued, current_traceparent, extract_context, setup_tracing
 
 def _short_fetch_wait(wait_ms: int) -> None:
     """faust asks the broker to hold every fetch up to 1.5 s; an event then waits that long.
@@ -84,6 +84,7 @@ class HandlerContext:
     event: Envelope | None
     now: datetime
     after_commit: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+    on_commit: list[Callable[[], None]] = field(default_factory=list)
 
     @property
     def state(self) -> StateStore:
@@ -94,8 +95,12 @@ class HandlerContext:
         return self.service.settings
 
     def later(self, coro_fn: Callable[[], Awaitable[None]]) -> None:
-        """Run ``coro_fn`` once the transaction has committed (start a job, say)."""
+        """Start ``coro_fn`` as a background task once the transaction has committed (a job, a soak)."""
         self.after_commit.append(coro_fn)
+
+    def committed(self, fn: Callable[[], None]) -> None:
+        """Call ``fn`` right after the commit, before anything else runs: in-memory state follows the database."""
+        self.on_commit.append(fn)
 
 
 class Service:
@@ -180,6 +185,8 @@ class Service:
             ctx = HandlerContext(self, session, event, utcnow())
             yield ctx
             session.commit()
+        for fn in ctx.on_commit:
+            fn()
 
     def stage(self, ctx: HandlerContext, events: Iterable[NewEvent] | None, *,
               correlation_id: str | None = None, causation_id: str | None = None) -> list[Envelope]:
@@ -197,9 +204,7 @@ class Service:
                 causation_id=causation_id or (parent.event_id if parent else None),
                 schema_version=schemas.current_version(new.type),
             )
-            from shared.bus import validate
-
-            validate(envelope)  # refuse to stage what the contract rejects
+            validate(envelope)  # refuse to stage what the contract rejects; publishing trusts the outbox
             ctx.session.add(
                 OutboxEvent(
                     service=self.name,
@@ -217,19 +222,8 @@ class Service:
     async def emit(self, events: Iterable[NewEvent], *, correlation_id: str | None = None,
                    causation_id: str | None = None, traceparent: str | None = None) -> list[Envelope]:
         """Emit events from outside a handler (a finished job, a timer)."""
-        token = None
-        if traceparent:
-            from opentelemetry import context as otel_context
-
-            token = otel_context.attach(context_from_traceparent(traceparent))
-        try:
-            with self.transaction() as ctx:
-                sealed = self.stage(ctx, events, correlation_id=correlation_id, causation_id=causation_id)
-        finally:
-            if token is not None:
-                from opentelemetry import context as otel_context
-
-                otel_context.detach(token)
+        with continued(traceparent), self.transaction() as ctx:
+            sealed = self.stage(ctx, events, correlation_id=correlation_id, causation_id=causation_id)
         await self.flush_outbox()
         return sealed
 
@@ -248,7 +242,8 @@ class Service:
             publisher = await self.publisher()
             for row in rows:
                 envelope = Envelope.from_json(row.envelope_json)
-                await publisher.publish(envelope, wait=False, context=context_from_traceparent(row.traceparent))
+                await publisher.publish(envelope, wait=False, context=context_from_traceparent(row.traceparent),
+                                        validated=True)
             await publisher.producer.flush()
             with Session(self.engine) as session:
                 now = utcnow()

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import json
 import threading
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Iterator, Sequence
 
 from opentelemetry import context as otel_context
 from opentelemetry import trace
@@ -104,6 +105,19 @@ def context_from_traceparent(traceparent: str | None) -> otel_context.Context:
     return extract({"traceparent": traceparent}) if traceparent else otel_context.Context()
 
 
+@contextmanager
+def continued(traceparent: str | None) -> Iterator[None]:
+    """Work done later (a job's events, a soak's) stays in the trace that asked for it."""
+    if not traceparent:
+        yield
+        return
+    token = otel_context.attach(context_from_traceparent(traceparent))
+    try:
+        yield
+    finally:
+        otel_context.detach(token)
+
+
 __all__ = [
     "JsonLinesSpanExporter",
     "setup_tracing",
@@ -111,5 +125,6 @@ __all__ = [
     "extract_context",
     "current_traceparent",
     "context_from_traceparent",
+    "continued",
     "trace",
 ]

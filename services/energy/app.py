@@ -29,37 +29,27 @@ def _fold(current, events):
 async def rebuild_state(svc: Service) -> None:
     global state
     state = _fold(domain.initial_state(config), svc.own_events())
-    await _profile()
+    await svc.run_timer(profile_tick)  # a profile at start-up: evolution's hardware gate needs one
 
 
 @service.handles("training.completed", "validation.completed")
 def on_job_completed(event, ctx: HandlerContext):
-    sealed = service.stage(ctx, domain.decide(event, state, config))
-    _after_commit(ctx, sealed)
+    _stage(ctx, domain.decide(event, state, config))
     return []
 
 
-def _after_commit(ctx: HandlerContext, sealed) -> None:
-    async def apply() -> None:
+def _stage(ctx: HandlerContext, events, **kw) -> None:
+    sealed = service.stage(ctx, events, **kw)
+
+    def apply() -> None:
         global state
         state = _fold(state, sealed)
 
-    ctx.later(apply)
-
-
-async def _profile() -> None:
-    global state
-    with service.transaction() as ctx:
-        command = domain.ProfileHardware(node=service.settings.node, profile=profile_hardware(), at=ctx.now)
-        sealed = service.stage(ctx, domain.decide(command, state, config), correlation_id=f"hw-{service.settings.node}")
-    state = _fold(state, sealed)
-    await service.flush_outbox()
+    ctx.committed(apply)
 
 
 @service.every(PROFILE_EVERY_S, jitter=PROFILE_EVERY_S * 0.1)
 def profile_tick(ctx: HandlerContext):
-    global state
     command = domain.ProfileHardware(node=service.settings.node, profile=profile_hardware(), at=ctx.now)
-    sealed = service.stage(ctx, domain.decide(command, state, config), correlation_id=f"hw-{service.settings.node}")
-    state = _fold(state, sealed)
+    _stage(ctx, domain.decide(command, state, config), correlation_id=f"hw-{service.settings.node}")
     return []

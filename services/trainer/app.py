@@ -17,7 +17,7 @@ from pathlib import Path
 from services.trainer import domain
 from shared.artefacts import SharedArtefacts
 from shared.service import HandlerContext, Service
-from shared.tracing import current_traceparent
+from shared.tracing import continued, current_traceparent
 
 ROOT = Path(__file__).resolve().parents[2]
 service = Service("trainer", reads=["training", "dataset"])
@@ -62,12 +62,8 @@ def on_requested(event, ctx: HandlerContext):
     sealed = _apply(ctx, event, traceparent=current_traceparent())
     if any(e.type == "training.started" for e in sealed):
         job_id = event.payload["job_id"]
-        ctx.later(lambda: _start(job_id))
+        ctx.later(lambda: _run_job(job_id))
     return []
-
-
-async def _start(job_id: str) -> None:
-    service.spawn(_run_job(job_id))
 
 
 @service.on_start
@@ -104,15 +100,8 @@ def _checkpoint_step(job_dir: Path) -> int | None:
 async def _emit(job_id: str, message) -> list:
     with service.transaction() as ctx:
         job = ctx.state.get("jobs", job_id)
-        from opentelemetry import context as otel_context
-
-        from shared.tracing import context_from_traceparent
-
-        token = otel_context.attach(context_from_traceparent(job.get("traceparent")))
-        try:
+        with continued(job.get("traceparent")):
             sealed = _apply(ctx, message, correlation_id=job["cycle_id"])
-        finally:
-            otel_context.detach(token)
     await service.flush_outbox()
     return sealed
 

@@ -9,13 +9,14 @@ always yields the same bytes.
 from __future__ import annotations
 
 import ast
-import hashlib
 import json
 import logging
 import re
 import sysconfig
 from pathlib import Path
 from typing import Any, Iterator
+
+from shared.artefacts import file_sha256
 
 log = logging.getLogger("neurons.trainer.datasets")
 
@@ -34,11 +35,7 @@ def load_jsonl(path: Path) -> list[str]:
 
 
 def dataset_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+    return file_sha256(path)
 
 
 def inspect_dataset(path: Path) -> dict[str, Any]:

@@ -13,24 +13,15 @@ cache_dir, resume_from (checkpoint folder or null), warm_start_dir (or null).
 
 from __future__ import annotations
 
-import ctypes
 import json
 import logging
-import signal
 import sys
 import time
 import traceback
 from pathlib import Path
 
 from shared.energy_meter import EnergyMeter
-
-
-def _die_with_parent() -> None:
-    try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except OSError:  # not Linux: the service kills its workers on shutdown instead
-        pass
+from shared.processes import die_with_parent
 
 
 def emit(kind: str, **fields) -> None:
@@ -91,7 +82,7 @@ def run(spec: dict) -> dict:
 
 
 def main(argv: list[str]) -> int:
-    _die_with_parent()
+    die_with_parent()
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s %(message)s")
     spec = json.loads(Path(argv[0]).read_text())

@@ -22,7 +22,7 @@ from services.validator.thresholds import Thresholds
 from shared.artefacts import ArtefactStore
 from shared.envelope import NewEvent, utcnow
 from shared.service import HandlerContext, Service
-from shared.tracing import context_from_traceparent, current_traceparent
+from shared.tracing import continued, current_traceparent
 
 
 def _env(name: str, default: float) -> float:
@@ -49,11 +49,11 @@ def _fold(current, events):
 def _stage(ctx: HandlerContext, events, **kw):
     sealed = service.stage(ctx, events, **kw)
 
-    async def apply() -> None:
+    def apply() -> None:
         global state
         state = _fold(state, sealed)
 
-    ctx.later(apply)
+    ctx.committed(apply)
     return sealed
 
 
@@ -78,7 +78,7 @@ async def rebuild(svc: Service) -> None:
             _launch(ctx, started)
     await svc.flush_outbox()
     for callback in ctx.after_commit:
-        await callback()
+        svc.spawn(callback())
 
 
 @service.handles("training.completed")
@@ -131,23 +131,17 @@ def _launch(ctx: HandlerContext, run: dict) -> None:
     traceparent = current_traceparent()
 
     async def soak() -> None:
-        from opentelemetry import context as otel_context
+        with continued(traceparent):  # the soak's events, an abandonment too, stay in the cycle's trace
+            try:
+                await _soak(run, model, dataset_uri.removeprefix("file://"), correlation)
+            except Exception as exc:  # a failing run never blocks later runs
+                service.log.exception("soak %s failed", run["validation_id"])
+                with service.transaction() as tx:
+                    _stage(tx, domain.decide(domain.AbandonRun(run["validation_id"], f"soak failed: {exc!r}"), state),
+                           correlation_id=correlation)
+                await service.flush_outbox()
 
-        otel_context.attach(context_from_traceparent(traceparent))  # the soak's events stay in the cycle's trace
-        try:
-            await _soak(run, model, dataset_uri.removeprefix("file://"), correlation)
-        except Exception as exc:  # a failing run never blocks later runs
-            service.log.exception("soak %s failed", run["validation_id"])
-            with service.transaction() as tx:
-                _stage(tx, domain.decide(domain.AbandonRun(run["validation_id"], f"soak failed: {exc!r}"), state),
-                       correlation_id=correlation)
-            await service.flush_outbox()
-
-    ctx.later(lambda: _spawn(soak()))
-
-
-async def _spawn(coro) -> None:
-    service.spawn(coro)
+    ctx.later(soak)
 
 
 async def _soak(run: dict, model: str, dataset_path: str, correlation: str) -> None:

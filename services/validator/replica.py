@@ -23,21 +23,14 @@ stay where an unjittered replica with the same hold has them).
 
 from __future__ import annotations
 
-import ctypes
 import json
 import random
-import signal
 import sys
 import time
 import zlib
 from pathlib import Path
 
-
-def _die_with_parent() -> None:
-    try:
-        ctypes.CDLL("libc.so.6").prctl(1, signal.SIGKILL)
-    except OSError:
-        pass
+from shared.processes import die_with_parent
 
 
 def emit(**fields) -> None:
@@ -46,7 +39,7 @@ def emit(**fields) -> None:
 
 
 def main(argv: list[str]) -> int:
-    _die_with_parent()
+    die_with_parent()
     spec = json.loads(Path(argv[0]).read_text())
     import psutil
     import torch

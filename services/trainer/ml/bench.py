@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from services.trainer.ml.config import MntpConfig
-from services.trainer.ml.lora import attach_lora
+from services.trainer.ml.lora import attach_configured_lora
 from services.trainer.ml.mntp import IGNORE, MaskedBatches, MntpLoop, bidirectional_mask
 from services.trainer.ml.models import load_model, mask_token_id, offline, torch_threads
 
@@ -47,13 +47,7 @@ def _bench(model: str, steps: int, batch: int, seq_len: int, cache_dir: Path | N
     tokenizer = loaded.tokenizer
     config = MntpConfig(model=model, steps=steps + 1, batch_size=batch, max_length=seq_len, checkpoint_every=0)
     torch.manual_seed(config.seed)
-    peft_model = attach_lora(
-        loaded.model,
-        rank=config.lora_rank,
-        alpha=config.lora_alpha,
-        dropout=config.lora_dropout,
-        target_modules=config.target_modules,
-    )
+    peft_model = attach_configured_lora(loaded.model, config)
     peft_model.train()
 
     generator = torch.Generator().manual_seed(0)

@@ -45,6 +45,12 @@ def attach_lora(
     return peft_model
 
 
+def attach_configured_lora(model: Any, config: Any, adapter_dir: Path | None = None) -> Any:
+    """``attach_lora`` with the rank, alpha, dropout and targets of a training config (MNTP or RL)."""
+    return attach_lora(model, rank=config.lora_rank, alpha=config.lora_alpha, dropout=config.lora_dropout,
+                       target_modules=config.target_modules, adapter_dir=adapter_dir)
+
+
 def lora_settings(peft_model: Any) -> dict[str, Any]:
     """The effective LoRA settings (a warm-started adapter may differ from the request)."""
     config = peft_model.peft_config["default"]

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from services.trainer.ml.checkpoint import checkpoint_adapter, load_checkpoint, restore_rng, save_checkpoint
 from services.trainer.ml.config import MntpConfig
-from services.trainer.ml.lora import attach_lora, lora_settings
+from services.trainer.ml.lora import attach_configured_lora, lora_settings
 from services.trainer.ml.models import load_model, mask_token_id, offline, torch_threads
 from services.trainer.ml.result import TrainingResult, finish_trained
 
@@ -348,14 +348,7 @@ def _train_mntp(
 
     torch.manual_seed(config.seed)
     adapter_source = checkpoint_adapter(Path(resume_from)) if state else warm_start_adapter
-    model = attach_lora(
-        loaded.model,
-        rank=config.lora_rank,
-        alpha=config.lora_alpha,
-        dropout=config.lora_dropout,
-        target_modules=config.target_modules,
-        adapter_dir=adapter_source,
-    )
+    model = attach_configured_lora(loaded.model, config, adapter_source)
     model.train()
 
     def evaluate() -> dict[str, float]:

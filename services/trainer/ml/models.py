@@ -30,6 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
+from shared.artefacts import file_sha256
+
 log = logging.getLogger("neurons.trainer.models")
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -94,14 +96,6 @@ def smollm2_gguf_dir() -> Path:
     if not (folder / SMOLLM2_GGUF).exists():
         raise FileNotFoundError(f"{folder / SMOLLM2_GGUF} is missing")
     return folder
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def weights_sha256(folder: Path) -> str:

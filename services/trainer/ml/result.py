@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import json
 import platform
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from services.trainer.ml.lora import save_adapter
 
 SUMMARY_FILE = "training_summary.json"
 ADAPTER_DIR = "adapter"
@@ -80,10 +83,6 @@ def finish_trained(
     warm_start: str | None,
 ) -> TrainingResult:
     """Save the adapter with its summary in ``out_dir/adapter`` and say what the run produced (MNTP and RL alike)."""
-    import shutil
-
-    from services.trainer.ml.lora import save_adapter
-
     adapter_dir = Path(out_dir) / ADAPTER_DIR
     if adapter_dir.exists():
         shutil.rmtree(adapter_dir)

@@ -24,7 +24,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from services.trainer.ml.config import RlConfig
-from services.trainer.ml.lora import attach_lora, lora_settings
+from services.trainer.ml.lora import attach_configured_lora, lora_settings
 from services.trainer.ml.models import load_model, offline, torch_threads
 from services.trainer.ml.result import TrainingResult, finish_trained
 from services.trainer.ml.rewards import get_reward
@@ -187,14 +187,7 @@ def _train_rl(
     loaded = load_model(config.model, cache_dir)
     tokenizer = loaded.tokenizer
     torch.manual_seed(config.seed)
-    model = attach_lora(
-        loaded.model,
-        rank=config.lora_rank,
-        alpha=config.lora_alpha,
-        dropout=config.lora_dropout,
-        target_modules=config.target_modules,
-        adapter_dir=warm_start_adapter,
-    )
+    model = attach_configured_lora(loaded.model, config, warm_start_adapter)
     model.train()
     order = list(prompts)
     random.Random(config.seed).shuffle(order)

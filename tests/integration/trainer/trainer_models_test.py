@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import json
 
-from services.trainer.ml.models import MODEL_INFO, architecture, file_sha256, load_model, mask_token_id
+from services.trainer.ml.models import MODEL_INFO, architecture, load_model, mask_token_id
+from shared.artefacts import file_sha256
 
 
 def test_tiny_model_is_identical_when_rebuilt(model_cache, tmp_path):
