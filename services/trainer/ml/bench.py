@@ -36,8 +36,8 @@ def bench_trainer(
     cache_dir: Path | None = None,
 ) -> dict[str, Any]:
     """Tokens/s of the platform's training step and of a bare loop on the same batches, and their ratio."""
-    with torch_threads(model):
-        return _bench(model, steps, batch, seq_len, cache_dir)
+    with torch_threads(model) as threads:
+        return {**_bench(model, steps, batch, seq_len, cache_dir), "threads": threads}
 
 
 def _bench(model: str, steps: int, batch: int, seq_len: int, cache_dir: Path | None) -> dict[str, Any]:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from services.trainer.ml.models import MODEL_INFO, architecture, load_model, mask_token_id
 from shared.artefacts import file_sha256
 
@@ -33,3 +35,16 @@ def test_local_folder_spec_uses_the_folder(model_cache):
     loaded = load_model(str(folder), model_cache)
     assert loaded.info["checksum"] == load_model("tiny", model_cache).info["checksum"]
     assert architecture(str(folder))["hidden_size"] == architecture("tiny")["hidden_size"]
+
+
+def test_training_keeps_freed_buffers_where_the_allocator_is_glibc():
+    import platform
+
+    from services.trainer.ml.models import keep_freed_memory, torch_threads
+
+    if platform.libc_ver()[0] != "glibc":
+        pytest.skip("mallopt is glibc's")
+    with torch_threads("tiny") as threads:
+        assert threads == 1
+    # torch_threads applied it; a second call finds it applied and says so
+    assert keep_freed_memory() is True
