@@ -130,12 +130,12 @@ async def _run_job(job_id: str) -> None:
     config = {**job["config"], "model": job["model"]}
     # about ten progress reports per job, whatever its length: bars move, loss curves have points
     config.setdefault("progress_every", max(1, min(10, int(config.get("steps") or 10) // 10)))
-    if os.environ.get("NEURONS_CHECKPOINT_EVERY") and job["kind"] == "mntp":
+    if os.environ.get("NEURONS_CHECKPOINT_EVERY"):
         config["checkpoint_every"] = int(os.environ["NEURONS_CHECKPOINT_EVERY"])
     spec = {"job_id": job_id, "kind": job["kind"], "config": config,
             "dataset_path": dataset_path, "dataset_sha256": (job.get("dataset") or {}).get("sha256"), "out_dir": str(job_dir),
             "cache_dir": str(service.settings.model_cache_dir),
-            "resume_from": str(checkpoint) if _checkpoint_step(job_dir) is not None and job["kind"] == "mntp" else None,
+            "resume_from": str(checkpoint) if _checkpoint_step(job_dir) is not None else None,
             "warm_start_dir": warm_dir}
     spec_path = job_dir / "spec.json"
     spec_path.write_text(json.dumps(spec, indent=2))

@@ -56,7 +56,8 @@ def run(spec: dict) -> dict:
 
                 prompts = [t.split(". ")[0][:160] for t in texts]
                 result = train_rl(config, prompts, out_dir, Path(spec["cache_dir"]), progress=progress,
-                                  warm_start_adapter=warm, dataset_sha256=spec.get("dataset_sha256"))
+                                  warm_start_adapter=warm, dataset_sha256=spec.get("dataset_sha256"),
+                                  resume_from=resume)
             else:
                 from services.trainer.ml.mntp import train_mntp
 

@@ -93,6 +93,7 @@ class RlConfig(_Config):
     seed: int = 0
     eval_prompts: int = 8
     progress_every: int = 1
+    checkpoint_every: int = 10  # 0 turns checkpoints off
     threads: int = 0  # as MntpConfig.threads
 
     def check(self) -> None:

@@ -6,6 +6,10 @@ relative to their group ((r - mean) / (std + eps)) and takes one policy-gradient
 step on the completion tokens' log-probabilities, optionally with a KL penalty
 towards the base model (the same network with the adapter switched off).
 
+Every ``checkpoint_every`` steps the adapter, the optimiser, the scheduler and
+the random state are saved (``checkpoint.py``); a run resumed from a checkpoint
+samples the same rollouts and ends with the same adapter as one never stopped.
+
 Written directly on peft rather than TRL's GRPOTrainer: TRL computes
 log-probabilities from ``lm_head.weight`` and so refuses adapters on the output
 head, and without one a small model's policy barely moves.
@@ -23,6 +27,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from services.trainer.ml.checkpoint import checkpoint_adapter, load_checkpoint, restore_rng, save_checkpoint
 from services.trainer.ml.config import RlConfig
 from services.trainer.ml.lora import attach_configured_lora, lora_settings
 from services.trainer.ml.models import load_model, offline, torch_threads
@@ -158,11 +163,16 @@ def train_rl(
     progress: Progress | None = None,
     warm_start_adapter: Path | None = None,
     dataset_sha256: str | None = None,
+    resume_from: Path | None = None,
 ) -> TrainingResult:
-    """Train a LoRA adapter on a verifiable reward; the adapter and summary land in ``out_dir/adapter``."""
+    """Train a LoRA adapter on a verifiable reward; the adapter and summary land in ``out_dir/adapter``.
+
+    ``resume_from`` is a checkpoint folder written by an earlier run with the
+    same configuration; training continues at its step.
+    """
     config = config if isinstance(config, RlConfig) else RlConfig.from_dict(config)
     with torch_threads(config.model, config.threads):
-        return _train_rl(config, prompts, out_dir, cache_dir, progress, warm_start_adapter, dataset_sha256)
+        return _train_rl(config, prompts, out_dir, cache_dir, progress, warm_start_adapter, dataset_sha256, resume_from)
 
 
 def _train_rl(
@@ -173,6 +183,7 @@ def _train_rl(
     progress: Progress | None,
     warm_start_adapter: Path | None,
     dataset_sha256: str | None,
+    resume_from: Path | None,
 ) -> TrainingResult:
     offline()
     prompts = [p for p in prompts if p and p.strip()]
@@ -186,23 +197,39 @@ def _train_rl(
 
     loaded = load_model(config.model, cache_dir)
     tokenizer = loaded.tokenizer
+    state = load_checkpoint(Path(resume_from)) if resume_from else None
     torch.manual_seed(config.seed)
-    model = attach_configured_lora(loaded.model, config, warm_start_adapter)
+    adapter_source = checkpoint_adapter(Path(resume_from)) if state else warm_start_adapter
+    model = attach_configured_lora(loaded.model, config, adapter_source)
     model.train()
     order = list(prompts)
     random.Random(config.seed).shuffle(order)
     eval_prompts = order[: config.eval_prompts]
-    before = evaluate_policy(model, tokenizer, eval_prompts, score, config, seed=config.seed + 1)
+    before = state["extra"]["metrics_before"] if state else evaluate_policy(
+        model, tokenizer, eval_prompts, score, config, seed=config.seed + 1)
     log.info("rl %s: reward %.3f ± %.3f before training", context, before["reward_mean"], before["reward_std"])
 
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, WarmupConstant(config.warmup_steps))
     curve: list[dict[str, Any]] = []
-    tokens_total, train_seconds = 0, 0.0
+    tokens_total, train_seconds, start_step = 0, 0.0, 0
+    saved = {"step": None}  # the latest checkpoint, reported with progress
+    if state:
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        restore_rng(state)
+        start_step = saved["step"] = int(state["step"])
+        curve = list(state["extra"]["curve"])
+        tokens_total = int(state["extra"]["tokens"])
+        train_seconds = float(state["extra"]["train_seconds"])
+        changed = sorted(k for k, v in state["extra"].get("config", {}).items() if config.to_dict().get(k) != v)
+        if changed:
+            log.warning("rl %s: resuming with a changed configuration (%s)", context, ", ".join(changed))
+        log.info("rl %s: resuming at step %d of %d from %s", context, start_step, config.steps, resume_from)
     window_tokens, window_start = 0, time.perf_counter()
 
-    for step in range(config.steps):
+    for step in range(start_step, config.steps):
         step_started = time.perf_counter()
         chosen = [order[(step * config.prompts_per_step + i) % len(order)] for i in range(config.prompts_per_step)]
         rollout = sample_rollout(model, tokenizer, chosen, config.group_size, config.max_new_tokens, config.temperature)
@@ -238,8 +265,15 @@ def _train_rl(
                 context, done, config.steps, point["reward_mean"], point["reward_std"], point["loss"], tokens_per_s,
             )
             if progress is not None:
-                progress({**point, "total_steps": config.steps, "tokens_per_s": tokens_per_s, "tokens": tokens_total})
+                progress({**point, "total_steps": config.steps, "tokens_per_s": tokens_per_s, "tokens": tokens_total,
+                          "checkpoint_step": saved["step"]})
             window_tokens, window_start = 0, time.perf_counter()
+        if config.checkpoint_every and done % config.checkpoint_every == 0 and done < config.steps:
+            extra = {"metrics_before": before, "curve": curve, "tokens": tokens_total,
+                     "train_seconds": train_seconds, "config": config.to_dict()}
+            save_checkpoint(out_dir / "checkpoint", model, optimizer, scheduler, done, extra)
+            saved["step"] = done
+            log.info("rl %s: checkpoint at step %d", context, done)
 
     after = evaluate_policy(model, tokenizer, eval_prompts, score, config, seed=config.seed + 1)
     log.info("rl %s: reward %.3f -> %.3f", context, before["reward_mean"], after["reward_mean"])
@@ -248,6 +282,6 @@ def _train_rl(
         info=loaded.info, dataset_sha256=dataset_sha256,
         records={"prompts": len(prompts), "eval_prompts": len(eval_prompts)}, before=before, after=after,
         curve=curve, tokens=tokens_total, tokens_per_s=tokens_total / train_seconds if train_seconds > 0 else 0.0,
-        duration_s=time.perf_counter() - started, resumed_from_step=None,
-        warm_start=str(warm_start_adapter) if warm_start_adapter else None,
+        duration_s=time.perf_counter() - started, resumed_from_step=start_step if state else None,
+        warm_start=str(warm_start_adapter) if warm_start_adapter and not state else None,
     )
