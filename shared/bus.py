@@ -6,26 +6,38 @@ aggregate_id (order holds per aggregate), and sets the headers tools route on:
 ``event_id``. ``decode`` is the consuming side: anything that is not a valid
 event raises ``MalformedEvent`` with the reason that goes to the dead-letter
 topic.
+
+``publish`` hands one record to aiokafka's ``send``. ``publish_many`` (what the
+outbox relay uses) fills record batches itself, one per topic and partition,
+putting each record on the partition ``send`` would have chosen (aiokafka's
+default partitioner: murmur2 of the key), with the same key, value and headers.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from typing import Sequence
+import struct
+from typing import Iterable, Sequence
 
 from aiokafka import AIOKafkaProducer
+from aiokafka.errors import MessageSizeTooLargeError
+from aiokafka.producer.message_accumulator import BatchBuilder
+from aiokafka.record.default_records import DefaultRecordBatchBuilder
 from opentelemetry import trace
+from opentelemetry.context import Context
+from opentelemetry.trace import Status, StatusCode
 from pydantic import ValidationError
 
 from shared import schemas
-from shared.envelope import Envelope
+from shared.envelope import Envelope, loads
 from shared.settings import Settings
 from shared.topics import dlq_topic, topic_for
-from shared.tracing import inject_headers
+from shared.tracing import inject_headers, span_headers
 
 log = logging.getLogger("neurons.bus")
 Headers = Sequence[tuple[str, bytes]]
+MAX_REQUEST_SIZE = 1048576  # aiokafka's default, set explicitly: publish_many enforces it as send does
 
 
 class MalformedEvent(ValueError):
@@ -50,7 +62,7 @@ def decode(raw: bytes | None) -> Envelope:
     if raw is None:
         raise MalformedEvent("empty record value", "bad_json")
     try:
-        data = json.loads(raw)
+        data = loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise MalformedEvent(f"not JSON: {exc}", "bad_json") from None
     if not isinstance(data, dict):
@@ -95,6 +107,69 @@ def event_headers(envelope: Envelope, traceparent_headers: Headers | None = None
     return headers
 
 
+def murmur2(data: bytes) -> int:
+    """Kafka's murmur2 of a record key (equal to ``aiokafka.partitioner.murmur2``)."""
+    length = len(data)
+    h = 0x9747B28C ^ length
+    whole = length & ~3
+    for (k,) in struct.iter_unpack("<I", data[:whole]):
+        k = (k * 0x5BD1E995) & 0xFFFFFFFF
+        k ^= k >> 24
+        k = (k * 0x5BD1E995) & 0xFFFFFFFF
+        h = ((h * 0x5BD1E995) & 0xFFFFFFFF) ^ k
+    extra = length & 3
+    if extra == 3:
+        h ^= data[whole + 2] << 16
+    if extra >= 2:
+        h ^= data[whole + 1] << 8
+    if extra >= 1:
+        h = ((h ^ data[whole]) * 0x5BD1E995) & 0xFFFFFFFF
+    h ^= h >> 13
+    h = (h * 0x5BD1E995) & 0xFFFFFFFF
+    return h ^ (h >> 15)
+
+
+def partition_for(key: bytes, partitions: Iterable[int]) -> int:
+    """The partition aiokafka's default partitioner picks for ``key`` among the topic's ``partitions``."""
+    all_partitions = list(partitions)
+    return all_partitions[(murmur2(key) & 0x7FFFFFFF) % len(all_partitions)]
+
+
+def _failed(span: trace.Span, exc: Exception) -> None:
+    # what start_as_current_span records when its block raises
+    if span.is_recording():
+        span.record_exception(exc)
+        span.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}"))
+
+
+class _SpanGroup:
+    """The events of one ``publish_many`` call that share a parent context and a type, and their span."""
+
+    __slots__ = ("span", "headers", "envelopes")
+
+    def __init__(self, span: trace.Span) -> None:
+        self.span = span
+        self.headers = span_headers(span)
+        self.envelopes: list[Envelope] = []
+
+    def end(self) -> None:
+        if len(self.envelopes) > 1:
+            correlations = sorted({e.correlation_id for e in self.envelopes})
+            self.span.set_attributes({
+                "messaging.batch.message_count": len(self.envelopes),
+                "neurons.event_ids": [e.event_id for e in self.envelopes],
+                "neurons.aggregate_ids": [e.aggregate_id for e in self.envelopes],
+                # one correlation is the common case (one handler's events): say it as publish does
+                **({"neurons.correlation_id": correlations[0]} if len(correlations) == 1
+                   else {"neurons.correlation_ids": correlations}),
+            })
+        elif self.envelopes:
+            only = self.envelopes[0]
+            self.span.set_attributes({"neurons.event_id": only.event_id, "neurons.aggregate_id": only.aggregate_id,
+                                      "neurons.correlation_id": only.correlation_id})
+        self.span.end()
+
+
 class Publisher:
     """An aiokafka producer that only ever writes valid, traced events."""
 
@@ -118,6 +193,7 @@ class Publisher:
             acks="all",
             enable_idempotence=False,
             linger_ms=0,
+            max_request_size=MAX_REQUEST_SIZE,
         )
         await self._producer.start()
 
@@ -139,37 +215,110 @@ class Publisher:
             raise RuntimeError("publisher not started")
         return self._producer
 
-    async def publish(self, envelope: Envelope, *, wait: bool = True, context=None, validated: bool = False) -> None:
+    def _span(self, envelope: Envelope, topic: str, context: Context | None, *, one_event: bool = True) -> trace.Span:
+        # A span that is not made current: its own context goes into the headers directly.
+        attributes = {
+            "messaging.system": "kafka",
+            "messaging.destination.name": topic,
+            "neurons.event_type": envelope.type,
+        }
+        if one_event:
+            attributes["neurons.event_id"] = envelope.event_id
+            attributes["neurons.aggregate_id"] = envelope.aggregate_id
+            attributes["neurons.correlation_id"] = envelope.correlation_id
+        return self._tracer.start_span(f"publish {envelope.type}", context=context, kind=trace.SpanKind.PRODUCER,
+                                       attributes=attributes)
+
+    async def publish(self, envelope: Envelope, *, wait: bool = True, context: Context | None = None,
+                      validated: bool = False) -> None:
         """Send one event; ``validated`` is for envelopes checked when they were staged in an outbox."""
         if not validated:
             validate(envelope)
         topic = topic_for(envelope.aggregate_type)
-        with self._tracer.start_as_current_span(
-            f"publish {envelope.type}",
-            context=context,
-            kind=trace.SpanKind.PRODUCER,
-            attributes={
-                "messaging.system": "kafka",
-                "messaging.destination.name": topic,
-                "neurons.event_type": envelope.type,
-                "neurons.event_id": envelope.event_id,
-                "neurons.aggregate_id": envelope.aggregate_id,
-                "neurons.correlation_id": envelope.correlation_id,
-            },
-        ):
+        span = self._span(envelope, topic, context)
+        try:
             future = await self.producer.send(
                 topic,
                 value=envelope.to_json(),
                 key=envelope.aggregate_id.encode(),
-                headers=event_headers(envelope),
+                headers=event_headers(envelope, span_headers(span)),
             )
+        except Exception as exc:
+            _failed(span, exc)
+            raise
+        finally:
+            span.end()
         if wait:
             await future
 
-    async def publish_many(self, envelopes: Sequence[Envelope]) -> None:
-        for envelope in envelopes:
-            await self.publish(envelope, wait=False)
-        await self.producer.flush()
+    async def publish_many(self, envelopes: Sequence[Envelope], *, contexts: Sequence[Context | None] | None = None,
+                           validated: bool = False) -> None:
+        """Send events in order and wait until the broker has them all.
+
+        Each event is validated and serialised as ``publish`` does. Tracing
+        follows OpenTelemetry's batch publishing: the events that share a parent
+        context (``contexts``, one per event) and a type get one producer span,
+        ``publish <type>``, which every one of them names as its parent in its
+        ``traceparent`` header; a group of one event carries the attributes
+        ``publish`` sets, a larger one its size (``messaging.batch.message_count``),
+        its event, aggregate and correlation ids.
+        Records are appended to one open batch per topic and partition; a full
+        batch is handed to the producer and a new one opened, so the order per
+        partition, and so per aggregate, is the order given. If an event is
+        refused, the ones before it are still sent and the error is raised.
+        """
+        producer = self.producer
+        if contexts is None:
+            contexts = [None] * len(envelopes)
+        topics: dict[str, str] = {}
+        partitions: dict[str, list[int]] = {}
+        batches: dict[tuple[str, int], BatchBuilder] = {}
+        groups: dict[tuple, _SpanGroup] = {}
+        group: _SpanGroup | None = None
+        try:
+            for envelope, context in zip(envelopes, contexts, strict=True):
+                group = None
+                if not validated:
+                    validate(envelope)
+                topic = topics.get(envelope.aggregate_type)
+                if topic is None:
+                    topic = topics[envelope.aggregate_type] = topic_for(envelope.aggregate_type)
+                    partitions[topic] = sorted(await producer.partitions_for(topic))  # waits for metadata, as send does
+                parent = trace.get_current_span(context).get_span_context()
+                group_key = (parent.trace_id, parent.span_id, envelope.type)
+                group = groups.get(group_key)
+                if group is None:
+                    group = groups[group_key] = _SpanGroup(self._span(envelope, topic, context, one_event=False))
+                group.envelopes.append(envelope)
+                key = envelope.aggregate_id.encode()
+                value = envelope.to_json()
+                headers = event_headers(envelope, group.headers)
+                size = DefaultRecordBatchBuilder.estimate_size_in_bytes(key, value, headers)
+                if size > MAX_REQUEST_SIZE:
+                    raise MessageSizeTooLargeError(
+                        f"The message is {size} bytes when serialized which is larger than the maximum "
+                        "request size you have configured with the max_request_size configuration")
+                where = (topic, partition_for(key, partitions[topic]))
+                batch = batches.get(where)
+                if batch is None:
+                    batch = batches[where] = producer.create_batch()
+                if batch.append(timestamp=None, key=key, value=value, headers=headers) is None:
+                    del batches[where]
+                    await producer.send_batch(batch, topic, partition=where[1])
+                    batch = batches[where] = producer.create_batch()  # takes any first record
+                    batch.append(timestamp=None, key=key, value=value, headers=headers)
+        except Exception as exc:
+            if group is not None:  # the span of the event that was refused
+                _failed(group.span, exc)
+            raise
+        finally:
+            try:
+                for (topic, partition), batch in batches.items():
+                    await producer.send_batch(batch, topic, partition=partition)
+            finally:
+                for group in groups.values():
+                    group.end()
+        await producer.flush()
 
     async def send_raw(self, topic: str, value: bytes | None, key: bytes | None = None,
                        headers: Headers | None = None) -> None:

@@ -240,11 +240,9 @@ class Service:
             if not rows:
                 return 0
             publisher = await self.publisher()
-            for row in rows:
-                envelope = Envelope.from_json(row.envelope_json)
-                await publisher.publish(envelope, wait=False, context=context_from_traceparent(row.traceparent),
-                                        validated=True)
-            await publisher.producer.flush()
+            await publisher.publish_many([Envelope.from_json(row.envelope_json) for row in rows],
+                                         contexts=[context_from_traceparent(row.traceparent) for row in rows],
+                                         validated=True)
             with Session(self.engine) as session:
                 now = utcnow()
                 for row in rows:

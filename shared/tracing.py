@@ -87,6 +87,17 @@ def inject_headers(ctx: otel_context.Context | None = None) -> list[tuple[str, b
     return [(k, v.encode()) for k, v in carrier.items() if k in ("traceparent", "tracestate")]
 
 
+def span_headers(span: trace.Span) -> list[tuple[str, bytes]]:
+    """The W3C headers naming ``span`` as the parent: what ``inject_headers`` writes while ``span`` is current."""
+    ctx = span.get_span_context()
+    if ctx == trace.INVALID_SPAN_CONTEXT:
+        return []
+    headers = [("traceparent", f"00-{ctx.trace_id:032x}-{ctx.span_id:016x}-{ctx.trace_flags:02x}".encode())]
+    if ctx.trace_state:
+        headers.append(("tracestate", ctx.trace_state.to_header().encode()))
+    return headers
+
+
 def extract_context(headers: Headers | None) -> otel_context.Context:
     carrier = {}
     for key, value in headers or ():
@@ -122,6 +133,7 @@ __all__ = [
     "JsonLinesSpanExporter",
     "setup_tracing",
     "inject_headers",
+    "span_headers",
     "extract_context",
     "current_traceparent",
     "context_from_traceparent",

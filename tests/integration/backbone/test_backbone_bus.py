@@ -112,3 +112,47 @@ async def test_topics_are_created_explicitly_with_infinite_retention(platform, k
         assert len(topics[0]["partitions"]) == platform.settings.topic_partitions
     finally:
         await admin.close()
+
+
+async def test_publish_many_places_records_as_send_does(platform, kafka_bootstrap):
+    await platform.aensure_topics()
+    events = [make_event("dataset.registered", f"ds-place-{i % 23}", dataset_payload(f"ds-place-{i % 23}"),
+                         sequence=i // 23 + 1) for i in range(600)]
+    async with Publisher(platform.settings, "test") as publisher:
+        for event in events[:100]:  # one record at a time through aiokafka's send
+            await publisher.publish(event, wait=False)
+        await publisher.producer.flush()
+        await publisher.publish_many(events)  # all of them again, in batches the publisher fills itself
+    records = await read_topic(kafka_bootstrap, topic_for("dataset"), 700)
+    assert len(records) == 700
+    copies: dict[bytes, list] = {}
+    for record in sorted(records, key=lambda r: (r.partition, r.offset)):
+        copies.setdefault(dict(record.headers)["event_id"], []).append(record)
+    for event in events[:100]:
+        sent, batched = copies[event.event_id.encode()]
+        assert batched.partition == sent.partition and batched.key == sent.key == event.aggregate_id.encode()
+        assert [k for k, _ in batched.headers] == [k for k, _ in sent.headers]
+        routing = [h for h in sent.headers if h[0] != "traceparent"]
+        assert [h for h in batched.headers if h[0] != "traceparent"] == routing
+        assert dict(batched.headers)["traceparent"].startswith(b"00-")
+        assert batched.value == sent.value
+    # per partition, and so per aggregate, the order given
+    position = {e.event_id.encode(): n for n, e in enumerate(events)}
+    for partition in {r.partition for r in records}:
+        batched = [copies[dict(r.headers)["event_id"]][-1] for r in records if r.partition == partition]
+        batched = sorted({r.offset: r for r in batched}.values(), key=lambda r: r.offset)
+        order = [position[dict(r.headers)["event_id"]] for r in batched]
+        assert order == sorted(order)
+
+
+async def test_publish_many_sends_what_came_before_a_refused_event(platform, kafka_bootstrap):
+    await platform.aensure_topics()
+    good = [make_event("dataset.registered", f"ds-ok-{i}", dataset_payload(f"ds-ok-{i}")) for i in range(5)]
+    bad = make_event("dataset.registered", "ds-refused", dataset_payload("ds-refused"))
+    bad = bad.with_payload({**bad.payload, "record_count": -1}, 2)
+    async with Publisher(platform.settings, "test") as publisher:
+        with pytest.raises(Exception, match="record_count"):
+            await publisher.publish_many([*good, bad, *good])
+        await publisher.producer.flush()
+    records = await read_topic(kafka_bootstrap, topic_for("dataset"), 5)
+    assert sorted(dict(r.headers)["event_id"] for r in records) == sorted(e.event_id.encode() for e in good)
