@@ -46,14 +46,20 @@ def _dumps(data: Any) -> bytes:
     integers beyond 64 bits and keys that are not strings. Whenever its output
     could hold any of these, json writes it.
     """
+    out = _orjson(data)
+    return out if out is not None else _ENCODER.encode(data).encode()
+
+
+def _orjson(data: Any) -> bytes | None:
+    """orjson's bytes for ``data`` where they are json's (see ``_dumps``), else None."""
     try:
         out = orjson.dumps(data, option=_ORJSON)
     except TypeError:  # orjson.JSONEncodeError is a TypeError
-        return _ENCODER.encode(data).encode()
+        return None
     if (out.isascii() and b"\x7f" not in out and b"0.0000" not in out
             and (b"e-" not in out or _NEGATIVE_EXPONENT.search(out) is None)):
         return out
-    return _ENCODER.encode(data).encode()
+    return None
 
 
 # digits stay, every other byte becomes a space: a long number is a run of 0s
@@ -125,7 +131,24 @@ class Envelope(BaseModel):
         return data
 
     def to_json(self) -> bytes:
-        return _dumps(self.to_dict())
+        """``to_dict`` as compact JSON with sorted keys.
+
+        The envelope's fields are plain JSON values already; the payload is
+        too, nearly always, and then goes to orjson as it is. Anything else in
+        it (a datetime, bytes, a set, a str subclass, an integer beyond 64
+        bits: orjson refuses them all here) takes the way through
+        ``model_dump``, which turns it into JSON values first.
+        """
+        producer = self.producer
+        plain = {
+            "aggregate_id": self.aggregate_id, "aggregate_type": self.aggregate_type,
+            "causation_id": self.causation_id, "correlation_id": self.correlation_id, "event_id": self.event_id,
+            "occurred_at": iso(self.occurred_at), "payload": self.payload,
+            "producer": {"node": producer.node, "service": producer.service, "version": producer.version},
+            "schema_version": self.schema_version, "sequence": self.sequence, "type": self.type,
+        }
+        out = _orjson(plain)
+        return out if out is not None else _dumps(self.to_dict())
 
     @classmethod
     def from_json(cls, raw: bytes | str) -> "Envelope":
