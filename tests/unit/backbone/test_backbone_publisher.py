@@ -1,6 +1,8 @@
 """What the publisher computes itself must equal what aiokafka, the propagator and json would."""
 
 import json
+import uuid
+from datetime import datetime, timezone
 import math
 import random
 import struct
@@ -101,6 +103,16 @@ def test_envelope_bytes_are_json_dumps_sorted_and_compact():
     assert event.to_json() == json.dumps(event.to_dict(), separators=(",", ":"), sort_keys=True).encode()
     with pytest.raises(TypeError):
         _dumps({1: "a", "b": 2})
+
+
+@pytest.mark.parametrize("value", [
+    float("inf"), float("nan"), (1, 2), datetime(2020, 1, 1, tzinfo=timezone.utc), 2**70, 1e-7, "\u00e9",
+    uuid.UUID(int=7), b"ab", {1, 2}, {1: "a"}, None, True, -0.0, [1, {"b": 2, "a": 1}],
+])
+def test_envelope_json_is_the_model_dumps_json_whatever_the_payload_holds(value):
+    event = make_event("dataset.registered", "ds-1", dataset_payload())
+    event = event.model_copy(update={"payload": {**event.payload, "extra": value}})
+    assert event.to_json() == json.dumps(event.to_dict(), separators=(",", ":"), sort_keys=True).encode()
 
 
 @pytest.mark.parametrize("raw", [
