@@ -74,7 +74,7 @@ def decode(raw: bytes | None) -> Envelope:
         where = ".".join(str(p) for p in first["loc"]) or "envelope"
         raise MalformedEvent(f"bad envelope: {where}: {first['msg']}", "bad_envelope") from None
     try:
-        if envelope.type not in schemas.event_types():
+        if envelope.type not in schemas.current_versions():
             raise MalformedEvent(f"unknown event type {envelope.type!r}", "unknown_type")
         validate(envelope)
         version, payload = schemas.upcast(envelope.type, envelope.schema_version, envelope.payload)

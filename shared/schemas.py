@@ -18,7 +18,8 @@ import json
 import re
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Callable
+from types import MappingProxyType
+from typing import Any, Callable, Mapping
 
 import fastjsonschema
 from jsonschema import Draft202012Validator
@@ -73,15 +74,25 @@ def compiled() -> dict[tuple[str, int], Acceptance]:
     return tests
 
 
-def event_types() -> set[str]:
-    return {etype for etype, _ in registry()}
+@lru_cache(maxsize=1)
+def event_types() -> frozenset[str]:
+    return frozenset(current_versions())
+
+
+@lru_cache(maxsize=1)
+def current_versions() -> Mapping[str, int]:
+    """The current version of every event type."""
+    versions: dict[str, int] = {}
+    for etype, version in registry():
+        versions[etype] = max(version, versions.get(etype, 0))
+    return MappingProxyType(versions)
 
 
 def current_version(event_type: str) -> int:
-    versions = [v for (t, v) in registry() if t == event_type]
-    if not versions:
+    version = current_versions().get(event_type)
+    if version is None:
         raise UnknownEventType(f"unknown event type {event_type!r}")
-    return max(versions)
+    return version
 
 
 def validate_payload(event_type: str, version: int, payload: dict[str, Any]) -> None:
