@@ -158,7 +158,6 @@ class _SpanGroup:
             self.span.set_attributes({
                 "messaging.batch.message_count": len(self.envelopes),
                 "neurons.event_ids": [e.event_id for e in self.envelopes],
-                "neurons.aggregate_ids": [e.aggregate_id for e in self.envelopes],
                 # one correlation is the common case (one handler's events): say it as publish does
                 **({"neurons.correlation_id": correlations[0]} if len(correlations) == 1
                    else {"neurons.correlation_ids": correlations}),
@@ -261,7 +260,7 @@ class Publisher:
         ``publish <type>``, which every one of them names as its parent in its
         ``traceparent`` header; a group of one event carries the attributes
         ``publish`` sets, a larger one its size (``messaging.batch.message_count``),
-        its event, aggregate and correlation ids.
+        its event ids and its correlation ids.
         Records are appended to one open batch per topic and partition; a full
         batch is handed to the producer and a new one opened, so the order per
         partition, and so per aggregate, is the order given. If an event is
@@ -275,6 +274,8 @@ class Publisher:
         batches: dict[tuple[str, int], BatchBuilder] = {}
         groups: dict[tuple, _SpanGroup] = {}
         group: _SpanGroup | None = None
+        last_context: Context | None = None
+        parent: trace.SpanContext | None = None
         try:
             for envelope, context in zip(envelopes, contexts, strict=True):
                 group = None
@@ -284,7 +285,9 @@ class Publisher:
                 if topic is None:
                     topic = topics[envelope.aggregate_type] = topic_for(envelope.aggregate_type)
                     partitions[topic] = sorted(await producer.partitions_for(topic))  # waits for metadata, as send does
-                parent = trace.get_current_span(context).get_span_context()
+                if context is not last_context or parent is None:
+                    parent = trace.get_current_span(context).get_span_context()
+                    last_context = context
                 group_key = (parent.trace_id, parent.span_id, envelope.type)
                 group = groups.get(group_key)
                 if group is None:
@@ -293,8 +296,9 @@ class Publisher:
                 key = envelope.aggregate_id.encode()
                 value = envelope.to_json()
                 headers = event_headers(envelope, group.headers)
-                size = DefaultRecordBatchBuilder.estimate_size_in_bytes(key, value, headers)
-                if size > MAX_REQUEST_SIZE:
+                # headers are a few hundred bytes: only a large value can take a record past the limit
+                if len(value) + len(key) > MAX_REQUEST_SIZE // 2 and (
+                        size := DefaultRecordBatchBuilder.estimate_size_in_bytes(key, value, headers)) > MAX_REQUEST_SIZE:
                     raise MessageSizeTooLargeError(
                         f"The message is {size} bytes when serialized which is larger than the maximum "
                         "request size you have configured with the max_request_size configuration")

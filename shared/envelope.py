@@ -25,7 +25,9 @@ def utcnow() -> datetime:
 
 
 def iso(ts: datetime) -> str:
-    return ts.astimezone(timezone.utc).isoformat().replace("+00:00", "Z")
+    if ts.tzinfo is not timezone.utc:
+        ts = ts.astimezone(timezone.utc)
+    return ts.isoformat().replace("+00:00", "Z")
 
 
 _ENCODER = json.JSONEncoder(separators=(",", ":"), sort_keys=True)

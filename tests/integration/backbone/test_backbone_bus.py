@@ -156,3 +156,18 @@ async def test_publish_many_sends_what_came_before_a_refused_event(platform, kaf
         await publisher.producer.flush()
     records = await read_topic(kafka_bootstrap, topic_for("dataset"), 5)
     assert sorted(dict(r.headers)["event_id"] for r in records) == sorted(e.event_id.encode() for e in good)
+
+
+async def test_publish_many_refuses_a_record_over_the_request_size_as_send_does(platform, kafka_bootstrap):
+    from aiokafka.errors import MessageSizeTooLargeError
+
+    await platform.aensure_topics()
+    good = make_event("dataset.registered", "ds-small", dataset_payload("ds-small"))
+    huge = make_event("dataset.registered", "ds-huge", dataset_payload("ds-huge", name="x" * 1_100_000))
+    async with Publisher(platform.settings, "test") as publisher:
+        with pytest.raises(MessageSizeTooLargeError):
+            await publisher.publish(huge)
+        with pytest.raises(MessageSizeTooLargeError):
+            await publisher.publish_many([good, huge])
+    records = await read_topic(kafka_bootstrap, topic_for("dataset"), 1)
+    assert [dict(r.headers)["event_id"] for r in records] == [good.event_id.encode()]
