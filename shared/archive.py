@@ -5,6 +5,11 @@ SQL. That archive outlives the embedded broker's memory: the read models are
 projections rebuilt from it (``rebuild``), the log can be restored from it
 (``neurons audit republish``), and ``table_digest`` compares a rebuilt copy
 with the live one (``neurons audit verify``).
+
+A rebuild folds the events in memory first (``fold``: the projections' own
+apply functions, run against a ``FoldSession``), then replaces the tables'
+contents with the result in one transaction (``write``). The live registry
+applies the same functions to a real ORM session, one event at a time.
 """
 
 from __future__ import annotations
@@ -13,14 +18,18 @@ import hashlib
 import json
 from dataclasses import dataclass
 from datetime import datetime
+from functools import lru_cache, partial
+from operator import attrgetter
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable, ClassVar, Iterable, Iterator, Sequence, TypeVar
 
-from sqlalchemy import Column, Text, delete, inspect
-from sqlalchemy.engine import Engine
+from sqlalchemy import Column, Text, delete, insert, inspect
+from sqlalchemy.engine import Connection, Engine
 from sqlmodel import Field, Session, SQLModel, select
 
 from shared.envelope import Envelope, utcnow
+
+Row = TypeVar("Row", bound=SQLModel)
 
 
 class ArchivedEvent(SQLModel, table=True):
@@ -70,19 +79,26 @@ def archive(session: Session, envelope: Envelope, topic: str | None = None,
     return True
 
 
-def iter_archive(session: Session, until: datetime | None = None, batch: int = 2000) -> Iterator[Envelope]:
-    """Every archived event in the order it was archived (per aggregate: its sequence)."""
+def iter_archive(session: Session, until: datetime | None = None, batch: int = 5000) -> Iterator[Envelope]:
+    """Every archived event in the order it was archived (per aggregate: its sequence).
+
+    Reads only the columns it needs, ``batch`` rows at a time; with ``until``, the
+    events that occurred after it are left out.
+    """
+    table = ArchivedEvent.__table__
+    query = select(table.c.id, table.c.occurred_at, table.c.envelope_json).order_by(table.c.id).limit(batch)
+    limit = _naive(until) if until is not None else None
+    connection = session.connection()
     last = 0
     while True:
-        query = select(ArchivedEvent).where(ArchivedEvent.id > last).order_by(ArchivedEvent.id).limit(batch)
-        rows = session.exec(query).all()
+        rows = connection.execute(query.where(table.c.id > last)).all()
         if not rows:
             return
-        for row in rows:
-            last = row.id
-            if until is not None and _naive(row.occurred_at) > _naive(until):
+        last = rows[-1][0]
+        for _, occurred_at, envelope_json in rows:
+            if limit is not None and _naive(occurred_at) > limit:
                 continue
-            yield upcast_envelope(Envelope.from_json(row.envelope_json))
+            yield upcast_envelope(Envelope.from_json(envelope_json))
 
 
 def _naive(ts: datetime) -> datetime:
@@ -101,45 +117,292 @@ def export_jsonl(session: Session, out: Path) -> int:
     count = 0
     out.parent.mkdir(parents=True, exist_ok=True)
     with out.open("w") as fh:
-        for row in session.exec(select(ArchivedEvent).order_by(ArchivedEvent.id)):
-            fh.write(row.envelope_json + "\n")
+        for envelope_json in session.exec(select(ArchivedEvent.envelope_json).order_by(ArchivedEvent.id)):
+            fh.write(envelope_json + "\n")
             count += 1
     return count
 
 
 @dataclass(frozen=True)
 class Projection:
-    """A read model: the tables it owns and how one event changes them."""
+    """A read model: the tables it owns and how one event changes them.
+
+    ``apply`` gets the registry's ORM session when it runs live and a
+    ``FoldSession`` during a rebuild, so it uses only ``get``, ``add`` and
+    ``flush``, makes its rows with ``new_row`` and treats them as plain
+    attributes (no ORM or pydantic methods, no relationships).
+    """
 
     name: str
     tables: Sequence[type[SQLModel]]
     apply: Callable[[Session, Envelope], None]
 
 
+class PlainRow:
+    """A row of a table model held as plain attributes: what a fold makes instead of an ORM instance.
+
+    ``plain_row_class(model)`` gives the class for a model, one slot per column.
+    A new row holds what a new ORM instance of the model holds once flushed:
+    each column not given takes the field's default (or default factory), and a
+    column left None that has a scalar column default takes that default (as
+    the INSERT would store it). Setting a column afterwards is an UPDATE:
+    None then stores NULL. Columns the database fills in (an autoincrement
+    key, a server-side or generated default) stay None until written.
+    """
+
+    __slots__ = ()
+    # Underscored, as no column of a model can be: the rest of the namespace is the columns'.
+    _model: ClassVar[type[SQLModel]]
+    # (attribute, default when not given, default factory or None, what None becomes)
+    _fill: ClassVar[tuple[tuple[str, Any, Callable[[], Any] | None, Any], ...]]
+    _key: ClassVar[Callable[[PlainRow], Any]]  # the primary key: a value, or a tuple of them
+
+    def __init__(self, **values: Any) -> None:
+        for name, default, factory, none in self._fill:
+            if factory is None:
+                value = values.pop(name, default)
+            else:
+                value = values.pop(name) if name in values else factory()
+            setattr(self, name, none if value is None else value)
+        if values:
+            raise TypeError(f"{self._model.__name__} has no column {', '.join(sorted(values))}")
+
+    def __repr__(self) -> str:
+        values = ", ".join(f"{name}={getattr(self, name)!r}" for name, *_ in self._fill)
+        return f"{type(self).__name__}({values})"
+
+
+_IMMUTABLE = (type(None), str, int, float, bool, bytes, datetime, tuple, frozenset)
+
+
+@lru_cache(maxsize=None)
+def plain_row_class(model: type[SQLModel]) -> type[PlainRow]:
+    """The ``PlainRow`` class of ``model``'s table (one per model)."""
+    mapper = inspect(model)
+    fill = []
+    for prop in mapper.column_attrs:
+        column = prop.columns[0]
+        field = model.model_fields.get(prop.key)
+        default, factory = None, None
+        if field is not None and not field.is_required():
+            if field.default_factory is None and isinstance(field.default, _IMMUTABLE):
+                default = field.default
+            else:  # a factory, or a mutable default the model copies for every instance
+                factory = partial(field.get_default, call_default_factory=True)
+        scalar = column.default is not None and column.default.is_scalar and not column.type.should_evaluate_none
+        fill.append((prop.key, default, factory, column.default.arg if scalar else None))
+    return type(f"{model.__name__}Row", (PlainRow,),
+                {"__slots__": tuple(name for name, *_ in fill), "__module__": __name__,
+                 "_model": model, "_fill": tuple(fill), "_key": attrgetter(*_primary_key(model))})
+
+
+def new_row(session: Session | FoldSession, model: type[Row], **values: Any) -> Row:
+    """A new row of ``model`` with ``values`` (not yet added): an instance of the model for an
+    ORM session, a ``PlainRow`` of it for a ``FoldSession``."""
+    if isinstance(session, FoldSession):
+        return session.new(model, values)
+    return model(**values)
+
+
+class FoldSession:
+    """The part of an ORM session a projection uses, over plain memory, for rebuilds.
+
+    A projection's apply function reads and writes its rows through three calls:
+    ``get(model, ident)``, ``add(row)`` and ``flush()``, and makes new rows with
+    ``new_row`` (here: ``PlainRow`` objects, far cheaper to make and change than
+    ORM instances). They work on a dict per model keyed by primary key, so
+    folding an event costs no SQL; what it holds at the end is what the tables
+    would hold after applying the same events one by one to a real session
+    (``write`` stores it).
+
+    - ``get`` takes the identity as a session does: a scalar, a tuple (primary
+      key columns in table order) or a dict by column name;
+    - ``add`` files a row (a ``PlainRow`` or an instance of the model) under its
+      primary key; adding another row with the same key raises, as a session's
+      flush would;
+    - a row whose primary key is still unset when added (an autoincrement
+      surrogate) is kept, in order, and given its id by the database when
+      written, so ``get`` cannot find it by id;
+    - ``flush`` has nothing to do: an added row is found straight away.
+    """
+
+    def __init__(self) -> None:
+        self._keyed: dict[type[SQLModel], dict[Any, Any]] = {}
+        self._unkeyed: dict[type[SQLModel], dict[int, Any]] = {}
+        self._classes: dict[type[SQLModel], type[PlainRow]] = {}
+
+    def new(self, model: type[SQLModel], values: dict[str, Any]) -> PlainRow:
+        """A new ``PlainRow`` of ``model`` (not yet added)."""
+        cls = self._classes.get(model)
+        if cls is None:
+            cls = self._classes[model] = plain_row_class(model)
+        return cls(**values)
+
+    def get(self, model: type[SQLModel], ident: Any) -> Any:
+        rows = self._keyed.get(model)
+        if rows is None:
+            return None
+        if isinstance(ident, dict):
+            ident = tuple(ident[name] for name in _primary_key(model))
+        if isinstance(ident, (tuple, list)):
+            ident = ident[0] if len(ident) == 1 else tuple(ident)
+        return rows.get(ident)
+
+    def add(self, row: Any) -> None:
+        if isinstance(row, PlainRow):
+            model, key = row._model, row._key(row)
+        else:
+            model, values = type(row), row.__dict__
+            key = tuple(values.get(name) for name in _primary_key(model))
+            key = key[0] if len(key) == 1 else key
+        if key is None or (type(key) is tuple and None in key):
+            self._unkeyed.setdefault(model, {})[id(row)] = row
+            return
+        rows = self._keyed.get(model)
+        if rows is None:
+            rows = self._keyed[model] = {}
+        held = rows.setdefault(key, row)
+        if held is not row:
+            raise ValueError(f"another {model.__name__} row is already held under {key!r}")
+
+    def flush(self) -> None:
+        """Nothing to write: rows are visible to ``get`` as soon as they are added."""
+
+    def rows(self, model: type[SQLModel]) -> list[Any]:
+        """Every row of ``model``: those with a key in the order first added, then the others."""
+        return [*self._keyed.get(model, {}).values(), *self._unkeyed.get(model, {}).values()]
+
+
+@lru_cache(maxsize=None)
+def _primary_key(model: type[SQLModel]) -> tuple[str, ...]:
+    mapper = inspect(model)
+    return tuple(mapper.get_property_by_column(column).key for column in mapper.primary_key)
+
+
+_OMIT = object()  # leave the column out of the INSERT: the database fills it in
+
+
+@lru_cache(maxsize=None)
+def _insert_plan(model: type[SQLModel]) -> tuple[tuple[str, str, Any], ...]:
+    """(attribute, column, what None becomes) for each column of ``model``'s table.
+
+    None becomes what an ORM flush of a new row would store: the column's scalar
+    default, or nothing at all (so the database's own default, a generated
+    default or the autoincrement applies), or NULL.
+    """
+    mapper = inspect(model)
+    plan = []
+    for prop in mapper.column_attrs:
+        if len(prop.columns) != 1:
+            continue
+        column = prop.columns[0]
+        if column.table is not mapper.local_table:
+            continue
+        if column.type.should_evaluate_none:
+            none = None
+        elif column.primary_key:
+            none = _OMIT
+        elif column.default is not None:
+            none = column.default.arg if column.default.is_scalar else _OMIT
+        elif column.server_default is not None:
+            none = _OMIT
+        else:
+            none = None
+        plan.append((prop.key, column.key, none))
+    return tuple(plan)
+
+
+def insert_parameters(model: type[SQLModel], rows: Iterable[Any]) -> list[list[dict[str, Any]]]:
+    """``rows`` as plain column dicts for Core's ``insert``, one list per set of columns given.
+
+    A ``PlainRow`` already holds its scalar defaults (see ``PlainRow``), so None
+    in it stores NULL, except where the database fills the column in. An
+    instance of the model is a row added but never flushed: None in it
+    becomes what its INSERT would store. Rows usually give the same columns,
+    so this is one list, inserted with one executemany.
+    """
+    plan = _insert_plan(model)
+    plain = [(column, none is _OMIT) for _, column, none in plan]  # PlainRow: None is NULL unless omitted
+    read = attrgetter(*(attribute for attribute, _, _ in plan)) if plan else None
+    groups: dict[tuple[str, ...], list[dict[str, Any]]] = {}
+    for row in rows:
+        params: dict[str, Any] = {}
+        if isinstance(row, PlainRow):
+            values = read(row) if len(plan) > 1 else (read(row),)
+            for (column, omit), value in zip(plain, values):
+                if value is None and omit:
+                    continue
+                params[column] = value
+        else:
+            values = row.__dict__
+            for attribute, column, none in plan:
+                value = values.get(attribute)
+                if value is None:
+                    if none is _OMIT:
+                        continue
+                    value = none
+                params[column] = value
+        groups.setdefault(tuple(params), []).append(params)
+    return list(groups.values())
+
+
+def fold(projections: Sequence[Projection], events: Iterable[Envelope],
+         progress: Callable[[int], None] | None = None) -> tuple[FoldSession, int]:
+    """Apply ``events`` in order to empty projections in memory; the rows and the count of events.
+
+    ``progress`` is told the count every 500 events.
+    """
+    session = FoldSession()
+    applies = [projection.apply for projection in projections]
+    count = 0
+    for envelope in events:
+        for apply in applies:
+            apply(session, envelope)
+        count += 1
+        if progress is not None and count % 500 == 0:
+            progress(count)
+    return session, count
+
+
+def _tables(projections: Iterable[Projection]) -> list[type[SQLModel]]:
+    """The projections' tables, parents before children."""
+    models = list({model: None for projection in projections for model in projection.tables})
+    order = {table: index for metadata in {model.metadata: None for model in models}
+             for index, table in enumerate(metadata.sorted_tables)}
+    return sorted(models, key=lambda model: order[model.__table__])
+
+
+def _empty(connection: Connection, models: Sequence[type[SQLModel]]) -> None:
+    for model in reversed(models):
+        connection.execute(delete(model.__table__))
+
+
 def reset(engine: Engine, projections: Iterable[Projection]) -> None:
-    with Session(engine) as session:
-        for projection in projections:
-            for table in projection.tables:
-                session.exec(delete(table))
-        session.commit()
+    """Empty the projections' tables."""
+    with engine.begin() as connection:
+        _empty(connection, _tables(projections))
+
+
+def write(engine: Engine, projections: Sequence[Projection], folded: FoldSession) -> None:
+    """Replace what the projections' tables hold with ``folded``'s rows, in one transaction."""
+    models = _tables(projections)
+    with engine.begin() as connection:
+        _empty(connection, models)
+        for model in models:
+            for params in insert_parameters(model, folded.rows(model)):
+                connection.execute(insert(model.__table__), params)
 
 
 def rebuild(engine: Engine, projections: Sequence[Projection], events: Iterable[Envelope],
             progress: Callable[[int], None] | None = None) -> int:
-    """Empty the projections' tables and apply ``events`` in order."""
+    """Rebuild the projections from ``events``: fold them in memory, then replace the tables' rows
+    with the result in one transaction. The count of events; ``progress`` as in ``fold``."""
     SQLModel.metadata.create_all(engine)
-    reset(engine, projections)
-    count = 0
-    with Session(engine) as session:
-        for envelope in events:
-            for projection in projections:
-                projection.apply(session, envelope)
-            count += 1
-            if count % 500 == 0:
-                session.commit()
-                if progress:
-                    progress(count)
-        session.commit()
+    for metadata in {model.metadata: None for model in _tables(projections)}:
+        if metadata is not SQLModel.metadata:
+            metadata.create_all(engine)
+    folded, count = fold(projections, events, progress)
+    write(engine, projections, folded)
     return count
 
 

@@ -15,7 +15,7 @@ from typing import Any, Mapping
 
 from sqlmodel import Field, Session, SQLModel
 
-from services.registry.rows import dumps, get_or_new, json_field, utc
+from services.registry.rows import dumps, get_or_new, json_field, new_row, utc
 from shared.archive import Projection
 from shared.envelope import Envelope
 
@@ -164,7 +164,8 @@ def _channel_event(session: Session, event: Envelope, action: str) -> None:
     p = event.payload
     if session.get(ChannelEvent, event.event_id) is not None:
         return
-    session.add(ChannelEvent(
+    session.add(new_row(
+        session, ChannelEvent,
         event_id=event.event_id, channel=p["channel"], action=action, at=utc(event.occurred_at),
         adapter_sha256=p.get("adapter_sha256"), adapter_uri=p.get("adapter_uri"),
         previous_adapter_sha256=p.get("previous_adapter_sha256"),

@@ -189,10 +189,11 @@ def _apply_training(session: Session, event: Envelope) -> None:
         row.started_at = utc(p.get("started_at") or event.occurred_at)
     elif etype == "training.progressed":
         metrics = p.get("metrics") if isinstance(p.get("metrics"), Mapping) else {}
-        loss = _number(_first(p, ("loss", "train_loss")) if _first(p, ("loss", "train_loss")) is not None
-                       else _first(metrics, ("loss", "train_loss")))
-        step = _first(p, ("step", "global_step")) if _first(p, ("step", "global_step")) is not None \
-            else _first(metrics, ("step", "global_step"))
+        loss = _first(p, ("loss", "train_loss"))
+        loss = _number(loss if loss is not None else _first(metrics, ("loss", "train_loss")))
+        step = _first(p, ("step", "global_step"))
+        if step is None:
+            step = _first(metrics, ("step", "global_step"))
         if loss is not None:
             curve = loads(row.loss_curve_json, [])
             point = {"step": int(step) if isinstance(step, (int, float)) else len(curve) + 1, "loss": loss}
@@ -246,9 +247,9 @@ def _apply_validation(session: Session, event: Envelope) -> None:
         cycle = p.get("cycle")
         if any(r.get("cycle") == cycle for r in records):
             return  # a soak cycle reported twice counts once
+        at = event.occurred_at.isoformat()
         records.append({"cycle": cycle, "outcome": p.get("outcome"), "score": p.get("score"),
-                        "vetoes": p.get("vetoes") or [], "reason": p.get("reason"),
-                        "at": event.occurred_at.isoformat()})
+                        "vetoes": p.get("vetoes") or [], "reason": p.get("reason"), "at": at})
         row.records_json = dumps(records)
         row.cycles_done = len(records)
         row.cycles_passed = sum(1 for r in records if r["outcome"] == "pass")
@@ -258,7 +259,7 @@ def _apply_validation(session: Session, event: Envelope) -> None:
         row.failing_streak = int(p.get("failing_streak") or 0)
         load = loads(row.load_json, [])
         for replica in p.get("replicas") or []:
-            load.append({"cycle": cycle, "at": event.occurred_at.isoformat(), **replica})
+            load.append({"cycle": cycle, "at": at, **replica})
             row.episodes_total += int(replica.get("episodes") or 0)
         row.load_json = dumps(load)
         incidents = loads(row.incidents_json, [])

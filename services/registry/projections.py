@@ -19,7 +19,7 @@ from datetime import datetime
 
 from sqlmodel import Field, Session, SQLModel
 
-from shared.archive import Projection
+from shared.archive import Projection, new_row
 from shared.envelope import Envelope
 
 
@@ -39,9 +39,9 @@ class StreamHead(SQLModel, table=True):
 def apply_stream_head(session: Session, event: Envelope) -> None:
     row = session.get(StreamHead, (event.aggregate_type, event.aggregate_id))
     if row is None:
-        row = StreamHead(aggregate_type=event.aggregate_type, aggregate_id=event.aggregate_id,
-                         last_sequence=event.sequence, last_type=event.type, last_event_id=event.event_id,
-                         last_event_at=event.occurred_at, event_count=0)
+        row = new_row(session, StreamHead, aggregate_type=event.aggregate_type, aggregate_id=event.aggregate_id,
+                      last_sequence=event.sequence, last_type=event.type, last_event_id=event.event_id,
+                      last_event_at=event.occurred_at, event_count=0)
     if event.sequence >= row.last_sequence:
         row.last_sequence = event.sequence
         row.last_type = event.type

@@ -14,6 +14,7 @@ from typing import Any, TypeVar
 from sqlalchemy import Column, Text
 from sqlmodel import Field, Session, SQLModel
 
+from shared.archive import FoldSession, new_row
 from shared.signing import parse_time
 
 Row = TypeVar("Row", bound=SQLModel)
@@ -23,8 +24,12 @@ def json_field(default: str = "{}", **kw):
     return Field(default=default, sa_column=Column(Text, nullable=False, default=default), **kw)
 
 
+# json.dumps with arguments builds an encoder per call; this one gives the same text.
+_ENCODER = json.JSONEncoder(sort_keys=True, separators=(",", ":"), default=str)
+
+
 def dumps(value: Any) -> str:
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
+    return _ENCODER.encode(value)
 
 
 def loads(text: str | None, default: Any = None) -> Any:
@@ -50,14 +55,14 @@ def iso_z(value: datetime | None) -> str | None:
     return value.isoformat().replace("+00:00", "Z") if value else None
 
 
-def get_or_new(session: Session, model: type[Row], key: dict[str, Any]) -> tuple[Row, bool]:
-    """The row with natural key ``key``, or a new one already in the session (flushed, so the
-    next event of the same batch finds it)."""
+def get_or_new(session: Session | FoldSession, model: type[Row], key: dict[str, Any]) -> tuple[Row, bool]:
+    """The row with natural key ``key``, or a new one (``new_row``) already in the session
+    (flushed, so the next event of the same batch finds it)."""
     ident = tuple(key.values()) if len(key) > 1 else next(iter(key.values()))
     row = session.get(model, ident)
     if row is not None:
         return row, False
-    row = model(**key)
+    row = new_row(session, model, **key)
     session.add(row)
     session.flush()
     return row, True
