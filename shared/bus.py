@@ -143,13 +143,14 @@ def _failed(span: trace.Span, exc: Exception) -> None:
 
 
 class _SpanGroup:
-    """The events of one ``publish_many`` call that share a parent context and a type, and their span."""
+    """The events of one ``publish_many`` call that share a parent context, a type and a version, and their span."""
 
     __slots__ = ("span", "headers", "envelopes")
 
-    def __init__(self, span: trace.Span) -> None:
+    def __init__(self, span: trace.Span, first: Envelope) -> None:
         self.span = span
-        self.headers = span_headers(span)
+        # what event_headers writes, but the event id: the same for every event of the group
+        self.headers = event_headers(first, span_headers(span))[:-1]
         self.envelopes: list[Envelope] = []
 
     def end(self) -> None:
@@ -256,7 +257,7 @@ class Publisher:
 
         Each event is validated and serialised as ``publish`` does. Tracing
         follows OpenTelemetry's batch publishing: the events that share a parent
-        context (``contexts``, one per event) and a type get one producer span,
+        context (``contexts``, one per event), a type and a version get one producer span,
         ``publish <type>``, which every one of them names as its parent in its
         ``traceparent`` header; a group of one event carries the attributes
         ``publish`` sets, a larger one its size (``messaging.batch.message_count``),
@@ -288,14 +289,14 @@ class Publisher:
                 if context is not last_context or parent is None:
                     parent = trace.get_current_span(context).get_span_context()
                     last_context = context
-                group_key = (parent.trace_id, parent.span_id, envelope.type)
+                group_key = (parent.trace_id, parent.span_id, envelope.type, envelope.schema_version)
                 group = groups.get(group_key)
                 if group is None:
-                    group = groups[group_key] = _SpanGroup(self._span(envelope, topic, context, one_event=False))
+                    group = groups[group_key] = _SpanGroup(self._span(envelope, topic, context, one_event=False), envelope)
                 group.envelopes.append(envelope)
                 key = envelope.aggregate_id.encode()
                 value = envelope.to_json()
-                headers = event_headers(envelope, group.headers)
+                headers = [*group.headers, ("event_id", envelope.event_id.encode())]  # as event_headers
                 # headers are a few hundred bytes: only a large value can take a record past the limit
                 if len(value) + len(key) > MAX_REQUEST_SIZE // 2 and (
                         size := DefaultRecordBatchBuilder.estimate_size_in_bytes(key, value, headers)) > MAX_REQUEST_SIZE:
