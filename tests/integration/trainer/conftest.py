@@ -25,3 +25,4 @@ def texts(tmp_path_factory) -> list[str]:
     path = tmp_path_factory.mktemp("dataset") / "demo.jsonl"
     build_demo_dataset(path, records=48)
     return load_jsonl(path)
+

@@ -10,18 +10,13 @@ from peft import PeftModel
 
 from services.trainer.ml.mntp import MntpConfig, evaluate_mntp, train_mntp
 from services.trainer.ml.models import load_model
+from tests.integration.trainer.resume_support import crash_then_resume, same_adapter
 
 
 def _config(**changes) -> MntpConfig:
     base = dict(model="tiny", steps=6, batch_size=4, max_length=48, learning_rate=5e-3,
                 progress_every=2, checkpoint_every=0, warmup_steps=1, seed=7)
     return MntpConfig(**{**base, **changes})
-
-
-def _adapter_tensors(folder):
-    from safetensors.torch import load_file
-
-    return load_file(str(folder / "adapter_model.safetensors"))
 
 
 def test_trained_adapter_reloads_to_the_same_logits(model_cache, texts, tmp_path):
@@ -67,34 +62,16 @@ def test_evaluation_is_deterministic(model_cache, texts):
     assert first != other_masks
 
 
-class Crash(RuntimeError):
-    pass
-
-
 def test_resume_continues_from_the_checkpoint_step(model_cache, texts, tmp_path):
     config = _config(steps=6, checkpoint_every=3, progress_every=1)
-
-    def crash_after_step_4(point):
-        if point["step"] == 4:
-            raise Crash("simulated crash")
-
-    with pytest.raises(Crash):
-        train_mntp(config, texts, tmp_path / "crashed", model_cache, progress=crash_after_step_4)
-    checkpoint = tmp_path / "crashed" / "checkpoint"
-    assert (checkpoint / "trainer_state.pt").exists()
-
-    resumed_points = []
-    resumed = train_mntp(config, texts, tmp_path / "crashed", model_cache, progress=resumed_points.append,
-                         resume_from=checkpoint)
+    resumed, resumed_points = crash_then_resume(train_mntp, config, texts, tmp_path / "crashed", model_cache, crash_at=4)
     assert resumed.resumed_from_step == 3
     assert [p["step"] for p in resumed_points] == [4, 5, 6]
     assert [p["checkpoint_step"] for p in resumed_points] == [3, 3, 3]
 
     straight = train_mntp(config, texts, tmp_path / "straight", model_cache)
     # Batches, masks, dropout and optimiser state are all restored: the same adapter.
-    a, b = _adapter_tensors(resumed.adapter_dir), _adapter_tensors(straight.adapter_dir)
-    assert a.keys() == b.keys()
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert same_adapter(resumed.adapter_dir, straight.adapter_dir)
     assert resumed.metrics == straight.metrics
 
 

@@ -10,6 +10,7 @@ from peft import PeftModel
 
 from services.trainer.ml.models import load_model
 from services.trainer.ml.rl import RlConfig, group_advantages, train_rl
+from tests.integration.trainer.resume_support import crash_then_resume, same_adapter
 
 
 def test_group_advantages_are_relative_to_the_group():
@@ -68,29 +69,13 @@ def test_kl_penalty_is_zero_while_the_adapter_is_untrained(model_cache):
     assert policy_loss(model, rollout, advantages, 1.0, kl_coef=0.5) > policy_loss(model, rollout, advantages, 1.0, kl_coef=0.0)
 
 
-class Crash(RuntimeError):
-    pass
-
-
 @pytest.mark.filterwarnings("ignore:Model has `tie_word_embeddings=True`")
 def test_rl_resume_continues_from_the_checkpoint_step(model_cache, tmp_path):
     config = RlConfig(model="tiny", steps=6, learning_rate=3e-2, reward="length_target",
                       reward_params={"target": 20}, group_size=4, prompts_per_step=2, max_new_tokens=6,
                       eval_prompts=4, checkpoint_every=3, seed=3)
     prompts = [f"Item {i}:" for i in range(8)]
-
-    def crash_after_step_4(point):
-        if point["step"] == 4:
-            raise Crash("simulated crash")
-
-    with pytest.raises(Crash):
-        train_rl(config, prompts, tmp_path / "crashed", model_cache, progress=crash_after_step_4)
-    checkpoint = tmp_path / "crashed" / "checkpoint"
-    assert (checkpoint / "trainer_state.pt").exists()
-
-    resumed_points = []
-    resumed = train_rl(config, prompts, tmp_path / "crashed", model_cache, progress=resumed_points.append,
-                       resume_from=checkpoint)
+    resumed, resumed_points = crash_then_resume(train_rl, config, prompts, tmp_path / "crashed", model_cache, crash_at=4)
     assert resumed.resumed_from_step == 3
     assert [p["step"] for p in resumed_points] == [4, 5, 6]
     assert [p["checkpoint_step"] for p in resumed_points] == [3, 3, 3]
@@ -99,10 +84,6 @@ def test_rl_resume_continues_from_the_checkpoint_step(model_cache, tmp_path):
     straight = train_rl(config, prompts, tmp_path / "straight", model_cache, progress=straight_points.append)
     # Rollout sampling, optimiser and scheduler state are restored: the same rewards, the same adapter.
     assert [p["reward_mean"] for p in resumed_points] == [p["reward_mean"] for p in straight_points[3:]]
-    from safetensors.torch import load_file
-
-    a = load_file(str(resumed.adapter_dir / "adapter_model.safetensors"))
-    b = load_file(str(straight.adapter_dir / "adapter_model.safetensors"))
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert same_adapter(resumed.adapter_dir, straight.adapter_dir)
     assert resumed.metrics == straight.metrics
     assert [p["step"] for p in resumed.curve] == [1, 2, 3, 4, 5, 6]

@@ -158,7 +158,8 @@ def _note_events() -> list:
             for n in range(12)]
 
 
-def test_rows_with_surrogate_ids_are_all_written(engine):
+def _notes_rebuilt_as_applied(engine) -> None:
+    """Apply the note events one by one, rebuild them, and find the same tables."""
     events = _note_events()
     one_by_one(engine, [NOTES], events)
     applied = digests(engine, [NOTES], ignore=("id",))
@@ -166,6 +167,10 @@ def test_rows_with_surrogate_ids_are_all_written(engine):
     rebuild(engine, [NOTES], events)
 
     assert digests(engine, [NOTES], ignore=("id",)) == applied
+
+
+def test_rows_with_surrogate_ids_are_all_written(engine):
+    _notes_rebuilt_as_applied(engine)
     with Session(engine) as session:
         notes = session.exec(select(Note)).all()
         tallies = {t.name: t.count for t in session.exec(select(Tally)).all()}
@@ -174,13 +179,7 @@ def test_rows_with_surrogate_ids_are_all_written(engine):
 
 
 def test_defaults_and_rows_changed_after_they_were_made_are_stored_as_one_by_one(engine):
-    events = _note_events()
-    one_by_one(engine, [NOTES], events)
-    applied = digests(engine, [NOTES], ignore=("id",))
-
-    rebuild(engine, [NOTES], events)
-
-    assert digests(engine, [NOTES], ignore=("id",)) == applied
+    _notes_rebuilt_as_applied(engine)
     with Session(engine) as session:
         tallies = {t.name: t for t in session.exec(select(Tally)).all()}
         kinds = [note.kind for note in session.exec(select(Note)).all()]
