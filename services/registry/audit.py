@@ -12,7 +12,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, select
 
-from shared.archive import ArchivedEvent, Projection, export_jsonl, iter_archive, rebuild, table_digest
+from shared.archive import ArchivedEvent, Projection, export_jsonl, iter_archive, paused_gc, rebuild, table_digest
 from shared.bus import MalformedEvent, Publisher, decode, event_headers
 from shared.db import engine_for
 from shared.envelope import Envelope, iso
@@ -40,9 +40,10 @@ def replay_from_archive(settings: Settings, projections: list[Projection] | None
     projections = projections or all_projections()
     source = registry_engine(settings)
     target = engine or source
-    with Session(source) as session:
-        events = list(iter_archive(session))
-    return rebuild(target, projections, events, progress)
+    with paused_gc():
+        with Session(source) as session:
+            events = list(iter_archive(session))
+        return rebuild(target, projections, events, progress)
 
 
 async def read_log(settings: Settings, timeout_s: float = 5.0) -> tuple[list[Envelope], int]:
@@ -91,8 +92,9 @@ async def _partitions(consumer: AIOKafkaConsumer, aggregate: str) -> set[int]:
 
 
 def replay_from_log(settings: Settings, progress: Callable[[int], None] | None = None) -> tuple[int, int]:
-    events, malformed = asyncio.run(read_log(settings))
-    return rebuild(registry_engine(settings), all_projections(), events, progress), malformed
+    with paused_gc():
+        events, malformed = asyncio.run(read_log(settings))
+        return rebuild(registry_engine(settings), all_projections(), events, progress), malformed
 
 
 async def republish(settings: Settings, force: bool = False) -> int:
@@ -149,13 +151,14 @@ def audit_at(settings: Settings, at: datetime, *, profile: str | None = None, ch
     """
     if at.tzinfo is None:
         raise ValueError("give the moment with its timezone, e.g. 2025-03-04T14:03:00Z")
-    with Session(registry_engine(settings)) as session:
+    with paused_gc(), Session(registry_engine(settings)) as session:
         events = list(iter_archive(session, until=at))
     with tempfile.TemporaryDirectory(prefix="neurons-audit-at-") as tmp:
         url = f"sqlite:///{tmp}/at.db"
         scratch = engine_for(url)
         try:
-            rebuild(scratch, all_projections(), events)
+            with paused_gc():
+                rebuild(scratch, all_projections(), events)
             with Session(scratch) as session:
                 answer = queries.served_at(session, profile=profile, channel=channel)
         finally:
