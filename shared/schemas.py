@@ -6,10 +6,10 @@ older versions in the log and archive: ``upcast`` walks a registered chain of
 upcasters (one per step N -> N+1) until the payload is current.
 
 ``jsonschema`` is the reference validator: it decides, and its message is the
-reason a payload is refused. A payload is first offered to a validator compiled
-with ``fastjsonschema``; what that one accepts the reference accepts too, and
-only what it refuses goes on to the reference. A schema that uses a keyword
-outside the subset both libraries read alike gets no compiled validator.
+reason a payload is refused. A payload is first offered to the same schema
+compiled by ``jsonschema_rs`` (draft 2020-12 too, formats not asserted, as
+the reference does not assert them); what that one accepts the reference
+accepts too, and only what it refuses goes on to the reference.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Callable, Mapping
 
-import fastjsonschema
+import jsonschema_rs
 from jsonschema import Draft202012Validator
 from jsonschema.exceptions import ValidationError
 
@@ -65,13 +65,9 @@ Acceptance = Callable[[dict[str, Any]], bool]
 def compiled() -> dict[tuple[str, int], Acceptance]:
     """Per schema, a fast test: True means valid; False means only that the reference must decide."""
     registry()  # every schema is checked against the metaschema first
-    tests: dict[tuple[str, int], Acceptance] = {}
-    for key, schema in _schemas().items():
-        draft07 = _as_draft07(schema, root=True)
-        if draft07 is not None:
-            validate = fastjsonschema.compile(draft07, use_default=False, use_formats=False)
-            tests[key] = _acceptance(validate, arrays=_has_array_type(schema))
-    return tests
+    return {key: _acceptance(jsonschema_rs.Draft202012Validator(schema, validate_formats=False, offline=True),
+                             arrays=_has_array_type(schema))
+            for key, schema in _schemas().items()}
 
 
 @lru_cache(maxsize=1)
@@ -111,74 +107,15 @@ def validate_payload(event_type: str, version: int, payload: dict[str, Any]) -> 
         raise SchemaError(f"{event_type} v{version}: {where}: {exc.message}") from None
 
 
-# fastjsonschema implements draft-07. With formats off (jsonschema asserts no
-# format either) and no defaults filled in, it reads the keywords below as
-# draft 2020-12 does, with three differences that are handled: a keyword beside
-# a $ref is ignored in draft-07 (so it moves into an allOf with the $ref); a
-# tuple passes for an array (``_has_tuple`` sends such payloads to the
-# reference); and '$' in a pattern matches only at the very end, which is
-# stricter than re.search and so only sends more payloads to the reference, as
-# long as '$' is the pattern's last character.
-_ONE_SUBSCHEMA = ("additionalProperties", "items", "not", "if", "then", "else")
-_SUBSCHEMA_LISTS = ("allOf", "anyOf", "oneOf")
-_SUBSCHEMA_MAPS = ("properties", "$defs")
-_ASSERTIONS = ("type", "required", "minLength", "maxLength", "minimum", "maximum", "exclusiveMinimum",
-               "exclusiveMaximum", "minItems", "maxItems", "minProperties", "maxProperties", "format")
-_ANNOTATIONS = ("$schema", "$comment", "title", "description", "default", "examples", "deprecated", "readOnly",
-                "writeOnly")
-_SCALARS = (str, int, float, bool, type(None))
-
-
-def _as_draft07(schema: Any, root: bool = False) -> Any:
-    """``schema`` as fastjsonschema should compile it, or None when it uses a keyword outside the subset."""
-    if isinstance(schema, bool):
-        return schema
-    if not isinstance(schema, dict):
-        return None
-    out: dict[str, Any] = {}
-    for keyword, value in schema.items():
-        if keyword in _ONE_SUBSCHEMA:
-            value = _as_draft07(value)
-            if value is None:
-                return None
-        elif keyword in _SUBSCHEMA_LISTS:
-            if not isinstance(value, list):
-                return None
-            value = [_as_draft07(s) for s in value]
-            if any(s is None for s in value):
-                return None
-        elif keyword in _SUBSCHEMA_MAPS:
-            if not isinstance(value, dict):
-                return None
-            value = {name: _as_draft07(s) for name, s in value.items()}
-            if any(s is None for s in value.values()):
-                return None
-        elif keyword == "$id":
-            if not root:  # a nested $id moves the base that $refs resolve against
-                return None
-            continue  # every $ref is to this document's $defs, whatever its id
-        elif keyword == "$ref":
-            # only a whole $defs entry: a pointer deeper into this document could cross a rewritten node
-            if not isinstance(value, str) or not value.startswith("#/$defs/") or "/" in value[len("#/$defs/"):]:
-                return None
-        elif keyword == "enum":
-            if not isinstance(value, list) or not all(isinstance(v, _SCALARS) for v in value):
-                return None
-        elif keyword == "const":
-            if not isinstance(value, _SCALARS):
-                return None
-        elif keyword == "pattern":
-            if not isinstance(value, str) or "$" in value[:-1] or value.endswith("\\$"):
-                return None
-        elif keyword not in _ASSERTIONS and keyword not in _ANNOTATIONS:
-            return None
-        out[keyword] = value
-    if "$ref" in out and len(out) > 1:
-        out = {"allOf": [{"$ref": out.pop("$ref")}, out]}
-    return out
+# Where the compiled validator reads a payload differently from the reference:
+# a tuple passes for an array (``_has_tuple`` sends such payloads to the
+# reference), a key that is not a string makes it raise (the reference
+# decides), and '$' in a pattern matches only at the very end, which is
+# stricter than re.search and so only sends more payloads to the reference.
 
 
 def _has_array_type(schema: Any) -> bool:
+    """Whether any subschema anywhere in ``schema`` admits arrays by type."""
     if isinstance(schema, list):
         return any(_has_array_type(s) for s in schema)
     if not isinstance(schema, dict):
@@ -186,8 +123,7 @@ def _has_array_type(schema: Any) -> bool:
     kind = schema.get("type")
     if kind == "array" or (isinstance(kind, list) and "array" in kind):
         return True
-    return any(_has_array_type(v) for k, v in schema.items() if k in _ONE_SUBSCHEMA or k in _SUBSCHEMA_LISTS) or any(
-        _has_array_type(s) for k in _SUBSCHEMA_MAPS for s in (schema.get(k) or {}).values())
+    return any(_has_array_type(v) for v in schema.values() if isinstance(v, (dict, list)))
 
 
 def _has_tuple(value: Any) -> bool:
@@ -204,15 +140,16 @@ def _has_tuple(value: Any) -> bool:
     return isinstance(value, tuple)
 
 
-def _acceptance(validate: Callable[[Any], Any], arrays: bool) -> Acceptance:
+def _acceptance(validator: Any, arrays: bool) -> Acceptance:
+    is_valid = validator.is_valid
+
     def accepts(payload: dict[str, Any]) -> bool:
         if arrays and _has_tuple(payload):
             return False
         try:
-            validate(payload)
-        except Exception:  # refused, or data the generated code cannot handle: the reference decides
+            return is_valid(payload)
+        except Exception:  # data it cannot read (a key that is not a string, say): the reference decides
             return False
-        return True
 
     return accepts
 
