@@ -19,7 +19,7 @@ import hashlib
 import json
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timezone
 from functools import lru_cache, partial
 from operator import attrgetter
 from pathlib import Path
@@ -104,7 +104,8 @@ def iter_archive(session: Session, until: datetime | None = None, batch: int = 5
 
 
 def _naive(ts: datetime) -> datetime:
-    return ts.replace(tzinfo=None) if ts.tzinfo else ts
+    """A time as the archive stores it: UTC without a zone (a time with another zone is converted first)."""
+    return ts.astimezone(timezone.utc).replace(tzinfo=None) if ts.tzinfo else ts
 
 
 def upcast_envelope(envelope: Envelope) -> Envelope:

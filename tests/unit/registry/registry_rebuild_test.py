@@ -254,7 +254,10 @@ def test_the_archive_reads_back_in_order_in_batches_up_to_a_moment(engine):
         session.commit()
         every = list(iter_archive(session, batch=2))
         until = list(iter_archive(session, until=start + timedelta(minutes=2), batch=2))
+        # the same moment written in another zone
+        elsewhere = list(iter_archive(session, until=datetime(2025, 3, 4, 16, 2, tzinfo=timezone(timedelta(hours=2)))))
 
     assert [e.event_id for e in every] == [e.event_id for e in events]
     assert every[0] == events[0]
     assert [e.aggregate_id for e in until] == ["cyc-0", "cyc-1", "cyc-2"]
+    assert [e.aggregate_id for e in elsewhere] == ["cyc-0", "cyc-1", "cyc-2"]
