@@ -81,7 +81,8 @@ def bench_step(cache_dir: Path, model: str, steps: int, batch: int, seq_len: int
 
     from services.trainer.ml.config import MntpConfig
     from services.trainer.ml.lora import attach_configured_lora
-    from services.trainer.ml.mntp import IGNORE, MaskedBatches, WarmupLinear, bidirectional_mask, masked_logits
+    from services.trainer.ml.bench import BareLoop
+    from services.trainer.ml.mntp import MaskedBatches, WarmupLinear, masked_logits
     from services.trainer.ml.models import load_model, mask_token_id, offline
 
     offline()
@@ -100,10 +101,9 @@ def bench_step(cache_dir: Path, model: str, steps: int, batch: int, seq_len: int
     base_model = loaded.model.to(device=device, dtype=getattr(torch, dtype))
     peft_model = attach_configured_lora(base_model, config).to(device)
     peft_model.train()
-    core = peft_model.get_base_model()
-    decoder, head = core.get_decoder(), core.get_output_embeddings()
     if compile:
-        decoder.compile()  # in place: both sides call the same compiled decoder
+        # in place: both sides call the same compiled decoder
+        peft_model.get_base_model().get_decoder().compile()
 
     generator = torch.Generator().manual_seed(0)
     sequences = torch.randint(3, len(tokenizer), (batch * 8, seq_len), generator=generator).tolist()
@@ -134,27 +134,12 @@ def bench_step(cache_dir: Path, model: str, steps: int, batch: int, seq_len: int
         return built.tokens
 
     # The bare loop: the same batches, made beforehand and already on the device.
-    prepared = []
-    for index in range(warmup + steps):
-        built = batches.batch(index)
-        selected = built.labels[:, 1:] != IGNORE
-        prepared.append((built.input_ids.to(device), bidirectional_mask(built.attention_mask).to(device),
-                         selected.to(device), built.labels[:, 1:][selected].to(device), built.tokens))
-    bare_optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=0.0)
-
-    def bare_step(index: int) -> int:
-        input_ids, mask, selected, targets, tokens = prepared[index]
-        hidden = decoder(input_ids=input_ids, attention_mask=mask).last_hidden_state
-        loss = F.cross_entropy(head(hidden[:, :-1][selected]).float(), targets)
-        loss.backward()
-        bare_optimizer.step()
-        bare_optimizer.zero_grad(set_to_none=True)
-        return tokens
+    bare_loop = BareLoop(peft_model, batches, warmup + steps, config.learning_rate, device)
 
     started = time.perf_counter()
     for index in range(warmup):  # first calls allocate, and compile when asked
         platform_step(index)
-        bare_step(index)
+        bare_loop.step(index)
     sync()
     warmup_s = time.perf_counter() - started
 
@@ -164,7 +149,7 @@ def bench_step(cache_dir: Path, model: str, steps: int, batch: int, seq_len: int
         for side in ("platform", "bare") if offset % 2 == 0 else ("bare", "platform"):
             sync()
             begun = time.perf_counter()
-            tokens = platform_step(index) if side == "platform" else bare_step(index)
+            tokens = platform_step(index) if side == "platform" else bare_loop.step(index)
             sync()
             rates[side].append(tokens / (time.perf_counter() - begun))
     float(window_loss)  # the loop's one host read of the loss

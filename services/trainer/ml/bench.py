@@ -28,6 +28,40 @@ from services.trainer.ml.models import load_model, mask_token_id, offline, torch
 log = logging.getLogger("neurons.trainer.bench")
 
 
+class BareLoop:
+    """The baseline of the trainer benchmarks: forward, backward and an AdamW step, nothing else.
+
+    It trains on batches ``0..count-1`` of ``batches``, built beforehand (and
+    moved to ``device`` when given), so it does the platform's work on the
+    same data without building anything per step.
+    """
+
+    def __init__(self, peft_model: Any, batches: MaskedBatches, count: int, learning_rate: float,
+                 device: Any = None) -> None:
+        base = peft_model.get_base_model()
+        self.decoder, self.head = base.get_decoder(), base.get_output_embeddings()
+        self.prepared = []
+        for index in range(count):
+            built = batches.batch(index)
+            selected = built.labels[:, 1:] != IGNORE
+            tensors = (built.input_ids, bidirectional_mask(built.attention_mask), selected, built.labels[:, 1:][selected])
+            if device is not None:
+                tensors = tuple(t.to(device) for t in tensors)
+            self.prepared.append((*tensors, built.tokens))
+        params = [p for p in peft_model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=0.0)
+
+    def step(self, index: int) -> int:
+        """One step on batch ``index``; the tokens it trained on."""
+        input_ids, mask, selected, targets, tokens = self.prepared[index]
+        hidden = self.decoder(input_ids=input_ids, attention_mask=mask).last_hidden_state
+        loss = F.cross_entropy(self.head(hidden[:, :-1][selected]).float(), targets)
+        loss.backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return tokens
+
+
 def bench_trainer(
     model: str = "tiny",
     steps: int = 40,
@@ -57,34 +91,14 @@ def _bench(model: str, steps: int, batch: int, seq_len: int, cache_dir: Path | N
 
     # The bare loop gets the very batches the platform builds at each step, made
     # beforehand, so both do equal work (masked counts vary between batches).
-    prepared = []
-    for index in range(steps + 1):
-        built = batches.batch(index)
-        selected = built.labels[:, 1:] != IGNORE
-        prepared.append((built.input_ids, bidirectional_mask(built.attention_mask), selected, built.labels[:, 1:][selected], built.tokens))
-    bare_params = [p for p in peft_model.parameters() if p.requires_grad]
-    bare_optimizer = torch.optim.AdamW(bare_params, lr=config.learning_rate, weight_decay=0.0)
-    base = peft_model.get_base_model()
-    decoder, head = base.get_decoder(), base.get_output_embeddings()
-
-    def bare_steps(first: int, count: int) -> int:
-        tokens = 0
-        for index in range(first, first + count):
-            input_ids, mask, selected, targets, batch_tokens = prepared[index]
-            hidden = decoder(input_ids=input_ids, attention_mask=mask).last_hidden_state
-            loss = F.cross_entropy(head(hidden[:, :-1][selected]).float(), targets)
-            loss.backward()
-            bare_optimizer.step()
-            bare_optimizer.zero_grad(set_to_none=True)
-            tokens += batch_tokens
-        return tokens
+    bare = BareLoop(peft_model, batches, steps + 1, config.learning_rate)
 
     def report(*_: Any) -> None:
         pass
 
     step = 0
     loop.run(step, step + 1, report)  # warm-up of both paths: first calls allocate
-    bare_steps(0, 1)
+    bare.step(0)
     step += 1
     rates: dict[str, list[float]] = {"platform": [], "bare": []}
     for index in range(steps):
@@ -97,7 +111,7 @@ def _bench(model: str, steps: int, batch: int, seq_len: int, cache_dir: Path | N
                 loop.run(step, step + 1, report)
                 tokens = loop.tokens - tokens_before
             else:
-                tokens = bare_steps(step, 1)
+                tokens = bare.step(step)
             rates[side].append(tokens / (time.perf_counter() - started))
         step += 1
 
