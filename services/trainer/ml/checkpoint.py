@@ -69,5 +69,19 @@ def restore_rng(state: dict[str, Any]) -> None:
     random.setstate(state["python_rng"])
 
 
+def resume(state: dict[str, Any], optimizer: Any, scheduler: Any, config: Any) -> tuple[int, list[str]]:
+    """Put a run back where its checkpoint ``state`` left it: optimiser, scheduler and random state.
+
+    Returns the step to continue from and the configuration keys whose values
+    differ from those the checkpoint was written with.
+    """
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    restore_rng(state)
+    current = config.to_dict()
+    changed = sorted(k for k, v in state["extra"].get("config", {}).items() if current.get(k) != v)
+    return int(state["step"]), changed
+
+
 def checkpoint_adapter(folder: Path) -> Path:
     return Path(folder) / ADAPTER

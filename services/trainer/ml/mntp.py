@@ -19,7 +19,7 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from services.trainer.ml.checkpoint import checkpoint_adapter, load_checkpoint, restore_rng, save_checkpoint
+from services.trainer.ml.checkpoint import checkpoint_adapter, load_checkpoint, resume, save_checkpoint
 from services.trainer.ml.config import MntpConfig
 from services.trainer.ml.lora import attach_configured_lora, lora_settings
 from services.trainer.ml.models import load_model, mask_token_id, offline, torch_threads
@@ -369,11 +369,7 @@ def _train_mntp(
     start_step, curve, prior_tokens = 0, [], 0
     saved = {"step": None}  # the latest checkpoint, reported with progress
     if state:
-        loop.optimizer.load_state_dict(state["optimizer"])
-        loop.scheduler.load_state_dict(state["scheduler"])
-        restore_rng(state)
-        start_step = int(state["step"])
-        changed = sorted(k for k, v in state["extra"].get("config", {}).items() if config.to_dict().get(k) != v)
+        start_step, changed = resume(state, loop.optimizer, loop.scheduler, config)
         if changed:
             log.warning("mntp %s: resuming with a changed configuration (%s)", context, ", ".join(changed))
         saved["step"] = start_step

@@ -27,7 +27,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from services.trainer.ml.checkpoint import checkpoint_adapter, load_checkpoint, restore_rng, save_checkpoint
+from services.trainer.ml.checkpoint import checkpoint_adapter, load_checkpoint, resume, save_checkpoint
 from services.trainer.ml.config import RlConfig
 from services.trainer.ml.lora import attach_configured_lora, lora_settings
 from services.trainer.ml.models import load_model, offline, torch_threads
@@ -216,14 +216,11 @@ def _train_rl(
     tokens_total, train_seconds, start_step = 0, 0.0, 0
     saved = {"step": None}  # the latest checkpoint, reported with progress
     if state:
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        restore_rng(state)
-        start_step = saved["step"] = int(state["step"])
+        start_step, changed = resume(state, optimizer, scheduler, config)
+        saved["step"] = start_step
         curve = list(state["extra"]["curve"])
         tokens_total = int(state["extra"]["tokens"])
         train_seconds = float(state["extra"]["train_seconds"])
-        changed = sorted(k for k, v in state["extra"].get("config", {}).items() if config.to_dict().get(k) != v)
         if changed:
             log.warning("rl %s: resuming with a changed configuration (%s)", context, ", ".join(changed))
         log.info("rl %s: resuming at step %d of %d from %s", context, start_step, config.steps, resume_from)
