@@ -40,7 +40,9 @@ class UnknownEventType(SchemaError):
     pass
 
 
+@lru_cache(maxsize=1)
 def _schemas() -> dict[tuple[str, int], dict[str, Any]]:
+    """Every schema file, read once: the reference and the compiled validators both build on it."""
     found: dict[tuple[str, int], dict[str, Any]] = {}
     for path in sorted(SCHEMA_DIR.glob("*.json")):
         match = _NAME.match(path.name)
