@@ -252,7 +252,7 @@ class Publisher:
             await future
 
     async def publish_many(self, envelopes: Sequence[Envelope], *, contexts: Sequence[Context | None] | None = None,
-                           validated: bool = False) -> None:
+                           validated: bool = False, values: Sequence[bytes] | None = None) -> None:
         """Send events in order and wait until the broker has them all.
 
         Each event is validated and serialised as ``publish`` does. Tracing
@@ -266,10 +266,14 @@ class Publisher:
         batch is handed to the producer and a new one opened, so the order per
         partition, and so per aggregate, is the order given. If an event is
         refused, the ones before it are still sent and the error is raised.
+        ``values`` are the envelopes' ``to_json`` bytes where the caller holds
+        them already (an outbox stores them), so they are not made again.
         """
         producer = self.producer
         if contexts is None:
             contexts = [None] * len(envelopes)
+        if values is None:
+            values = [None] * len(envelopes)
         topics: dict[str, str] = {}
         partitions: dict[str, list[int]] = {}
         batches: dict[tuple[str, int], BatchBuilder] = {}
@@ -278,7 +282,7 @@ class Publisher:
         last_context: Context | None = None
         parent: trace.SpanContext | None = None
         try:
-            for envelope, context in zip(envelopes, contexts, strict=True):
+            for envelope, context, value in zip(envelopes, contexts, values, strict=True):
                 group = None
                 if not validated:
                     validate(envelope)
@@ -295,7 +299,8 @@ class Publisher:
                     group = groups[group_key] = _SpanGroup(self._span(envelope, topic, context, one_event=False), envelope)
                 group.envelopes.append(envelope)
                 key = envelope.aggregate_id.encode()
-                value = envelope.to_json()
+                if value is None:
+                    value = envelope.to_json()
                 headers = [*group.headers, ("event_id", envelope.event_id.encode())]  # as event_headers
                 # headers are a few hundred bytes: only a large value can take a record past the limit
                 if len(value) + len(key) > MAX_REQUEST_SIZE // 2 and (

@@ -242,7 +242,7 @@ class Service:
             publisher = await self.publisher()
             await publisher.publish_many([Envelope.from_json(row.envelope_json) for row in rows],
                                          contexts=[context_from_traceparent(row.traceparent) for row in rows],
-                                         validated=True)
+                                         validated=True, values=[row.envelope_json.encode() for row in rows])
             with Session(self.engine) as session:
                 now = utcnow()
                 for row in rows:

@@ -171,3 +171,13 @@ async def test_publish_many_refuses_a_record_over_the_request_size_as_send_does(
             await publisher.publish_many([good, huge])
     records = await read_topic(kafka_bootstrap, topic_for("dataset"), 1)
     assert [dict(r.headers)["event_id"] for r in records] == [good.event_id.encode()]
+
+
+async def test_publish_many_sends_the_bytes_an_outbox_already_holds(platform, kafka_bootstrap):
+    await platform.aensure_topics()
+    events = [make_event("dataset.registered", f"ds-held-{i}", dataset_payload(f"ds-held-{i}")) for i in range(3)]
+    held = [e.to_json() for e in events]
+    async with Publisher(platform.settings, "test") as publisher:
+        await publisher.publish_many(events, validated=True, values=held)
+    records = await read_topic(kafka_bootstrap, topic_for("dataset"), 3)
+    assert sorted(r.value for r in records) == sorted(held)
