@@ -49,12 +49,14 @@ class MalformedEvent(ValueError):
         self.kind = kind  # bad_json | bad_envelope | unknown_type | schema_violation
 
 
-def validate(envelope: Envelope) -> None:
+def validate(envelope: Envelope, *, from_json: bool = False) -> None:
+    """Raise SchemaError unless the type belongs to the aggregate type and the payload fits its
+    schema (``from_json``: the envelope was just read from JSON text, see ``validate_payload``)."""
     if envelope.type.split(".", 1)[0] != envelope.aggregate_type:
         raise schemas.SchemaError(
             f"type {envelope.type} does not belong to aggregate type {envelope.aggregate_type}"
         )
-    schemas.validate_payload(envelope.type, envelope.schema_version, envelope.payload)
+    schemas.validate_payload(envelope.type, envelope.schema_version, envelope.payload, from_json=from_json)
 
 
 def decode(raw: bytes | None) -> Envelope:
@@ -68,7 +70,7 @@ def decode(raw: bytes | None) -> Envelope:
     if not isinstance(data, dict):
         raise MalformedEvent("not a JSON object", "bad_envelope")
     try:
-        envelope = Envelope.model_validate(data)
+        envelope = Envelope.from_decoded(data)
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"]) or "envelope"
@@ -76,7 +78,7 @@ def decode(raw: bytes | None) -> Envelope:
     try:
         if envelope.type not in schemas.current_versions():
             raise MalformedEvent(f"unknown event type {envelope.type!r}", "unknown_type")
-        validate(envelope)
+        validate(envelope, from_json=True)
         version, payload = schemas.upcast(envelope.type, envelope.schema_version, envelope.payload)
     except schemas.SchemaError as exc:
         raise MalformedEvent(str(exc), "schema_violation") from None

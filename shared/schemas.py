@@ -60,7 +60,7 @@ def registry() -> dict[tuple[str, int], Draft202012Validator]:
     return validators
 
 
-Acceptance = Callable[[dict[str, Any]], bool]
+Acceptance = Callable[[dict[str, Any], bool], bool]  # (payload, read from JSON text) -> valid
 
 
 @lru_cache(maxsize=1)
@@ -93,9 +93,14 @@ def current_version(event_type: str) -> int:
     return version
 
 
-def validate_payload(event_type: str, version: int, payload: dict[str, Any]) -> None:
+def validate_payload(event_type: str, version: int, payload: dict[str, Any], *, from_json: bool = False) -> None:
+    """Raise SchemaError (UnknownEventType for a type no schema names) unless ``payload`` is valid.
+
+    ``from_json``: the payload was just read from JSON text, so it holds only
+    JSON values (no tuple, every key a string) and needs no look for them.
+    """
     accepts = compiled().get((event_type, version))
-    if accepts is not None and accepts(payload):
+    if accepts is not None and accepts(payload, from_json):
         return
     validator = registry().get((event_type, version))
     if validator is None:
@@ -145,8 +150,8 @@ def _has_tuple(value: Any) -> bool:
 def _acceptance(validator: Any, arrays: bool) -> Acceptance:
     is_valid = validator.is_valid
 
-    def accepts(payload: dict[str, Any]) -> bool:
-        if arrays and _has_tuple(payload):
+    def accepts(payload: dict[str, Any], from_json: bool = False) -> bool:
+        if arrays and not from_json and _has_tuple(payload):
             return False
         try:
             return is_valid(payload)
@@ -168,8 +173,10 @@ def upcaster(event_type: str, from_version: int) -> Callable[[Upcaster], Upcaste
 
 def upcast(event_type: str, version: int, payload: dict[str, Any]) -> tuple[int, dict[str, Any]]:
     """Bring an old payload to the current version, one registered step at a time."""
-    _load_upcasters()
     target = current_version(event_type)
+    if version == target:
+        return version, payload
+    _load_upcasters()
     while version < target:
         step = _UPCASTERS.get((event_type, version))
         if step is None:

@@ -81,3 +81,74 @@ def test_unknown_type_and_schema_violation_are_refused():
         decode(json.dumps(bad).encode())
     assert err.value.kind == "schema_violation"
     assert "record_count" in err.value.reason
+
+
+def _same_envelope(fast: Envelope, slow: Envelope) -> None:
+    """Equal as the model sees it, and built the same way: field order, fields set, zone, producer."""
+    assert fast == slow
+    assert list(fast.__dict__) == list(slow.__dict__)
+    assert fast.model_fields_set == slow.model_fields_set
+    assert fast.__pydantic_extra__ == slow.__pydantic_extra__ and fast.__pydantic_private__ == slow.__pydantic_private__
+    assert fast.occurred_at.tzinfo is slow.occurred_at.tzinfo
+    assert fast.to_json() == slow.to_json() and repr(fast) == repr(slow)
+    assert isinstance(fast.producer, type(slow.producer)) and fast.producer == slow.producer
+
+
+def test_an_envelope_as_published_is_read_to_what_full_validation_gives():
+    from bench.events import cycle_events
+
+    for event in cycle_events("contract") + [make_event("dataset.registered", "ds-1", dataset_payload(), sequence=3)]:
+        raw = event.to_json()
+        _same_envelope(Envelope.from_json(raw), Envelope.model_validate(json.loads(raw)))
+        _same_envelope(decode(raw), Envelope.model_validate(json.loads(raw)))
+
+
+def _variant(change):
+    data = json.loads(make_event("dataset.registered", "ds-1", dataset_payload()).to_json())
+    data["occurred_at"] = "2025-03-04T14:03:00.123456Z"
+    change(data)
+    return data
+
+
+@pytest.mark.parametrize("change", [
+    lambda d: d.update(event_id=d["event_id"].upper()),  # normalised to lower case
+    lambda d: d.update(event_id="{" + d["event_id"] + "}"),
+    lambda d: d.update(occurred_at="2025-03-04T16:03:00+02:00"),  # converted to UTC
+    lambda d: d.update(occurred_at="2025-03-04T14:03:00.5Z"),
+    lambda d: d.update(occurred_at="2025-03-04T14:03:00Z"),
+    lambda d: d.update(occurred_at="2025-03-04 14:03:00Z"),
+    lambda d: d["producer"].pop("version"),  # the default version
+    lambda d: d.update(causation_id=None),
+    lambda d: d.update(sequence="7"),  # lax: a numeric string is an int
+    lambda d: d.update(schema_version=2.0),
+    lambda d: d.update(schema_version=True),  # lax: a bool is an int
+], ids=["upper-id", "braced-id", "offset", "short-fraction", "no-fraction", "space", "no-version", "no-cause",
+        "str-sequence", "float-version", "bool-version"])
+def test_an_envelope_in_another_form_is_normalised_as_full_validation_does(change):
+    data = _variant(change)
+    _same_envelope(Envelope.from_decoded(json.loads(json.dumps(data))), Envelope.model_validate(data))
+
+
+@pytest.mark.parametrize("change", [
+    lambda d: d.update(event_id="not-a-uuid"),
+    lambda d: d.update(occurred_at="2025-13-04T14:03:00.000000Z"),  # shaped like a time, but no month 13
+    lambda d: d.update(occurred_at="2025-03-04T14:03:00"),  # no zone
+    lambda d: d.update(type="dataset"),
+    lambda d: d.update(sequence=0),
+    lambda d: d.update(aggregate_id=""),
+    lambda d: d.update(extra=1),
+    lambda d: d.pop("payload"),
+    lambda d: d.update(payload=[1]),
+    lambda d: d["producer"].update(node=3),
+    lambda d: d["producer"].update(region="eu"),
+], ids=["bad-id", "month-13", "naive", "type-shape", "sequence-0", "empty-id", "extra", "no-payload",
+        "list-payload", "int-node", "producer-extra"])
+def test_an_envelope_the_model_refuses_is_refused_with_the_models_reason(change):
+    from pydantic import ValidationError
+
+    data = _variant(change)
+    with pytest.raises(ValidationError) as slow:
+        Envelope.model_validate(data)
+    with pytest.raises(ValidationError) as fast:
+        Envelope.from_decoded(json.loads(json.dumps(data)))
+    assert fast.value.errors(include_context=False) == slow.value.errors(include_context=False)
