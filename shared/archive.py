@@ -25,8 +25,8 @@ from operator import attrgetter
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Iterable, Iterator, Sequence, TypeVar
 
-from sqlalchemy import Column, Text, delete, insert, inspect
-from sqlalchemy.engine import Connection, Engine
+from sqlalchemy import Column, Table, Text, delete, insert, inspect
+from sqlalchemy.engine import Connection, Dialect, Engine
 from sqlmodel import Field, Session, SQLModel, select
 
 from shared.envelope import Envelope, utcnow
@@ -88,8 +88,11 @@ def iter_archive(session: Session, until: datetime | None = None, batch: int = 5
     events that occurred after it are left out.
     """
     table = ArchivedEvent.__table__
-    query = select(table.c.id, table.c.occurred_at, table.c.envelope_json).order_by(table.c.id).limit(batch)
-    limit = _naive(until) if until is not None else None
+    query = select(table.c.id, table.c.envelope_json).order_by(table.c.id).limit(batch)
+    if until is not None:  # compared by the database: a stored time read back would be a datetime to parse
+        if until.tzinfo is None:
+            raise ValueError("until must carry a timezone")
+        query = query.where(table.c.occurred_at <= until.astimezone(timezone.utc))
     connection = session.connection()
     last = 0
     while True:
@@ -97,9 +100,7 @@ def iter_archive(session: Session, until: datetime | None = None, batch: int = 5
         if not rows:
             return
         last = rows[-1][0]
-        for _, occurred_at, envelope_json in rows:
-            if limit is not None and _naive(occurred_at) > limit:
-                continue
+        for _, envelope_json in rows:
             yield upcast_envelope(Envelope.from_json(envelope_json))
 
 
@@ -160,7 +161,7 @@ class PlainRow:
     _fill: ClassVar[tuple[tuple[str, Any, Callable[[], Any] | None, Any], ...]]
     _key: ClassVar[Callable[[PlainRow], Any]]  # the primary key: a value, or a tuple of them
 
-    def __init__(self, **values: Any) -> None:
+    def __init__(self, **values: Any) -> None:  # each class gets its own, written out (``_init_for``)
         for name, default, factory, none in self._fill:
             if factory is None:
                 value = values.pop(name, default)
@@ -196,7 +197,28 @@ def plain_row_class(model: type[SQLModel]) -> type[PlainRow]:
         fill.append((prop.key, default, factory, column.default.arg if scalar else None))
     return type(f"{model.__name__}Row", (PlainRow,),
                 {"__slots__": tuple(name for name, *_ in fill), "__module__": __name__,
-                 "_model": model, "_fill": tuple(fill), "_key": attrgetter(*_primary_key(model))})
+                 "_model": model, "_fill": tuple(fill), "_key": attrgetter(*_primary_key(model)),
+                 "__init__": _init_for(model, tuple(fill))})
+
+
+def _init_for(model: type[SQLModel], fill: tuple[tuple[str, Any, Callable[[], Any] | None, Any], ...]) -> Callable:
+    """``PlainRow.__init__`` for one model, written out column by column (as dataclasses do).
+
+    Same behaviour as the generic loop; a fold makes a row for every new
+    aggregate, and the loop's per-column calls were most of what that cost.
+    """
+    names: dict[str, Any] = {"_model": model}
+    lines = ["def __init__(self, **values):", "    pop = values.pop"]
+    for index, (name, default, factory, none) in enumerate(fill):
+        if not name.isidentifier():
+            return PlainRow.__init__
+        names[f"_d{index}"], names[f"_f{index}"], names[f"_n{index}"] = default, factory, none
+        get = f"pop({name!r}, _d{index})" if factory is None else f"pop({name!r}) if {name!r} in values else _f{index}()"
+        lines += [f"    value = {get}", f"    self.{name} = _n{index} if value is None else value"]
+    lines += ["    if values:",
+              "        raise TypeError(f\"{_model.__name__} has no column {', '.join(sorted(values))}\")"]
+    exec("\n".join(lines), names)
+    return names["__init__"]
 
 
 def new_row(session: Session | FoldSession, model: type[Row], **values: Any) -> Row:
@@ -226,13 +248,32 @@ class FoldSession:
     - a row whose primary key is still unset when added (an autoincrement
       surrogate) is kept, in order, and given its id by the database when
       written, so ``get`` cannot find it by id;
-    - ``flush`` has nothing to do: an added row is found straight away.
+    - ``flush`` has nothing to do: an added row is found straight away;
+    - ``hold(row, column, value, encode)`` keeps a column's value decoded (a
+      list a projection appends to, say) and ``held`` gives it back: the
+      column is set to ``encode(value)`` once, when the rows are read for
+      writing, instead of after every event.
     """
 
     def __init__(self) -> None:
         self._keyed: dict[type[SQLModel], dict[Any, Any]] = {}
         self._unkeyed: dict[type[SQLModel], dict[int, Any]] = {}
         self._classes: dict[type[SQLModel], type[PlainRow]] = {}
+        self._held: dict[tuple[int, str], tuple[Any, Any, Callable[[Any], Any]]] = {}
+
+    def hold(self, row: Any, column: str, value: Any, encode: Callable[[Any], Any]) -> None:
+        """Keep ``value`` as ``row.column``'s content; the column gets ``encode(value)`` before it is written."""
+        self._held[(id(row), column)] = (row, value, encode)
+
+    def held(self, row: Any, column: str, otherwise: Any = None) -> Any:
+        """The value held for ``row.column`` (see ``hold``), or ``otherwise``."""
+        entry = self._held.get((id(row), column))
+        return otherwise if entry is None else entry[1]
+
+    def _settle(self) -> None:
+        for (_, column), (row, value, encode) in self._held.items():
+            setattr(row, column, encode(value))
+        self._held.clear()
 
     def new(self, model: type[SQLModel], values: dict[str, Any]) -> PlainRow:
         """A new ``PlainRow`` of ``model`` (not yet added)."""
@@ -272,7 +313,10 @@ class FoldSession:
         """Nothing to write: rows are visible to ``get`` as soon as they are added."""
 
     def rows(self, model: type[SQLModel]) -> list[Any]:
-        """Every row of ``model``: those with a key in the order first added, then the others."""
+        """Every row of ``model``: those with a key in the order first added, then the others
+        (each column held decoded set to its encoded value first)."""
+        if self._held:
+            self._settle()
         return [*self._keyed.get(model, {}).values(), *self._unkeyed.get(model, {}).values()]
 
 
@@ -315,38 +359,80 @@ def _insert_plan(model: type[SQLModel]) -> tuple[tuple[str, str, Any], ...]:
     return tuple(plan)
 
 
-def insert_parameters(model: type[SQLModel], rows: Iterable[Any]) -> list[list[dict[str, Any]]]:
-    """``rows`` as plain column dicts for Core's ``insert``, one list per set of columns given.
+def insert_values(model: type[SQLModel], rows: Iterable[Any]) -> list[tuple[tuple[str, ...], list[tuple[Any, ...]]]]:
+    """``rows`` as the values of their INSERT: (columns, one tuple per row), one pair per set of columns given.
 
     A ``PlainRow`` already holds its scalar defaults (see ``PlainRow``), so None
     in it stores NULL, except where the database fills the column in. An
     instance of the model is a row added but never flushed: None in it
     becomes what its INSERT would store. Rows usually give the same columns,
-    so this is one list, inserted with one executemany.
+    so this is one pair, inserted with one executemany.
     """
     plan = _insert_plan(model)
-    plain = [(column, none is _OMIT) for _, column, none in plan]  # PlainRow: None is NULL unless omitted
-    read = attrgetter(*(attribute for attribute, _, _ in plan)) if plan else None
-    groups: dict[tuple[str, ...], list[dict[str, Any]]] = {}
+    if not plan:
+        return []
+    columns = tuple(column for _, column, _ in plan)
+    omittable = tuple(index for index, (_, _, none) in enumerate(plan) if none is _OMIT)
+    read = attrgetter(*(attribute for attribute, _, _ in plan))
+    single = len(plan) == 1
+    groups: dict[tuple[int, ...], list[tuple[Any, ...]]] = {}
     for row in rows:
-        params: dict[str, Any] = {}
         if isinstance(row, PlainRow):
-            values = read(row) if len(plan) > 1 else (read(row),)
-            for (column, omit), value in zip(plain, values):
-                if value is None and omit:
-                    continue
-                params[column] = value
+            values = (read(row),) if single else read(row)
         else:
-            values = row.__dict__
-            for attribute, column, none in plan:
-                value = values.get(attribute)
-                if value is None:
-                    if none is _OMIT:
-                        continue
-                    value = none
-                params[column] = value
-        groups.setdefault(tuple(params), []).append(params)
-    return list(groups.values())
+            given = row.__dict__
+            values = tuple(none if (value := given.get(attribute)) is None and none is not _OMIT else value
+                           for attribute, _, none in plan)
+        left_out = tuple(index for index in omittable if values[index] is None) if omittable else ()
+        if left_out:
+            values = tuple(value for index, value in enumerate(values) if index not in left_out)
+        group = groups.get(left_out)
+        if group is None:
+            group = groups[left_out] = []
+        group.append(values)
+    return [(tuple(column for index, column in enumerate(columns) if index not in left_out), values)
+            for left_out, values in groups.items()]
+
+
+@lru_cache(maxsize=256)
+def _driver_insert(dialect: Dialect, table: Table, columns: tuple[str, ...]) -> tuple[str, tuple[Any, ...]] | None:
+    """The INSERT of ``columns`` into ``table`` as the driver takes it, with each column's bind
+    processor (or None); None when the dialect's parameters are not positional or the compiled
+    statement binds anything else (a column default Core would fill in per row)."""
+    if not dialect.positional:
+        return None
+    compiled = insert(table).compile(dialect=dialect, column_keys=list(columns))
+    if tuple(compiled.positiontup or ()) != columns:
+        return None
+    processors = tuple(table.c[name].type.dialect_impl(dialect).bind_processor(dialect) for name in columns)
+    return compiled.string, processors
+
+
+def insert_rows(connection: Connection, table: Table, columns: tuple[str, ...], values: list[tuple[Any, ...]]) -> None:
+    """INSERT one row per tuple of ``values`` (in ``columns`` order) in one executemany.
+
+    Where the driver takes positional parameters (SQLite), the compiled
+    statement and the rows, passed through the columns' bind processors, go
+    to it directly; elsewhere (PostgreSQL) through Core's insert, which
+    batches them into multi-row VALUES.
+    """
+    driver = _driver_insert(connection.dialect, table, columns)
+    if driver is None:
+        connection.execute(insert(table), [dict(zip(columns, row)) for row in values])
+        return
+    sql, processors = driver
+    convert = [(index, process) for index, process in enumerate(processors) if process is not None]
+    if convert:
+        converted = []
+        for row in values:
+            row = list(row)
+            for index, process in convert:
+                value = row[index]
+                if value is not None:
+                    row[index] = process(value)
+            converted.append(tuple(row))
+        values = converted
+    connection.exec_driver_sql(sql, values)
 
 
 def fold(projections: Sequence[Projection], events: Iterable[Envelope],
@@ -392,8 +478,8 @@ def write(engine: Engine, projections: Sequence[Projection], folded: FoldSession
     with engine.begin() as connection:
         _empty(connection, models)
         for model in models:
-            for params in insert_parameters(model, folded.rows(model)):
-                connection.execute(insert(model.__table__), params)
+            for columns, values in insert_values(model, folded.rows(model)):
+                insert_rows(connection, model.__table__, columns, values)
 
 
 @contextmanager

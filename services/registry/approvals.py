@@ -6,7 +6,7 @@ from datetime import datetime
 
 from sqlmodel import Field, Session, SQLModel
 
-from services.registry.rows import dumps, get_or_new, json_field, loads, utc
+from services.registry.rows import dumps, get_or_new, json_field, json_value, set_json, utc
 from shared.archive import Projection
 from shared.envelope import Envelope
 
@@ -66,10 +66,10 @@ def apply_approvals(session: Session, event: Envelope) -> None:
         row = session.get(ApprovalRecord, p["request_id"])
         if row is None:
             return
-        refusals = loads(row.refusals_json, [])
+        refusals = json_value(session, row, "refusals_json", [])
         refusals.append({"reason": p.get("reason"), "detail": p.get("detail"), "operator_id": p.get("operator_id"),
                          "at": p.get("refused_at")})
-        row.refusals_json = dumps(refusals)
+        set_json(session, row, "refusals_json", refusals)
         session.add(row)
     elif etype == "adapter.promoted":
         row = session.get(ApprovalRecord, p["approval_request_id"])

@@ -90,7 +90,7 @@ def _adapter(session: Session, sha: str, at: datetime | None) -> AdapterRecord:
 def base_model_of(payload: Mapping[str, Any]) -> tuple[str | None, str | None]:
     """(name, checksum) of the base model, whether the trainer sends a name or an object."""
     model = payload.get("base_model") or payload.get("model")
-    if isinstance(model, Mapping):
+    if isinstance(model, dict):
         name = model.get("name") or model.get("id") or model.get("path") or model.get("spec")
         checksum = model.get("sha256") or model.get("checksum") or model.get("weights_sha256")
         return (str(name) if name else None), checksum
@@ -99,7 +99,7 @@ def base_model_of(payload: Mapping[str, Any]) -> tuple[str | None, str | None]:
 
 def _dataset_of(payload: Mapping[str, Any]) -> tuple[str | None, str | None]:
     dataset = payload.get("dataset")
-    if isinstance(dataset, Mapping):
+    if isinstance(dataset, dict):
         return dataset.get("dataset_id"), dataset.get("sha256")
     return payload.get("dataset_id"), payload.get("dataset_sha256")
 
@@ -118,7 +118,7 @@ def apply_manifest(session: Session, event: Envelope) -> None:
         row.dataset_id, row.dataset_sha256 = dataset_id or row.dataset_id, dataset_sha or row.dataset_sha256
         row.config_json = dumps(p.get("config") or {})
         row.metrics_json = dumps(p.get("metrics") or {})
-        energy = p.get("energy") if isinstance(p.get("energy"), Mapping) else (
+        energy = p.get("energy") if isinstance(p.get("energy"), dict) else (
             {"wh": p["energy_wh"]} if p.get("energy_wh") is not None else {})
         row.energy_json = dumps(energy)
         row.trained_at = utc(at)

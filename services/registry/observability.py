@@ -15,7 +15,7 @@ from typing import Any, Mapping
 from sqlmodel import Field, Session, SQLModel
 
 from services.registry.manifest import base_model_of
-from services.registry.rows import dumps, get_or_new, json_field, loads, utc
+from services.registry.rows import dumps, get_or_new, json_field, json_value, set_json, utc
 from shared.archive import Projection
 from shared.envelope import Envelope
 
@@ -140,7 +140,7 @@ def _apply_cycle(session: Session, event: Envelope) -> None:
     row, _ = get_or_new(session, CycleRecord, {"cycle_id": cycle_id})
     row.last_event_at = utc(event.occurred_at)
     if etype in ("cycle.proposed", "research.proposed"):
-        dataset = p.get("dataset") if isinstance(p.get("dataset"), Mapping) else {}
+        dataset = p.get("dataset") if isinstance(p.get("dataset"), dict) else {}
         row.kind, row.status, row.model = p.get("kind"), "proposed", p.get("model")
         row.dataset_id, row.dataset_sha256 = dataset.get("dataset_id"), dataset.get("sha256")
         row.config_json, row.warm_start = dumps(p.get("config") or {}), p.get("warm_start")
@@ -180,7 +180,7 @@ def _apply_training(session: Session, event: Envelope) -> None:
     row.kind = p.get("kind") or row.kind
     if etype == "training.requested":
         row.base_model, row.base_model_sha256 = base_model_of(p)
-        dataset = p.get("dataset") if isinstance(p.get("dataset"), Mapping) else {}
+        dataset = p.get("dataset") if isinstance(p.get("dataset"), dict) else {}
         row.dataset_sha256 = p.get("dataset_sha256") or dataset.get("sha256")
         row.config_json = dumps(p.get("config") or {})
         row.requested_at = utc(event.occurred_at)
@@ -188,14 +188,14 @@ def _apply_training(session: Session, event: Envelope) -> None:
         row.status = "started"
         row.started_at = utc(p.get("started_at") or event.occurred_at)
     elif etype == "training.progressed":
-        metrics = p.get("metrics") if isinstance(p.get("metrics"), Mapping) else {}
+        metrics = p.get("metrics") if isinstance(p.get("metrics"), dict) else {}
         loss = _first(p, ("loss", "train_loss"))
         loss = _number(loss if loss is not None else _first(metrics, ("loss", "train_loss")))
         step = _first(p, ("step", "global_step"))
         if step is None:
             step = _first(metrics, ("step", "global_step"))
         if loss is not None:
-            curve = loads(row.loss_curve_json, [])
+            curve = json_value(session, row, "loss_curve_json", [])
             point = {"step": int(step) if isinstance(step, (int, float)) else len(curve) + 1, "loss": loss}
             eval_loss = _number(_first(p, ("eval_loss",)) or _first(metrics, ("eval_loss",)))
             if eval_loss is not None:
@@ -204,7 +204,7 @@ def _apply_training(session: Session, event: Envelope) -> None:
             if len(curve) > MAX_CURVE_POINTS:
                 half = len(curve) // 2
                 curve = curve[:half:2] + curve[half:]
-            row.loss_curve_json = dumps(curve)
+            set_json(session, row, "loss_curve_json", curve)
         if row.status == "requested":
             row.status = "started"
     elif etype == "training.completed":
@@ -243,35 +243,35 @@ def _apply_validation(session: Session, event: Envelope) -> None:
         row.episodes_planned = p.get("episodes")
         row.started_at = utc(p.get("started_at") or event.occurred_at)
     elif etype == "validation.cycle_completed":
-        records = loads(row.records_json, [])
+        records = json_value(session, row, "records_json", [])
         cycle = p.get("cycle")
         if any(r.get("cycle") == cycle for r in records):
             return  # a soak cycle reported twice counts once
         at = event.occurred_at.isoformat()
         records.append({"cycle": cycle, "outcome": p.get("outcome"), "score": p.get("score"),
                         "vetoes": p.get("vetoes") or [], "reason": p.get("reason"), "at": at})
-        row.records_json = dumps(records)
+        set_json(session, row, "records_json", records)
         row.cycles_done = len(records)
         row.cycles_passed = sum(1 for r in records if r["outcome"] == "pass")
         row.cycles_failed = sum(1 for r in records if r["outcome"] == "fail")
         judged = sum(1 for r in records if r["outcome"] in ("pass", "marginal", "fail"))
         row.success_rate = round(row.cycles_passed / judged, 6) if judged else None
         row.failing_streak = int(p.get("failing_streak") or 0)
-        load = loads(row.load_json, [])
+        load = json_value(session, row, "load_json", [])
         for replica in p.get("replicas") or []:
             load.append({"cycle": cycle, "at": at, **replica})
             row.episodes_total += int(replica.get("episodes") or 0)
-        row.load_json = dumps(load)
-        incidents = loads(row.incidents_json, [])
+        set_json(session, row, "load_json", load)
+        incidents = json_value(session, row, "incidents_json", [])
         incidents += list(p.get("incidents") or [])
-        row.incidents_json = dumps(incidents)
+        set_json(session, row, "incidents_json", incidents)
     elif etype == "validation.completed":
         row.status = "completed"
         row.verdict, row.explanation, row.score = p.get("verdict"), p.get("explanation"), _number(p.get("score"))
         row.raw_data_uri = p.get("raw_data_uri")
         row.completed_at = utc(event.occurred_at)
-        if p.get("incidents") and row.incidents_json == "[]":
-            row.incidents_json = dumps(p["incidents"])
+        if p.get("incidents") and not json_value(session, row, "incidents_json", []):
+            set_json(session, row, "incidents_json", list(p["incidents"]))
     session.add(row)
 
 

@@ -91,6 +91,113 @@ def test_a_rebuild_holds_the_rows_of_every_event_applied_one_by_one(history, eng
     assert head.event_count == 5  # the same row, updated by every event of its stream
 
 
+def test_a_long_loss_curve_and_soak_records_rebuild_as_applied_one_by_one(engine, monkeypatch):
+    """Columns a projection appends to are kept decoded during a rebuild and written once: the text
+    must be what encoding them after every event gives, thinned curve and late incidents included."""
+    from services.registry import observability
+
+    monkeypatch.setattr(observability, "MAX_CURVE_POINTS", 6)
+    events = cycle_events(SHA_1)
+    progressed = next(e for e in events if e.type == "training.progressed")
+    cycle_done = next(e for e in events if e.type == "validation.cycle_completed")
+    completed = next(e for e in events if e.type == "validation.completed")
+    more = [make_event(progressed.type, progressed.aggregate_id,
+                       {**progressed.payload, "step": step, "loss": 10.0 / step, "eval_loss": 2.0 if step % 3 else None},
+                       sequence=10 + step, service="trainer") for step in range(5, 25)]
+    soak = [make_event(cycle_done.type, cycle_done.aggregate_id,
+                       {**cycle_done.payload, "cycle": n, "outcome": "fail" if n % 2 else "pass",
+                        "incidents": [{"cycle": n, "replica_id": "c-2", "side": "candidate", "reason": "slow"}]},
+                       sequence=10 + n, service="validator") for n in range(3, 9)]
+    late = make_event(completed.type, completed.aggregate_id,
+                      {**completed.payload, "incidents": [{"cycle": 9, "reason": "late"}]}, sequence=30,
+                      service="validator")
+    history = [*events, *more, *soak, late]
+    projections = all_projections()
+    one_by_one(engine, projections, history)
+    applied = digests(engine, projections)
+
+    rebuild(engine, projections, history)
+
+    assert digests(engine, projections) == applied
+    with Session(engine) as session:
+        run = session.get(observability.TrainingRun, progressed.payload["job_id"])
+        snapshot = session.get(observability.ValidationSnapshot, cycle_done.payload["validation_id"])
+    curve = loads(run.loss_curve_json)
+    assert len(curve) == 6 and curve[-2:] == [{"step": 23, "loss": 10.0 / 23, "eval_loss": 2.0}, {"step": 24, "loss": 10.0 / 24}]
+    assert snapshot.cycles_done == 8 and len(loads(snapshot.incidents_json)) == 7
+
+
+def test_a_value_held_by_the_fold_session_is_written_encoded_once():
+    session = FoldSession()
+    tally = new_row(session, Tally, name="t")
+    session.add(tally)
+    encoded: list[list[int]] = []
+
+    def encode(value):
+        encoded.append(list(value))
+        return dumps(value)
+
+    held = [1]
+    session.hold(tally, "sequences", held, encode)
+    held.append(2)
+    assert session.held(tally, "sequences") is held and session.held(tally, "mood", "none") == "none"
+    assert tally.sequences == "[]" and encoded == []  # not encoded while folding
+
+    assert session.rows(Tally) == [tally]
+    assert tally.sequences == "[1,2]" and encoded == [[1, 2]]
+    assert session.held(tally, "sequences") is None  # written: nothing is held any more
+    session.rows(Tally)
+    assert encoded == [[1, 2]]
+
+
+def test_read_model_json_is_sorted_compact_and_strict():
+    assert dumps({"b": [1, 2.5], "a": None}) == '{"a":null,"b":[1,2.5]}'
+    assert dumps({"loss": float("nan"), "best": float("inf")}) == '{"best":null,"loss":null}'
+    assert dumps({"name": "grüße", "at": datetime(2025, 3, 4, tzinfo=timezone.utc), "x": float("nan")}) == \
+        '{"at":"2025-03-04 00:00:00+00:00","name":"gr\\u00fc\\u00dfe","x":null}'
+    assert dumps({"small": 1e-7}) == '{"small":1e-07}'
+    assert loads(dumps({"a": [1, {"b": 2}]})) == {"a": [1, {"b": 2}]} and loads("", []) == []
+
+
+def test_rows_go_to_the_driver_as_core_would_write_them(tmp_path):
+    """On SQLite the compiled INSERT and the bound values go to the driver directly: the table holds
+    what Core's insert of the same rows holds, times, NULLs and defaults included."""
+    from sqlalchemy import insert
+
+    from shared.archive import insert_rows, insert_values
+
+    rows = []
+    for n in range(5):
+        head = StreamHead(aggregate_type="cycle", aggregate_id=f"c-{n}", last_sequence=n + 1,
+                          last_type="cycle.proposed", last_event_id=f"e-{n}",
+                          last_event_at=datetime(2025, 3, 4, 14, n, n, 1000 * n, tzinfo=timezone(timedelta(hours=n))))
+        rows.append(head)
+    tallies = [Tally(name="a"), Tally(name="b", mood=None, count=3)]
+    notes = [Note(text="x"), Note(text="y", kind=None)]
+    built = {}
+    for way in ("driver", "core"):
+        engine = db.engine_for(f"sqlite:///{tmp_path}/{way}.db")
+        for model in (StreamHead, Tally, Note):
+            model.metadata.create_all(engine)
+        with engine.begin() as connection:
+            for model, given in ((StreamHead, rows), (Tally, tallies), (Note, notes)):
+                for columns, values in insert_values(model, given):
+                    if way == "driver":
+                        insert_rows(connection, model.__table__, columns, values)
+                    else:
+                        connection.execute(insert(model.__table__), [dict(zip(columns, row)) for row in values])
+        built[way] = digests_of(engine, (StreamHead, Tally, Note))
+        db._ENGINES.pop(f"sqlite:///{tmp_path}/{way}.db", None)
+        engine.dispose()
+    assert built["driver"] == built["core"]
+    assert built["driver"]["stream_heads"][1] == 5
+
+
+def digests_of(engine, models) -> dict[str, tuple[str, int]]:
+    with Session(engine) as session:
+        return {model.__tablename__: table_digest(session, model) for model in models}
+
+
 def test_a_rebuild_of_some_projections_leaves_the_others_alone(history, engine):
     projections = all_projections()
     rebuild(engine, projections, history)
@@ -200,8 +307,8 @@ def test_a_new_row_holds_what_a_new_instance_of_its_model_holds():
         assert isinstance(plain, PlainRow) and not isinstance(plain, SQLModel)
         assert {name: getattr(plain, name) for name in model.model_fields} == \
             {name: getattr(instance, name) for name in model.model_fields}, model.__name__
-    with pytest.raises(TypeError):
-        new_row(fold_session, Tally, name="t", colour="red")
+    with pytest.raises(TypeError, match="Tally has no column colour, size"):
+        new_row(fold_session, Tally, name="t", size=1, colour="red")
     assert isinstance(new_row(Session(), Tally, name="t"), Tally)  # a real session gets the model itself
     tally = new_row(fold_session, Tally, name="t")
     assert (tally.count, tally.last, tally.sequences, tally.mood) == (0, None, "[]", "calm")
