@@ -184,9 +184,8 @@ _ORDER = tuple(Envelope.model_fields)  # the model's field order, as model_valid
 _FIELDS = frozenset(_ORDER)
 _FIELD_VALUES = itemgetter(*_ORDER)
 # the exact types of the fields in the form to_json writes (a causation id is a string or null)
-_TYPES = tuple(str if name != "payload" else dict for name in _ORDER)
-_TYPES = tuple(int if name in ("schema_version", "sequence") else kind for name, kind in zip(_ORDER, _TYPES))
-_TYPES = tuple(dict if name == "producer" else kind for name, kind in zip(_ORDER, _TYPES))
+_NOT_TEXT = {"schema_version": int, "sequence": int, "producer": dict, "payload": dict}
+_TYPES = tuple(_NOT_TEXT.get(name, str) for name in _ORDER)
 _TYPES_NO_CAUSE = tuple(type(None) if name == "causation_id" else kind for name, kind in zip(_ORDER, _TYPES))
 _CANONICAL_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}\Z")
 _CANONICAL_TIME = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}(?:\.[0-9]{6})?Z\Z")
@@ -217,10 +216,10 @@ def _canonical(data: dict[str, Any]) -> Envelope | None:
             and _CANONICAL_TIME.match(fields["occurred_at"]) and producer.keys() == _PRODUCER_KEYS):
         return None
     key = _PRODUCER_VALUES(producer)
+    if tuple(map(type, key)) != (str, str, str):
+        return None
     made = _PRODUCERS.get(key)
     if made is None:
-        if tuple(map(type, key)) != (str, str, str):
-            return None
         made = Producer(service=key[0], node=key[1], version=key[2])
         if len(_PRODUCERS) < _MAX_PRODUCERS:
             _PRODUCERS[key] = made
