@@ -161,15 +161,7 @@ class PlainRow:
     _fill: ClassVar[tuple[tuple[str, Any, Callable[[], Any] | None, Any], ...]]
     _key: ClassVar[Callable[[PlainRow], Any]]  # the primary key: a value, or a tuple of them
 
-    def __init__(self, **values: Any) -> None:  # each class gets its own, written out (``_init_for``)
-        for name, default, factory, none in self._fill:
-            if factory is None:
-                value = values.pop(name, default)
-            else:
-                value = values.pop(name) if name in values else factory()
-            setattr(self, name, none if value is None else value)
-        if values:
-            raise TypeError(f"{self._model.__name__} has no column {', '.join(sorted(values))}")
+    # __init__(**columns): each class has its own, written out column by column (``_init_for``)
 
     def __repr__(self) -> str:
         values = ", ".join(f"{name}={getattr(self, name)!r}" for name, *_ in self._fill)
@@ -202,16 +194,13 @@ def plain_row_class(model: type[SQLModel]) -> type[PlainRow]:
 
 
 def _init_for(model: type[SQLModel], fill: tuple[tuple[str, Any, Callable[[], Any] | None, Any], ...]) -> Callable:
-    """``PlainRow.__init__`` for one model, written out column by column (as dataclasses do).
-
-    Same behaviour as the generic loop; a fold makes a row for every new
-    aggregate, and the loop's per-column calls were most of what that cost.
-    """
+    """``PlainRow.__init__`` for one model, written out column by column (as dataclasses do): each
+    column not given takes its default or factory, None becomes what None stores, and a name that is
+    no column raises TypeError. A fold makes a row for every new aggregate; a loop over the columns
+    with a call per column was most of what that cost."""
     names: dict[str, Any] = {"_model": model}
     lines = ["def __init__(self, **values):", "    pop = values.pop"]
     for index, (name, default, factory, none) in enumerate(fill):
-        if not name.isidentifier():
-            return PlainRow.__init__
         names[f"_d{index}"], names[f"_f{index}"], names[f"_n{index}"] = default, factory, none
         get = f"pop({name!r}, _d{index})" if factory is None else f"pop({name!r}) if {name!r} in values else _f{index}()"
         lines += [f"    value = {get}", f"    self.{name} = _n{index} if value is None else value"]
@@ -461,22 +450,12 @@ def _tables(projections: Iterable[Projection]) -> list[type[SQLModel]]:
     return sorted(models, key=lambda model: order[model.__table__])
 
 
-def _empty(connection: Connection, models: Sequence[type[SQLModel]]) -> None:
-    for model in reversed(models):
-        connection.execute(delete(model.__table__))
-
-
-def reset(engine: Engine, projections: Iterable[Projection]) -> None:
-    """Empty the projections' tables."""
-    with engine.begin() as connection:
-        _empty(connection, _tables(projections))
-
-
 def write(engine: Engine, projections: Sequence[Projection], folded: FoldSession) -> None:
     """Replace what the projections' tables hold with ``folded``'s rows, in one transaction."""
     models = _tables(projections)
     with engine.begin() as connection:
-        _empty(connection, models)
+        for model in reversed(models):  # children before parents
+            connection.execute(delete(model.__table__))
         for model in models:
             for columns, values in insert_values(model, folded.rows(model)):
                 insert_rows(connection, model.__table__, columns, values)

@@ -26,7 +26,7 @@ import sys
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Awaitable, Callable, Iterable, Iterator
+from typing import Awaitable, Callable, Iterable, Iterator
 
 import faust
 from opentelemetry import trace

@@ -15,8 +15,8 @@ from typing import Any, Mapping
 
 from sqlmodel import Field, Session, SQLModel
 
-from services.registry.rows import dumps, get_or_new, json_field, new_row, utc
-from shared.archive import Projection
+from services.registry.rows import dumps, get_or_new, json_field, utc
+from shared.archive import Projection, new_row
 from shared.envelope import Envelope
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import replace
-from datetime import timedelta
 from functools import reduce
 from pathlib import Path
 

@@ -20,7 +20,7 @@ import pytest
 from jsonschema import Draft202012Validator
 from jsonschema.exceptions import ValidationError
 
-from bench.events import cycle_events, dataset_registered, promotion_granted, profile_create_requested
+from bench.events import cycle_events, dataset_registered, profile_create_requested
 from shared import schemas
 
 SCHEMA_FILES = sorted(Path(schemas.SCHEMA_DIR).glob("*.json"))
