@@ -30,7 +30,7 @@ from opentelemetry.trace import Status, StatusCode
 from pydantic import ValidationError
 
 from shared import schemas
-from shared.envelope import Envelope, loads
+from shared.envelope import Envelope, loads, read_canonical
 from shared.settings import Settings
 from shared.topics import dlq_topic, topic_for
 from shared.tracing import inject_headers, span_headers
@@ -63,18 +63,9 @@ def decode(raw: bytes | None) -> Envelope:
     """Parse, validate and upcast one record value."""
     if raw is None:
         raise MalformedEvent("empty record value", "bad_json")
-    try:
-        data = loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise MalformedEvent(f"not JSON: {exc}", "bad_json") from None
-    if not isinstance(data, dict):
-        raise MalformedEvent("not a JSON object", "bad_envelope")
-    try:
-        envelope = Envelope.from_decoded(data)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or "envelope"
-        raise MalformedEvent(f"bad envelope: {where}: {first['msg']}", "bad_envelope") from None
+    envelope = read_canonical(raw)  # an envelope as services publish them, read in one pass
+    if envelope is None:
+        envelope = _read_envelope(raw)
     try:
         if envelope.type not in schemas.current_versions():
             raise MalformedEvent(f"unknown event type {envelope.type!r}", "unknown_type")
@@ -85,6 +76,22 @@ def decode(raw: bytes | None) -> Envelope:
     if version != envelope.schema_version:
         envelope = envelope.with_payload(payload, version)
     return envelope
+
+
+def _read_envelope(raw: bytes) -> Envelope:
+    """The envelope in ``raw``, in any form the model accepts; MalformedEvent saying why when none."""
+    try:
+        data = loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise MalformedEvent(f"not JSON: {exc}", "bad_json") from None
+    if not isinstance(data, dict):
+        raise MalformedEvent("not a JSON object", "bad_envelope")
+    try:
+        return Envelope.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "envelope"
+        raise MalformedEvent(f"bad envelope: {where}: {first['msg']}", "bad_envelope") from None
 
 
 def decode_batch(batch) -> list[Envelope]:

@@ -8,7 +8,7 @@ from jsonschema import Draft202012Validator
 
 from shared import schemas
 from shared.bus import MalformedEvent, decode
-from shared.envelope import Envelope
+from shared.envelope import Envelope, read_canonical
 from tests.support import dataset_payload, make_event
 
 SCHEMA_FILES = sorted((Path(schemas.SCHEMA_DIR)).glob("*.json"))
@@ -99,6 +99,7 @@ def test_an_envelope_as_published_is_read_to_what_full_validation_gives():
 
     for event in cycle_events("contract") + [make_event("dataset.registered", "ds-1", dataset_payload(), sequence=3)]:
         raw = event.to_json()
+        assert read_canonical(raw) is not None  # the one-pass read, not the long way
         _same_envelope(Envelope.from_json(raw), Envelope.model_validate(json.loads(raw)))
         _same_envelope(decode(raw), Envelope.model_validate(json.loads(raw)))
 
@@ -126,7 +127,31 @@ def _variant(change):
         "str-sequence", "float-version", "bool-version"])
 def test_an_envelope_in_another_form_is_normalised_as_full_validation_does(change):
     data = _variant(change)
-    _same_envelope(Envelope.from_decoded(json.loads(json.dumps(data))), Envelope.model_validate(data))
+    _same_envelope(Envelope.from_json(json.dumps(data)), Envelope.model_validate(data))
+
+
+@pytest.mark.parametrize("text", [
+    lambda raw: raw.replace(b'"payload":{', b'"payload":{"big":123456789012345678901234567890,'),
+    lambda raw: raw.replace(b'"payload":{', b'"payload":{"k":1,"k":2,'),  # the last one counts
+    lambda raw: raw.replace(b'"payload":{', b'"payload":{"s":"\\ud800\\u00e9",'),  # a lone surrogate
+    lambda raw: raw.replace(b'"payload":{', b'"payload":{"f":[1E5,-0.0,1e-400,0.1e+2],'),
+    lambda raw: b"\xef\xbb\xbf" + raw,  # a byte-order mark
+    lambda raw: json.dumps(json.loads(raw), indent=2).encode(),
+    lambda raw: raw.decode(),
+], ids=["big-int", "duplicate-key", "surrogate", "floats", "bom", "indented", "str"])
+def test_json_text_in_any_form_reads_as_json_and_full_validation_do(text):
+    raw = text(make_event("dataset.registered", "ds-1", dataset_payload()).to_json())
+    slow = Envelope.model_validate(json.loads(raw))
+    fast = Envelope.from_json(raw)
+    _same_envelope(fast, slow)
+
+
+def test_nan_and_infinity_in_a_payload_read_as_json_reads_them():
+    raw = make_event("dataset.registered", "ds-1", dataset_payload()).to_json()
+    raw = raw.replace(b'"payload":{', b'"payload":{"inf":-Infinity,"nan":NaN,')
+    fast, slow = Envelope.from_json(raw), Envelope.model_validate(json.loads(raw))
+    assert fast.payload["inf"] == float("-inf") and fast.payload["nan"] != fast.payload["nan"]
+    assert repr(fast) == repr(slow) and fast.to_json() == slow.to_json()
 
 
 @pytest.mark.parametrize("change", [
@@ -150,6 +175,7 @@ def test_an_envelope_the_model_refuses_is_refused_with_the_models_reason(change)
     data = _variant(change)
     with pytest.raises(ValidationError) as slow:
         Envelope.model_validate(data)
+    assert read_canonical(json.dumps(data)) is None
     with pytest.raises(ValidationError) as fast:
-        Envelope.from_decoded(json.loads(json.dumps(data)))
+        Envelope.from_json(json.dumps(data))
     assert fast.value.errors(include_context=False) == slow.value.errors(include_context=False)
