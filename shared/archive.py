@@ -26,9 +26,12 @@ from pathlib import Path
 from typing import Any, Callable, ClassVar, Iterable, Iterator, Sequence, TypeVar
 
 from sqlalchemy import Column, Table, Text, delete, insert, inspect
+from sqlalchemy.dialects import sqlite
 from sqlalchemy.engine import Connection, Dialect, Engine
 from sqlmodel import Field, Session, SQLModel, select
+from sqlmodel.sql.sqltypes import UTCDateTime
 
+from shared import schemas
 from shared.envelope import Envelope, utcnow
 
 Row = TypeVar("Row", bound=SQLModel)
@@ -110,8 +113,6 @@ def _naive(ts: datetime) -> datetime:
 
 
 def upcast_envelope(envelope: Envelope) -> Envelope:
-    from shared import schemas
-
     version, payload = schemas.upcast(envelope.type, envelope.schema_version, envelope.payload)
     return envelope if version == envelope.schema_version else envelope.with_payload(payload, version)
 
@@ -393,8 +394,31 @@ def _driver_insert(dialect: Dialect, table: Table, columns: tuple[str, ...]) -> 
     compiled = insert(table).compile(dialect=dialect, column_keys=list(columns))
     if tuple(compiled.positiontup or ()) != columns:
         return None
-    processors = tuple(table.c[name].type.dialect_impl(dialect).bind_processor(dialect) for name in columns)
+    processors = tuple(_bind_processor(table.c[name].type, dialect) for name in columns)
     return compiled.string, processors
+
+
+_SQLITE_DATETIME_TEXT = sqlite.DATETIME()._storage_format  # SQLAlchemy's own: 2025-03-04 14:03:00.000000
+
+
+def _bind_processor(column_type: Any, dialect: Dialect) -> Callable[[Any], Any] | None:
+    """The column's bind processor; for sqlmodel's UTC datetime stored as SQLite text in SQLAlchemy's
+    format, one function that gives what its two chained processors give (the chain is a call per
+    step and a dict per value; a rebuild writes several thousand times)."""
+    impl = column_type.dialect_impl(dialect)
+    chain = impl.bind_processor(dialect)
+    if not (chain is not None and dialect.name == "sqlite" and type(column_type) is UTCDateTime
+            and type(impl.impl) is sqlite.DATETIME and impl.impl._storage_format == _SQLITE_DATETIME_TEXT):
+        return chain
+
+    def utc_text(value: datetime) -> str:
+        if type(value) is not datetime or value.utcoffset() is None:
+            return chain(value)  # a subclass formats itself; a naive time gets sqlmodel's error
+        if value.tzinfo is not timezone.utc:
+            value = value.astimezone(timezone.utc)
+        return value.isoformat(" ", "microseconds")[:26]  # without the +00:00
+
+    return utc_text
 
 
 def insert_rows(connection: Connection, table: Table, columns: tuple[str, ...], values: list[tuple[Any, ...]]) -> None:
@@ -486,13 +510,20 @@ def rebuild(engine: Engine, projections: Sequence[Projection], events: Iterable[
             progress: Callable[[int], None] | None = None) -> int:
     """Rebuild the projections from ``events``: fold them in memory, then replace the tables' rows
     with the result in one transaction. The count of events; ``progress`` as in ``fold``."""
-    SQLModel.metadata.create_all(engine)
-    for metadata in {model.metadata: None for model in _tables(projections)}:
-        if metadata is not SQLModel.metadata:
-            metadata.create_all(engine)
+    _create_missing(engine, [model.__table__ for model in _tables(projections)])
     folded, count = fold(projections, events, progress)
     write(engine, projections, folded)
     return count
+
+
+def _create_missing(engine: Engine, tables: Sequence[Table]) -> None:
+    """Create those of ``tables`` the database lacks (with their indexes): one look at what it
+    holds, instead of one per table as ``create_all`` takes."""
+    inspector = inspect(engine)
+    existing = {schema: set(inspector.get_table_names(schema=schema)) for schema in {t.schema for t in tables}}
+    missing = [table for table in tables if table.name not in existing[table.schema]]
+    for metadata in {table.metadata: None for table in missing}:
+        metadata.create_all(engine, tables=[table for table in missing if table.metadata is metadata])
 
 
 def table_digest(session: Session, table: type[SQLModel], ignore: Sequence[str] = ()) -> tuple[str, int]:

@@ -193,6 +193,33 @@ def test_rows_go_to_the_driver_as_core_would_write_them(tmp_path):
     assert built["driver"]["stream_heads"][1] == 5
 
 
+def test_times_are_bound_as_sqlalchemys_own_processors_write_them():
+    """On SQLite a UTC time column is bound by one function: the text is SQLAlchemy's, byte for byte."""
+    from sqlalchemy.dialects import sqlite
+
+    from shared.archive import _bind_processor
+
+    dialect = sqlite.dialect()
+    column_type = StreamHead.__table__.c.last_event_at.type
+    fused = _bind_processor(column_type, dialect)
+    chain = column_type.dialect_impl(dialect).bind_processor(dialect)
+    assert fused is not chain
+    zones = [timezone.utc, timezone(timedelta(hours=5, minutes=30)), timezone(timedelta(hours=-8))]
+    times = [datetime(2025, 3, 4, 14, 3, 0, tzinfo=zone) for zone in zones]
+    times += [datetime(year, 12, 31, 23, 59, 59, micro, tzinfo=zone) for year in (1, 999, 1970, 2038, 9998)
+              for micro in (0, 1, 999999) for zone in zones]
+    times += [datetime(2025, 3, 4, 14, 3, 0, tzinfo=timezone.utc) + timedelta(seconds=n * 7919.123457)
+              for n in range(500)]
+    for value in times:
+        assert fused(value) == chain(value)
+    for naive in (datetime(2025, 3, 4, 14, 3), datetime(1, 1, 1)):
+        with pytest.raises(ValueError) as expected:
+            chain(naive)
+        with pytest.raises(ValueError) as got:
+            fused(naive)
+        assert str(got.value) == str(expected.value)
+
+
 def digests_of(engine, models) -> dict[str, tuple[str, int]]:
     with Session(engine) as session:
         return {model.__tablename__: table_digest(session, model) for model in models}
