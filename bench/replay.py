@@ -36,7 +36,7 @@ NAMES = ("replay.archive", "replay.log")
 TARGET = 0.5
 
 
-def measure(settings: Settings, cycles: int = 150, rounds: int = 3) -> list[Figure]:
+def measure(settings: Settings, cycles: int = 150, rounds: int = 7) -> list[Figure]:
     events = [e for i in range(cycles) for e in cycle_events(f"replay-{i}")]
     asyncio.run(_publish(settings, events))
     archived = _archive_from_log(settings)

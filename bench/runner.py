@@ -45,7 +45,7 @@ class Sizes:
     gpu_seq_len: int
 
 
-DEFAULT = Sizes(bus_events=5000, bus_rounds=5, replay_cycles=150, replay_rounds=3, promotions=60,
+DEFAULT = Sizes(bus_events=5000, bus_rounds=5, replay_cycles=150, replay_rounds=7, promotions=60,
                 promotion_warmup=2, delivery_probes=30, trainer_steps=100, trainer_repeats=3, energy_steps=50,
                 gpu_model="smollm2", gpu_steps=30, gpu_batch=16, gpu_seq_len=512)
 QUICK = Sizes(bus_events=200, bus_rounds=2, replay_cycles=6, replay_rounds=1, promotions=4, promotion_warmup=1,
