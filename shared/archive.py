@@ -508,8 +508,9 @@ def paused_gc() -> Iterator[None]:
 
 def rebuild(engine: Engine, projections: Sequence[Projection], events: Iterable[Envelope],
             progress: Callable[[int], None] | None = None) -> int:
-    """Rebuild the projections from ``events``: fold them in memory, then replace the tables' rows
-    with the result in one transaction. The count of events; ``progress`` as in ``fold``."""
+    """Rebuild the projections from ``events``: create those of their tables the database lacks, fold
+    the events in memory, then replace the tables' rows with the result in one transaction. The
+    count of events; ``progress`` as in ``fold``."""
     _create_missing(engine, [model.__table__ for model in _tables(projections)])
     folded, count = fold(projections, events, progress)
     write(engine, projections, folded)

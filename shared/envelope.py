@@ -214,6 +214,8 @@ def read_canonical(raw: bytes | str) -> Envelope | None:
     (other JSON, a time with an offset, NaN in the payload, text that is no
     JSON) the caller goes the long way, which normalises it or says why not.
     """
+    if type(raw) is not bytes and type(raw) is not str:  # a subclass, a buffer: the long way, as before
+        return None
     try:
         text = _read_text(raw)
     except (msgspec.MsgspecError, UnicodeError, RecursionError):

@@ -138,7 +138,8 @@ def test_an_envelope_in_another_form_is_normalised_as_full_validation_does(chang
     lambda raw: b"\xef\xbb\xbf" + raw,  # a byte-order mark
     lambda raw: json.dumps(json.loads(raw), indent=2).encode(),
     lambda raw: raw.decode(),
-], ids=["big-int", "duplicate-key", "surrogate", "floats", "bom", "indented", "str"])
+    lambda raw: type("Text", (str,), {})(raw.decode()),  # a str subclass (numpy.str_, say)
+], ids=["big-int", "duplicate-key", "surrogate", "floats", "bom", "indented", "str", "str-subclass"])
 def test_json_text_in_any_form_reads_as_json_and_full_validation_do(text):
     raw = text(make_event("dataset.registered", "ds-1", dataset_payload()).to_json())
     slow = Envelope.model_validate(json.loads(raw))
