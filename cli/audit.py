@@ -50,5 +50,8 @@ def verify(as_json: bool = typer.Option(False, "--json")) -> None:
         for name, table in report["tables"].items():
             typer.echo(f"{name:<28} {'same' if table['same'] else 'DIFFERS'}  rows live {table['live_rows']} rebuilt {table['rebuilt_rows']}")
         typer.echo("no difference" if report["ok"] else f"differs: {', '.join(report['differs'])}")
+        if not report["settled"]:
+            typer.echo(f"events kept arriving while checking ({report['archived_meanwhile']} in the last try): "
+                       "a difference may be one of them; run it again when the platform is quiet")
     if not report["ok"]:
         raise typer.Exit(1)

@@ -10,7 +10,7 @@ from typing import Callable
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from sqlalchemy.engine import Engine
-from sqlmodel import Session, select
+from sqlmodel import Session, func, select
 
 from shared.archive import ArchivedEvent, Projection, export_jsonl, iter_archive, paused_gc, rebuild, table_digest
 from shared.bus import MalformedEvent, Publisher, decode, event_headers
@@ -117,9 +117,41 @@ async def republish(settings: Settings, force: bool = False) -> int:
     return count
 
 
-def verify(settings: Settings) -> dict:
-    """Rebuild every projection from the archive into a scratch database and compare digests."""
+def verify(settings: Settings, attempts: int = 5) -> dict:
+    """Rebuild every projection from the archive into a scratch database and compare digests.
+
+    The registry archives and projects each event in one transaction, so the
+    live tables hold exactly what the archive held at the same moment. The
+    archive is read first and the live tables after, so an event archived in
+    between would show up as a difference that is none. The comparison counts
+    only when the archive did not move from before the one read to after the
+    other; otherwise it is made again, ``attempts`` times in all. ``settled``
+    says whether it held still, and ``archived_meanwhile`` how many events
+    arrived during the last try (0 when settled).
+    """
     projections = all_projections()
+    source = registry_engine(settings)
+    for _ in range(attempts):
+        before = _archive_mark(source)
+        report = _compare(settings, projections)
+        after = _archive_mark(source)
+        if after == before:
+            break
+    report["settled"] = after == before
+    report["archived_meanwhile"] = after[0] - before[0]
+    report["differs"] = [name for name, t in report["tables"].items() if not t["same"]]
+    return report
+
+
+def _archive_mark(engine: Engine) -> tuple[int, int | None]:
+    """How many events the archive holds and its last id: equal marks mean nothing was archived
+    between them (rows are only ever added)."""
+    with Session(engine) as session:
+        count, last = session.exec(select(func.count(), func.max(ArchivedEvent.id))).one()
+    return count, last
+
+
+def _compare(settings: Settings, projections: list[Projection]) -> dict:
     with tempfile.TemporaryDirectory(prefix="neurons-verify-") as tmp:
         scratch = engine_for(f"sqlite:///{tmp}/scratch.db")
         replay_from_archive(settings, projections, engine=scratch)
@@ -139,7 +171,6 @@ def verify(settings: Settings) -> dict:
         from shared import db
 
         db._ENGINES.pop(f"sqlite:///{tmp}/scratch.db", None)
-    report["differs"] = [name for name, t in report["tables"].items() if not t["same"]]
     return report
 
 

@@ -9,7 +9,7 @@ from sqlalchemy import text
 
 from services.registry import audit, queries
 from shared.envelope import utcnow
-from tests.support import make_event
+from tests.support import dataset_payload, make_event
 from tests.unit.registry.registry_harness import Registry, cycle_events
 
 SHA_1, SHA_2 = "1" * 64, "2" * 64
@@ -110,6 +110,28 @@ def test_verify_finds_no_difference_and_names_a_table_altered_by_hand(registry):
     report = audit.verify(registry.settings)
 
     assert not report["ok"] and report["differs"] == ["registry_validation_snapshots"]
+
+
+def test_verify_compares_again_when_an_event_is_archived_while_it_checks(registry, monkeypatch):
+    registry.feed(*cycle_events(SHA_1))
+    replay, arrivals = audit.replay_from_archive, []
+
+    def replay_then_an_event_arrives(*args, **kwargs):
+        count = replay(*args, **kwargs)  # the archive has been read; the live tables not yet
+        if len(arrivals) < arriving:
+            arrivals.append(registry.feed(make_event("dataset.registered", f"ds-{len(arrivals)}", dataset_payload())))
+        return count
+
+    monkeypatch.setattr(audit, "replay_from_archive", replay_then_an_event_arrives)
+    arriving = 1
+    report = audit.verify(registry.settings)
+    assert report["ok"] and report["settled"] and report["archived_meanwhile"] == 0
+    assert len(arrivals) == 1
+
+    arriving = 10  # events keep arriving: every try sees one more in the live tables than it rebuilt
+    report = audit.verify(registry.settings, attempts=3)
+    assert not report["settled"] and report["archived_meanwhile"] == 1
+    assert not report["ok"] and report["differs"] == ["stream_heads"]
 
 
 def test_an_event_delivered_twice_changes_the_read_models_once(registry):
