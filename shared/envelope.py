@@ -196,7 +196,7 @@ class _CanonicalText(msgspec.Struct, forbid_unknown_fields=True):
 _read_text = msgspec.json.Decoder(_CanonicalText).decode
 _CANONICAL_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}\Z").match
 _CANONICAL_TIME = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}(?:\.[0-9]{6})?Z\Z").match
-_ORDER = tuple(Envelope.model_fields)  # the model's field order, as model_validate fills __dict__
+_FIELD_NAMES = frozenset(Envelope.model_fields)  # every field is given, as model_validate records it
 # Producers are few (services times nodes): one frozen instance each, shared by their events.
 _PRODUCERS: dict[_ProducerText, Producer] = {}
 _MAX_PRODUCERS = 4096
@@ -236,13 +236,13 @@ def read_canonical(raw: bytes | str) -> Envelope | None:
             _PRODUCERS[producer] = made
     envelope = Envelope.__new__(Envelope)
     # what BaseModel.model_construct sets, for a model with no extra fields and no private attributes
-    _set(envelope, "__dict__", {
+    _set(envelope, "__dict__", {  # in the model's field order, as model_validate fills it
         "event_id": text.event_id, "type": kind, "schema_version": text.schema_version,
         "aggregate_type": text.aggregate_type, "aggregate_id": text.aggregate_id, "sequence": text.sequence,
         "occurred_at": occurred_at, "producer": made, "correlation_id": text.correlation_id,
         "causation_id": text.causation_id, "payload": text.payload,
     })
-    _set(envelope, "__pydantic_fields_set__", set(_ORDER))
+    _set(envelope, "__pydantic_fields_set__", set(_FIELD_NAMES))
     _set(envelope, "__pydantic_extra__", None)
     _set(envelope, "__pydantic_private__", None)
     return envelope

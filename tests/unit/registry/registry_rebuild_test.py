@@ -34,9 +34,12 @@ def one_by_one(engine, projections, events) -> None:
 
 
 def digests(engine, projections, ignore=()) -> dict[str, tuple[str, int]]:
+    return digests_of(engine, [table for projection in projections for table in projection.tables], ignore)
+
+
+def digests_of(engine, models, ignore=()) -> dict[str, tuple[str, int]]:
     with Session(engine) as session:
-        return {table.__tablename__: table_digest(session, table, ignore)
-                for projection in projections for table in projection.tables}
+        return {model.__tablename__: table_digest(session, model, ignore) for model in models}
 
 
 @pytest.fixture
@@ -218,11 +221,6 @@ def test_times_are_bound_as_sqlalchemys_own_processors_write_them():
         with pytest.raises(ValueError) as got:
             fused(naive)
         assert str(got.value) == str(expected.value)
-
-
-def digests_of(engine, models) -> dict[str, tuple[str, int]]:
-    with Session(engine) as session:
-        return {model.__tablename__: table_digest(session, model) for model in models}
 
 
 def test_a_rebuild_of_some_projections_leaves_the_others_alone(history, engine):
