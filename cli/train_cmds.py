@@ -41,6 +41,9 @@ def train(
     sha = dataset_sha256(dataset)
     job_dir = out or settings.var_dir / "jobs" / f"local-{time.strftime('%Y%m%dT%H%M%S')}"
     config = {"model": model, "steps": steps, **_parse_config(set_)}
+    from services.trainer.ml.config import MntpConfig, RlConfig
+
+    (RlConfig if kind == "rl" else MntpConfig).from_dict(config)  # a bad setting: one line, before any work
     meter = EnergyMeter()
 
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
@@ -79,13 +82,18 @@ def train(
     summary = {"artefact_dir": str(stored.path), "adapter_sha256": stored.sha256, "adapter_uri": stored.uri,
                "status": result.status, "fallback_reason": result.fallback_reason,
                "metrics": {"before": result.metrics.get("before"), "after": result.metrics.get("after")},
-               "energy": energy, "steps": result.steps, "tokens_per_s": result.tokens_per_s}
+               "energy": energy, "steps": result.steps, "tokens_per_s": result.tokens_per_s,
+               "placement": result.summary.get("placement")}
     if as_json:
         typer.echo(json.dumps(summary, indent=2, default=str))
         return
     before, after = summary["metrics"]["before"] or {}, summary["metrics"]["after"] or {}
     typer.echo(f"adapter  {stored.sha256} ({result.status})")
     typer.echo(f"folder   {stored.path}")
+    if summary["placement"]:
+        where = summary["placement"]
+        device = where["device"] if where["device_name"] == where["device"] else f"{where['device_name']} ({where['device']})"
+        typer.echo(f"trained  on {device}, {where['precision']} base weights")
     if before and after and "loss" in before:
         typer.echo(f"held-out masked loss {before['loss']:.4f} -> {after['loss']:.4f}, "
                    f"accuracy {before['accuracy']:.3f} -> {after['accuracy']:.3f}")

@@ -36,6 +36,8 @@ def save_checkpoint(
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
             "torch_rng": torch.get_rng_state(),
+            # dropout on a GPU draws from the GPU's generators
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None,
             "python_rng": random.getstate(),
             "extra": extra,
         },
@@ -59,7 +61,9 @@ def load_checkpoint(folder: Path) -> dict[str, Any]:
     path = folder / STATE_FILE
     if not path.exists() or not (folder / ADAPTER / "adapter_model.safetensors").exists():
         raise FileNotFoundError(f"{folder} is not a training checkpoint (needs {ADAPTER}/ and {STATE_FILE})")
-    return torch.load(path, weights_only=True)
+    # on the host first: the optimiser's state follows its parameters to their device when loaded,
+    # so a run checkpointed on a GPU resumes on another node's GPU, or on a CPU
+    return torch.load(path, weights_only=True, map_location="cpu")
 
 
 def restore_rng(state: dict[str, Any]) -> None:
@@ -67,6 +71,9 @@ def restore_rng(state: dict[str, Any]) -> None:
 
     torch.set_rng_state(state["torch_rng"])
     random.setstate(state["python_rng"])
+    cuda_rng = state.get("cuda_rng")
+    if cuda_rng is not None and torch.cuda.is_available() and len(cuda_rng) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda_rng)
 
 
 def resume(state: dict[str, Any], optimizer: Any, scheduler: Any, config: Any) -> tuple[int, list[str]]:

@@ -11,6 +11,8 @@ import logging
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, TypeVar
 
+from services.trainer.ml import placement
+
 log = logging.getLogger("neurons.trainer.config")
 
 C = TypeVar("C", bound="_Config")
@@ -54,9 +56,14 @@ class MntpConfig(_Config):
     checkpoint_every: int = 50  # 0 turns checkpoints off
     progress_every: int = 10
     threads: int = 0  # torch intra-op threads; 0: 1 for the tiny model, torch's default otherwise
+    # Where to compute (auto, cpu, cuda, cuda:N) and the base weights' precision (auto, float32,
+    # bfloat16); auto is resolved by the node that runs the job (``placement.resolve``).
+    device: str = "auto"
+    precision: str = "auto"
 
     def check(self) -> None:
         _positive(self, "steps", "lora_rank", "batch_size", "grad_accum", "max_length", "progress_every")
+        placement.check(self.device, self.precision)
         if not 0.0 < self.mask_ratio < 1.0:
             raise ValueError(f"mask_ratio must lie in (0, 1), got {self.mask_ratio}")
         if not 0.0 <= self.eval_fraction < 1.0:

@@ -23,6 +23,7 @@ from services.trainer.ml.checkpoint import checkpoint_adapter, load_checkpoint, 
 from services.trainer.ml.config import MntpConfig
 from services.trainer.ml.lora import attach_configured_lora, lora_settings
 from services.trainer.ml.models import load_model, mask_token_id, offline, torch_threads
+from services.trainer.ml.placement import model_device, place, resolve
 from services.trainer.ml.result import TrainingResult, finish_trained
 
 __all__ = [
@@ -57,7 +58,7 @@ def bidirectional_mask(attention_mask: torch.Tensor, eager: bool = False) -> tor
     if not eager:
         return keys
     # The eager kernel adds the mask to the scores instead of selecting with it.
-    additive = torch.zeros(keys.shape, dtype=torch.float32)
+    additive = torch.zeros(keys.shape, dtype=torch.float32, device=attention_mask.device)
     return additive.masked_fill(~keys, torch.finfo(torch.float32).min)
 
 
@@ -123,6 +124,13 @@ class Batch:
     attention_mask: torch.Tensor
     labels: torch.Tensor
     tokens: int  # real (unpadded) tokens
+
+    def to(self, device: torch.device) -> "Batch":
+        """The batch on ``device`` (itself when it is there already): batches are built on the host."""
+        if self.input_ids.device == device:
+            return self
+        return Batch(self.input_ids.to(device, non_blocking=True), self.attention_mask.to(device, non_blocking=True),
+                     self.labels.to(device, non_blocking=True), self.tokens)
 
 
 class MaskedBatches:
@@ -200,7 +208,7 @@ def evaluate_mntp(
     max_length: int = 128,
     batch_size: int = 8,
 ) -> dict[str, float]:
-    """Masked-token loss and accuracy on ``texts``, with masks fixed by ``seed``."""
+    """Masked-token loss and accuracy on ``texts``, with masks fixed by ``seed``, on the model's device."""
     batches = MaskedBatches(
         encode_texts(tokenizer, texts, max_length),
         batch_size,
@@ -212,10 +220,11 @@ def evaluate_mntp(
     )
     was_training = model.training
     model.eval()
+    device = model_device(model)
     loss_sum, correct, count = 0.0, 0, 0
     try:
         for index in range(batches.batches_per_epoch):
-            batch = batches.batch(index)
+            batch = batches.batch(index).to(device)
             logits, targets = masked_logits(model, batch.input_ids, batch.attention_mask, batch.labels)
             loss_sum += float(F.cross_entropy(logits, targets, reduction="sum"))
             correct += int((logits.argmax(dim=-1) == targets).sum())
@@ -242,7 +251,12 @@ class WarmupLinear:
 
 
 class MntpLoop:
-    """The optimiser steps of a run; kept free of per-step host work so it runs at bare-loop speed."""
+    """The optimiser steps of a run; kept free of per-step host work so it runs at bare-loop speed.
+
+    It computes where the model's parameters are: each batch is built on the
+    host and copied there, and the loss is summed there, so it is read back to
+    the host only for a progress report.
+    """
 
     def __init__(
         self,
@@ -261,6 +275,7 @@ class MntpLoop:
             self.optimizer, WarmupLinear(config.warmup_steps, config.steps)
         )
         self.tokens = 0
+        self.device = model_device(model)
 
     def run(
         self,
@@ -272,12 +287,12 @@ class MntpLoop:
         """Steps ``start``..``stop-1``; ``report(step, loss, lr, tokens, seconds)`` every progress_every steps."""
         config = self.config
         model, optimizer, scheduler = self.model, self.optimizer, self.scheduler
-        accum = config.grad_accum
-        window_loss = torch.zeros(())
+        accum, device = config.grad_accum, self.device
+        window_loss = torch.zeros((), device=device)
         window_steps, window_tokens, window_start = 0, self.tokens, time.perf_counter()
         for step in range(start, stop):
             for micro in range(accum):
-                batch = self.batches.batch(step * accum + micro)
+                batch = self.batches.batch(step * accum + micro).to(device)
                 logits, targets = masked_logits(model, batch.input_ids, batch.attention_mask, batch.labels)
                 loss = F.cross_entropy(logits, targets) / accum
                 loss.backward()
@@ -295,7 +310,7 @@ class MntpLoop:
                 # The only host sync of the loop: once per report window.
                 seconds = time.perf_counter() - window_start
                 report(done, float(window_loss) / window_steps, lr, self.tokens - window_tokens, seconds)
-                window_loss = torch.zeros(())
+                window_loss = torch.zeros((), device=device)
                 window_steps, window_tokens, window_start = 0, self.tokens, time.perf_counter()
             if checkpoint is not None and config.checkpoint_every and done % config.checkpoint_every == 0 and done < config.steps:
                 checkpoint(done)
@@ -341,6 +356,8 @@ def _train_mntp(
     out_dir.mkdir(parents=True, exist_ok=True)
     context = f"model={config.model} dataset={(dataset_sha256 or '-')[:12]}"
 
+    placement = resolve(config.device, config.precision)
+    context += f" device={placement.device} precision={placement.precision}"
     loaded = load_model(config.model, cache_dir)
     tokenizer = loaded.tokenizer
     train_texts, eval_texts = split_held_out(texts, config.eval_fraction, config.seed)
@@ -348,7 +365,7 @@ def _train_mntp(
 
     torch.manual_seed(config.seed)
     adapter_source = checkpoint_adapter(Path(resume_from)) if state else warm_start_adapter
-    model = attach_configured_lora(loaded.model, config, adapter_source)
+    model = attach_configured_lora(place(loaded.model, placement), config, adapter_source)
     model.train()
 
     def evaluate() -> dict[str, float]:
@@ -402,7 +419,7 @@ def _train_mntp(
         kind="mntp", model=model, out_dir=out_dir, config=config, lora=lora_settings(model),
         info=loaded.info, dataset_sha256=dataset_sha256,
         records={"train": len(train_texts), "held_out": len(eval_texts)}, before=before, after=after,
-        curve=curve, tokens=prior_tokens + loop.tokens,
+        curve=curve, tokens=prior_tokens + loop.tokens, placement=placement.describe(),
         tokens_per_s=loop.tokens / train_seconds if train_seconds > 0 else 0.0,
         duration_s=time.perf_counter() - started, resumed_from_step=start_step if state else None,
         warm_start=str(warm_start_adapter) if warm_start_adapter and not state else None,

@@ -81,6 +81,7 @@ def finish_trained(
     duration_s: float,
     resumed_from_step: int | None,
     warm_start: str | None,
+    placement: dict[str, str],
 ) -> TrainingResult:
     """Save the adapter with its summary in ``out_dir/adapter`` and say what the run produced (MNTP and RL alike)."""
     adapter_dir = Path(out_dir) / ADAPTER_DIR
@@ -101,6 +102,7 @@ def finish_trained(
         "loss_curve": curve,
         "energy": None,
         "software": software_versions(),
+        "placement": placement,
         "steps": config.steps,
         "tokens": tokens,
         "tokens_per_s": tokens_per_s,

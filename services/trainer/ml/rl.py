@@ -9,6 +9,8 @@ towards the base model (the same network with the adapter switched off).
 Every ``checkpoint_every`` steps the adapter, the optimiser, the scheduler and
 the random state are saved (``checkpoint.py``); a run resumed from a checkpoint
 samples the same rollouts and ends with the same adapter as one never stopped.
+The loop runs on the CPU in float32: its rollouts are short and sampled token
+by token on the host (MNTP runs on a GPU where there is one, ``placement.py``).
 
 Written directly on peft rather than TRL's GRPOTrainer: TRL computes
 log-probabilities from ``lm_head.weight`` and so refuses adapters on the output
@@ -31,6 +33,7 @@ from services.trainer.ml.checkpoint import checkpoint_adapter, load_checkpoint, 
 from services.trainer.ml.config import RlConfig
 from services.trainer.ml.lora import attach_configured_lora, lora_settings
 from services.trainer.ml.models import load_model, offline, torch_threads
+from services.trainer.ml.placement import resolve
 from services.trainer.ml.result import TrainingResult, finish_trained
 from services.trainer.ml.rewards import get_reward
 
@@ -281,4 +284,5 @@ def _train_rl(
         curve=curve, tokens=tokens_total, tokens_per_s=tokens_total / train_seconds if train_seconds > 0 else 0.0,
         duration_s=time.perf_counter() - started, resumed_from_step=start_step if state else None,
         warm_start=str(warm_start_adapter) if warm_start_adapter and not state else None,
+        placement=resolve("cpu", "float32").describe(),
     )

@@ -35,6 +35,8 @@ def test_trained_adapter_reloads_to_the_same_logits(model_cache, texts, tmp_path
     assert summary["metrics"]["after"]["tokens"] == summary["metrics"]["before"]["tokens"] > 0
     assert [p["step"] for p in summary["loss_curve"]] == [2, 4, 6]
     assert summary["software"]["torch"] and summary["energy"] is None
+    if not torch.cuda.is_available():  # device auto: the CPU, in float32
+        assert summary["placement"] == {"device": "cpu", "device_name": "cpu", "precision": "float32"}
 
     trained = result.model.eval()
     reloaded = PeftModel.from_pretrained(load_model("tiny", model_cache).model, str(result.adapter_dir)).eval()
@@ -92,3 +94,32 @@ def test_smollm2_held_out_loss_falls(model_cache, texts, tmp_path):
     print(f"smollm2 held-out MNTP loss {before:.3f} -> {after:.3f}, {result.tokens_per_s:.0f} tokens/s")
     assert after < before - 0.2
     assert result.base_model["name"] == "smollm2"
+
+
+def test_a_bfloat16_base_trains_a_float32_adapter(model_cache, texts, tmp_path):
+    from safetensors.torch import load_file
+
+    result = train_mntp(_config(steps=12, learning_rate=1e-2, device="cpu", precision="bfloat16"), texts,
+                        tmp_path / "run", model_cache)
+
+    summary = json.loads(result.summary_path.read_text())
+    assert summary["placement"] == {"device": "cpu", "device_name": "cpu", "precision": "bfloat16"}
+    assert summary["config"]["precision"] == "bfloat16"
+    weights = dict(result.model.named_parameters())
+    assert {p.dtype for name, p in weights.items() if "lora_" in name} == {torch.float32}
+    assert {p.dtype for name, p in weights.items() if "lora_" not in name} == {torch.bfloat16}
+    saved = load_file(result.adapter_dir / "adapter_model.safetensors")
+    assert saved and {t.dtype for t in saved.values()} == {torch.float32}
+    trained = {name.replace(".default", ""): p for name, p in weights.items() if "lora_" in name}
+    assert all(torch.equal(trained[name], tensor) for name, tensor in saved.items())
+    assert result.metrics["after"]["loss"] < result.metrics["before"]["loss"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this node has a CUDA GPU")
+def test_a_gpu_asked_for_on_a_node_without_one_fails_with_what_to_do(model_cache, texts, tmp_path):
+    from services.trainer.ml.placement import PlacementError, resolve
+
+    assert resolve().describe() == {"device": "cpu", "device_name": "cpu", "precision": "float32"}
+    with pytest.raises(PlacementError, match="sees no CUDA GPU on this node; use device=auto or device=cpu"):
+        train_mntp(_config(device="cuda"), texts, tmp_path / "run", model_cache)
+    assert not (tmp_path / "run" / "adapter").exists()

@@ -22,6 +22,18 @@ def test_configs_ignore_unknown_keys_and_check_values():
     assert "lm_head" in RlConfig().target_modules
 
 
+def test_where_a_run_computes_is_checked_without_torch():
+    assert (MntpConfig().device, MntpConfig().precision) == ("auto", "auto")
+    for device in ("auto", "cpu", "cuda", "cuda:1"):
+        assert MntpConfig.from_dict({"device": device, "precision": "bfloat16"}).device == device
+    with pytest.raises(ValueError, match="device must be auto, cpu, cuda or cuda:N, got 'gpu'"):
+        MntpConfig.from_dict({"device": "gpu"})
+    with pytest.raises(ValueError, match="device must be"):
+        MntpConfig.from_dict({"device": "cuda:x"})
+    with pytest.raises(ValueError, match="precision must be one of auto, float32, bfloat16, got 'float16'"):
+        MntpConfig.from_dict({"precision": "float16"})
+
+
 def _read_safetensors(path):
     raw = path.read_bytes()
     (length,) = struct.unpack("<Q", raw[:8])
