@@ -1,14 +1,14 @@
-"""The MNTP training step on a GPU in bf16, against a bare loop on the same device, with model FLOPs utilisation.
+"""The trainer's MNTP step on a GPU in bf16, against a bare loop on the same device, with model FLOPs utilisation.
 
-The trainer's ``MntpLoop`` runs on the CPU in float32 only (it builds its
-batches and its loss accumulator on the host), so this variant drives the
-trainer's own pieces on the device: the same ``MaskedBatches`` pipeline built
-per step and copied over, ``masked_logits``, the cross entropy, gradient
-clipping, AdamW and the ``WarmupLinear`` schedule, in the order ``MntpLoop``
-runs them. The bare side runs forward, backward and an AdamW step on the same
-batches, built and copied to the device beforehand. Base weights are bf16;
-the LoRA weights stay float32 as peft keeps them. With ``compile`` the
-decoder, which both sides share, is compiled once with ``torch.compile``.
+The platform side is the trainer's own ``MntpLoop`` on a model placed as a
+training job places it (``placement.place``: base weights in bfloat16, LoRA
+weights in float32): each step builds its batch on the host (``MaskedBatches``),
+copies it over, and runs ``masked_logits``, the cross entropy, gradient
+clipping, AdamW and the ``WarmupLinear`` schedule, with a progress report every
+``progress_every`` steps. The bare side (``BareLoop``) runs forward, backward
+and an AdamW step on the same batches, built and copied to the device
+beforehand. With ``compile`` the decoder, which both sides share, is compiled
+once with ``torch.compile``.
 
 Model FLOPs utilisation is ``6 * parameters * tokens/s / peak``, with the
 peak bf16 dense tensor throughput of the device from ``PEAK_BF16_DENSE``.
@@ -62,7 +62,7 @@ def measure(cache_dir: Path, model: str = "smollm2", steps: int = 30, batch: int
     return Figure(
         name=name, value=result["platform_tokens_per_s"], unit="tokens/s", baseline=result["bare_tokens_per_s"],
         ratio=r, target=f"ratio >= {TARGET}", passed=r >= TARGET, samples=steps,
-        notes=(f"MNTP step vs bare loop on {result['device_name']}, model {model}, batch {batch} x {seq_len}, "
+        notes=(f"MntpLoop vs bare loop on {result['device_name']}, model {model}, batch {batch} x {seq_len}, "
                f"{dtype} weights, {'torch.compile on the decoder' if compile else 'eager'}; {steps} alternating "
                f"steps per side after {warmup} warm-up, median step; MFU "
                + (f"{mfu:.1%} of {result['peak_flops'] / 1e12:.0f} TFLOP/s ({result['peak_source']})"
@@ -77,29 +77,29 @@ def measure(cache_dir: Path, model: str = "smollm2", steps: int = 30, batch: int
 def bench_step(cache_dir: Path, model: str, steps: int, batch: int, seq_len: int, compile: bool, device: str,
                dtype: str, warmup: int) -> dict[str, Any]:
     import torch
-    import torch.nn.functional as F
 
+    from services.trainer.ml.bench import BareLoop
     from services.trainer.ml.config import MntpConfig
     from services.trainer.ml.lora import attach_configured_lora
-    from services.trainer.ml.bench import BareLoop
-    from services.trainer.ml.mntp import MaskedBatches, WarmupLinear, masked_logits
+    from services.trainer.ml.mntp import MaskedBatches, MntpLoop
     from services.trainer.ml.models import load_model, mask_token_id, offline
+    from services.trainer.ml.placement import place, resolve
 
     offline()
-    on_cuda = torch.device(device).type == "cuda"
-    device_name = torch.cuda.get_device_name(torch.device(device)) if on_cuda else "cpu"
+    placement = resolve(device, dtype)
+    device_name = placement.device_name
 
     def sync() -> None:
-        if on_cuda:
-            torch.cuda.synchronize()
+        if placement.on_cuda:
+            torch.cuda.synchronize(placement.device)
 
     loaded = load_model(model, cache_dir)
     tokenizer = loaded.tokenizer
     parameters = int(loaded.info["num_parameters"])
-    config = MntpConfig(model=model, steps=warmup + steps, batch_size=batch, max_length=seq_len, checkpoint_every=0)
+    config = MntpConfig(model=model, steps=warmup + steps, batch_size=batch, max_length=seq_len, checkpoint_every=0,
+                        device=str(placement.device), precision=placement.precision)
     torch.manual_seed(config.seed)
-    base_model = loaded.model.to(device=device, dtype=getattr(torch, dtype))
-    peft_model = attach_configured_lora(base_model, config).to(device)
+    peft_model = attach_configured_lora(place(loaded.model, placement), config)
     peft_model.train()
     if compile:
         # in place: both sides call the same compiled decoder
@@ -109,32 +109,18 @@ def bench_step(cache_dir: Path, model: str, steps: int, batch: int, seq_len: int
     sequences = torch.randint(3, len(tokenizer), (batch * 8, seq_len), generator=generator).tolist()
     batches = MaskedBatches(sequences, batch, tokenizer.pad_token_id, mask_token_id(tokenizer), config.mask_ratio,
                             config.seed)
-    params = [p for p in peft_model.parameters() if p.requires_grad]
+    loop = MntpLoop(peft_model, batches, config)  # the trainer's loop, on the model's device
 
-    # The platform's step, as MntpLoop.run takes it (grad_accum 1), with its tensors on the device.
-    optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=0.0)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, WarmupLinear(config.warmup_steps, config.steps))
-    window_loss = torch.zeros((), device=device)
+    def report(*_: Any) -> None:  # a job's progress callback; one step per run, so the loss is read every step
+        pass
 
     def platform_step(index: int) -> int:
-        nonlocal window_loss
-        built = batches.batch(index)
-        input_ids = built.input_ids.to(device, non_blocking=True)
-        attention = built.attention_mask.to(device, non_blocking=True)
-        labels = built.labels.to(device, non_blocking=True)
-        logits, targets = masked_logits(peft_model, input_ids, attention, labels)
-        loss = F.cross_entropy(logits, targets)
-        loss.backward()
-        window_loss += loss.detach()
-        if config.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        return built.tokens
+        before = loop.tokens
+        loop.run(index, index + 1, report)
+        return loop.tokens - before
 
     # The bare loop: the same batches, made beforehand and already on the device.
-    bare_loop = BareLoop(peft_model, batches, warmup + steps, config.learning_rate, device)
+    bare_loop = BareLoop(peft_model, batches, warmup + steps, config.learning_rate, placement.device)
 
     started = time.perf_counter()
     for index in range(warmup):  # first calls allocate, and compile when asked
@@ -152,11 +138,10 @@ def bench_step(cache_dir: Path, model: str, steps: int, batch: int, seq_len: int
             tokens = platform_step(index) if side == "platform" else bare_loop.step(index)
             sync()
             rates[side].append(tokens / (time.perf_counter() - begun))
-    float(window_loss)  # the loop's one host read of the loss
 
     platform = statistics.median(rates["platform"])
     bare = statistics.median(rates["bare"])
-    peak, source = peak_flops(device_name) if on_cuda else (None, "no peak for a CPU")
+    peak, source = peak_flops(device_name) if placement.on_cuda else (None, "no peak for a CPU")
     mfu = 6 * parameters * platform / peak if peak else None
     bare_mfu = 6 * parameters * bare / peak if peak else None
     log.info("gpu bench %s on %s (%s%s): platform %.0f tokens/s, bare %.0f tokens/s, warm-up %.1fs",

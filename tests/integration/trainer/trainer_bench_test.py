@@ -22,3 +22,14 @@ def test_platform_loop_keeps_up_with_a_bare_loop(model_cache):
     assert set(results[0]) >= {"platform_tokens_per_s", "bare_tokens_per_s", "ratio", "steps"}
     assert results[0]["steps"] == 30 and results[0]["bare_tokens_per_s"] > 0
     assert max(r["ratio"] for r in results) > 0.8
+
+
+def test_the_gpu_figure_runs_the_trainers_loop_where_it_is_placed(model_cache):
+    # `make bench-gpu` on a CPU: the same code path at smoke size, bfloat16 base weights, no compile.
+    from bench.trainer_gpu import bench_step
+
+    result = bench_step(model_cache, "tiny", steps=4, batch=2, seq_len=16, compile=False, device="cpu",
+                        dtype="bfloat16", warmup=1)
+    assert result["device_name"] == "cpu" and result["mfu"] is None
+    assert result["platform_tokens_per_s"] > 0 and result["bare_tokens_per_s"] > 0
+    assert result["ratio"] == result["platform_tokens_per_s"] / result["bare_tokens_per_s"]
