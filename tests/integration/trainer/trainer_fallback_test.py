@@ -57,6 +57,7 @@ def test_two_runs_without_torch_write_identical_bytes(tmp_path):
 
     assert first["available"] is False and first["reason"].startswith("torch cannot be imported")
     assert first["status"] == "fallback" and first["loaded"] == []
+    assert (second["status"], second["reason"]) == ("fallback", first["reason"])
     files = _files(tmp_path / "a" / "adapter")
     assert set(files) == {"adapter_model.safetensors", "adapter_config.json", "training_summary.json"}
     assert files == _files(tmp_path / "b" / "adapter")
