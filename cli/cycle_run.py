@@ -216,6 +216,7 @@ def summarize(view: CycleView, settings: Settings) -> dict[str, Any]:
         "adapter_status": trained.payload["status"] if trained else None,
         "artefact_dir": str(settings.artefact_dir / trained.payload["adapter_sha256"]) if trained else None,
         "metrics": (trained.payload.get("metrics") if trained else None),
+        "placement": trained.payload.get("placement") if trained else None,
         "verdict": verdict.payload["verdict"] if verdict else None,
         "verdict_explanation": verdict.payload.get("explanation") if verdict else None,
         "validation_id": verdict.payload["validation_id"] if verdict else None,

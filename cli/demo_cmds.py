@@ -6,11 +6,11 @@ import asyncio
 import json
 import os
 import time
-from pathlib import Path
 
 import typer
 
 from cli.cycle_run import Reporter, cycle_request, follow_cycle
+from services.trainer.ml.placement import summary_line
 from shared import processes
 from shared.settings import Settings
 from shared.signing import Keyring, generate_operator
@@ -173,6 +173,7 @@ def _print_summary(summary: dict, settings: Settings, as_json: bool) -> None:
     rows = [
         ("in production", f"{promotion.get('adapter_sha256', '-')} ({promotion.get('channel', '-')}, approved by {promotion.get('approver', '-')})"),
         ("verdict", f"{summary.get('verdict')}: {summary.get('verdict_explanation') or ''}"),
+        ("trained on", summary_line(summary.get("placement"))),
         ("held-out loss", f"{metrics.get('loss_before', float('nan')):.4f} -> {metrics.get('loss_after', float('nan')):.4f}" if metrics.get("loss_before") is not None else "-"),
         ("energy", f"{energy.get('wh') or 0:.3f} Wh, {energy.get('gco2e') or 0:.3f} gCO2e ({', '.join(sorted({j['method'] or 'unmeasured' for j in energy.get('jobs', [])})) or '-'})"),
         ("adapter files", summary.get("artefact_dir") or "-"),

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import typer
 
+from services.trainer.ml.placement import summary_line
 from shared.settings import Settings
 
 
@@ -91,9 +92,7 @@ def train(
     typer.echo(f"adapter  {stored.sha256} ({result.status})")
     typer.echo(f"folder   {stored.path}")
     if summary["placement"]:
-        where = summary["placement"]
-        device = where["device"] if where["device_name"] == where["device"] else f"{where['device_name']} ({where['device']})"
-        typer.echo(f"trained  on {device}, {where['precision']} base weights")
+        typer.echo(f"trained  on {summary_line(summary['placement'])}")
     if before and after and "loss" in before:
         typer.echo(f"held-out masked loss {before['loss']:.4f} -> {after['loss']:.4f}, "
                    f"accuracy {before['accuracy']:.3f} -> {after['accuracy']:.3f}")

@@ -187,5 +187,5 @@ def _completion(outcome: dict, artefacts: SharedArtefacts) -> dict:
         "base_model_checksum": (outcome.get("base_model") or {}).get("checksum"),
         "steps": int(outcome.get("steps") or 0), "tokens": int(outcome.get("tokens") or 0),
         "tokens_per_s": outcome.get("tokens_per_s"), "resumed_from_step": outcome.get("resumed_from_step"),
-        "loss_curve": outcome.get("curve") or [],
+        "loss_curve": outcome.get("curve") or [], "placement": outcome.get("placement"),
     }

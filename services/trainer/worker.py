@@ -77,6 +77,7 @@ def run(spec: dict) -> dict:
         "duration_s": result.duration_s,
         "base_model": result.base_model,
         "resumed_from_step": result.resumed_from_step,
+        "placement": result.summary.get("placement"),
         "energy": energy,
         "stage": stage,
     }

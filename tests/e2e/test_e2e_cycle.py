@@ -6,6 +6,7 @@ from collections import Counter
 
 import pytest
 
+from services.trainer.ml.placement import resolve
 from tests.e2e.cycle_support import CYCLE, SERVICES, prepare, spans, start
 
 
@@ -21,6 +22,8 @@ def test_one_cycle_from_request_to_profile_update_is_one_trace(platform, tmp_pat
     assert summary["promotion"]["approver"] == "ops"
     assert summary["profiles_updated"] == ["helper-en"]
     assert summary["metrics"]["loss_after"] < summary["metrics"]["loss_before"]
+    # where the job computed travels in training.completed: the trainer runs here, on device auto
+    assert summary["placement"] == resolve().describe()
 
     cycle = summary["cycle_id"]
     events = [e for e in platform.archived() if e["correlation_id"] == cycle]

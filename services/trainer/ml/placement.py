@@ -53,6 +53,14 @@ class Placement:
         return {"device": str(self.device), "device_name": self.device_name, "precision": self.precision}
 
 
+def summary_line(where: dict[str, str] | None) -> str:
+    """A recorded placement (``Placement.describe``) as people read it: "cpu, float32 base weights"."""
+    if not where:
+        return "-"
+    device = where["device"] if where["device_name"] == where["device"] else f"{where['device_name']} ({where['device']})"
+    return f"{device}, {where['precision']} base weights"
+
+
 def resolve(device: str = "auto", precision: str = "auto") -> Placement:
     """The device and base-weight dtype for ``device`` and ``precision`` on this node;
     PlacementError when a GPU (or bfloat16 on it) is asked for and not there."""
