@@ -3,11 +3,11 @@
 The platform side is the trainer's own ``MntpLoop`` on a model placed as a
 training job places it (``placement.place``: base weights in bfloat16, LoRA
 weights in float32): each step builds its batch on the host (``MaskedBatches``),
-copies it over, and runs ``masked_logits``, the cross entropy, gradient
-clipping, AdamW and the ``WarmupLinear`` schedule, with a progress report every
-``progress_every`` steps. The bare side (``BareLoop``) runs forward, backward
-and an AdamW step on the same batches, built and copied to the device
-beforehand. With ``compile`` the decoder, which both sides share, is compiled
+copies it over, and runs ``logits_at``, the cross entropy, gradient clipping,
+AdamW and the ``WarmupLinear`` schedule, and calls its progress callback (each
+timed run is one step, so that reads the loss back every step). The bare side
+(``BareLoop``) runs forward, backward and an AdamW step on the same batches,
+built and copied to the device beforehand. With ``compile`` the decoder, which both sides share, is compiled
 once with ``torch.compile``.
 
 Model FLOPs utilisation is ``6 * parameters * tokens/s / peak``, with the

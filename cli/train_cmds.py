@@ -30,9 +30,12 @@ def train(
         raise typer.BadParameter("choose mntp or rl", param_hint="--kind")
     from cli.cycle_cmds import _parse_config
     from services.trainer.datasets import build_demo_dataset, dataset_sha256, load_jsonl
+    from services.trainer.ml.config import MntpConfig, RlConfig
     from shared.artefacts import ArtefactStore
     from shared.energy_meter import EnergyMeter
 
+    config = {"model": model, "steps": steps, **_parse_config(set_)}
+    (RlConfig if kind == "rl" else MntpConfig).from_dict(config)  # a bad setting: one line, before any work
     settings = Settings.from_env()
     if dataset is None:
         dataset = settings.var_dir / "datasets" / "demo.jsonl"
@@ -41,10 +44,6 @@ def train(
     texts = load_jsonl(dataset)
     sha = dataset_sha256(dataset)
     job_dir = out or settings.var_dir / "jobs" / f"local-{time.strftime('%Y%m%dT%H%M%S')}"
-    config = {"model": model, "steps": steps, **_parse_config(set_)}
-    from services.trainer.ml.config import MntpConfig, RlConfig
-
-    (RlConfig if kind == "rl" else MntpConfig).from_dict(config)  # a bad setting: one line, before any work
     meter = EnergyMeter()
 
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn

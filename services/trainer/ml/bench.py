@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from services.trainer.ml.config import MntpConfig
 from services.trainer.ml.lora import attach_configured_lora
-from services.trainer.ml.mntp import IGNORE, MaskedBatches, MntpLoop, bidirectional_mask
+from services.trainer.ml.mntp import MaskedBatches, MntpLoop, bidirectional_mask
 from services.trainer.ml.models import load_model, mask_token_id, offline, torch_threads
 
 log = logging.getLogger("neurons.trainer.bench")
@@ -43,8 +43,7 @@ class BareLoop:
         self.prepared = []
         for index in range(count):
             built = batches.batch(index)
-            selected = built.labels[:, 1:] != IGNORE
-            tensors = (built.input_ids, bidirectional_mask(built.attention_mask), selected, built.labels[:, 1:][selected])
+            tensors = (built.input_ids, bidirectional_mask(built.attention_mask), built.positions, built.targets)
             if device is not None:
                 tensors = tuple(t.to(device) for t in tensors)
             self.prepared.append((*tensors, built.tokens))
@@ -53,9 +52,9 @@ class BareLoop:
 
     def step(self, index: int) -> int:
         """One step on batch ``index``; the tokens it trained on."""
-        input_ids, mask, selected, targets, tokens = self.prepared[index]
+        input_ids, mask, positions, targets, tokens = self.prepared[index]
         hidden = self.decoder(input_ids=input_ids, attention_mask=mask).last_hidden_state
-        loss = F.cross_entropy(self.head(hidden[:, :-1][selected]).float(), targets)
+        loss = F.cross_entropy(self.head(hidden.flatten(0, 1).index_select(0, positions)).float(), targets)
         loss.backward()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)

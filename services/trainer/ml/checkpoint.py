@@ -8,12 +8,15 @@ so a crash while writing leaves the previous checkpoint usable.
 
 from __future__ import annotations
 
+import logging
 import random
 import shutil
 from pathlib import Path
 from typing import Any
 
 from services.trainer.ml.lora import save_adapter
+
+log = logging.getLogger("neurons.trainer.checkpoint")
 
 STATE_FILE = "trainer_state.pt"
 ADAPTER = "adapter"
@@ -30,14 +33,15 @@ def save_checkpoint(
         shutil.rmtree(staging)
     staging.mkdir(parents=True)
     save_adapter(peft_model, staging / ADAPTER)
+    device = next(peft_model.parameters()).device
     torch.save(
         {
             "step": int(step),
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
             "torch_rng": torch.get_rng_state(),
-            # dropout on a GPU draws from the GPU's generators
-            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None,
+            # dropout on a GPU draws from that GPU's generator
+            "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
             "python_rng": random.getstate(),
             "extra": extra,
         },
@@ -66,25 +70,33 @@ def load_checkpoint(folder: Path) -> dict[str, Any]:
     return torch.load(path, weights_only=True, map_location="cpu")
 
 
-def restore_rng(state: dict[str, Any]) -> None:
+def restore_rng(state: dict[str, Any], device: Any = None) -> None:
+    """Put back the random state; a GPU's goes to ``device`` when the run goes on on a GPU."""
     import torch
 
     torch.set_rng_state(state["torch_rng"])
     random.setstate(state["python_rng"])
     cuda_rng = state.get("cuda_rng")
-    if cuda_rng is not None and torch.cuda.is_available() and len(cuda_rng) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(cuda_rng)
+    if cuda_rng is None:
+        return
+    if device is not None and torch.device(device).type == "cuda":
+        torch.cuda.set_rng_state(cuda_rng, device)
+    else:
+        log.warning("the checkpoint holds a GPU's random state and the run goes on on %s: "
+                    "dropout will not draw what the uninterrupted run would have", device or "the CPU")
 
 
-def resume(state: dict[str, Any], optimizer: Any, scheduler: Any, config: Any) -> tuple[int, list[str]]:
-    """Put a run back where its checkpoint ``state`` left it: optimiser, scheduler and random state.
+def resume(state: dict[str, Any], optimizer: Any, scheduler: Any, config: Any,
+           device: Any = None) -> tuple[int, list[str]]:
+    """Put a run back where its checkpoint ``state`` left it: optimiser, scheduler and random state
+    (a GPU's on ``device``).
 
     Returns the step to continue from and the configuration keys whose values
     differ from those the checkpoint was written with.
     """
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
-    restore_rng(state)
+    restore_rng(state, device)
     current = config.to_dict()
     changed = sorted(k for k, v in state["extra"].get("config", {}).items() if current.get(k) != v)
     return int(state["step"]), changed

@@ -30,7 +30,9 @@ def attach_lora(
         # Adapting the tied output head is intended (RL); the weights stay tied.
         warnings.filterwarnings("ignore", message=".*tie_word_embeddings.*")
         if adapter_dir is not None:
-            peft_model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=True)
+            # read straight onto the model's device (peft would read onto the first GPU by default)
+            device = next(model.parameters()).device
+            peft_model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=True, torch_device=str(device))
             log.info("loaded adapter %s for further training", adapter_dir)
         else:
             config = LoraConfig(

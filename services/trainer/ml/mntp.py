@@ -23,7 +23,7 @@ from services.trainer.ml.checkpoint import checkpoint_adapter, load_checkpoint, 
 from services.trainer.ml.config import MntpConfig
 from services.trainer.ml.lora import attach_configured_lora, lora_settings
 from services.trainer.ml.models import load_model, mask_token_id, offline, torch_threads
-from services.trainer.ml.placement import model_device, place, resolve
+from services.trainer.ml.placement import model_device, place, resolve, summary_line
 from services.trainer.ml.result import TrainingResult, finish_trained
 
 __all__ = [
@@ -82,25 +82,44 @@ def mask_tokens(
     return input_ids.masked_fill(chosen, mask_id), labels
 
 
+def predicted_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For every masked position i (row-major), the flat index of position i-1 in the (B, L) grid
+    of the model's outputs, and the token to predict there."""
+    targets = labels[:, 1:]
+    selected = targets != IGNORE
+    rows, columns = selected.nonzero(as_tuple=True)
+    return rows * labels.shape[1] + columns, targets[selected]
+
+
 def masked_logits(
     model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits at positions i-1 for every masked position i, and the tokens to predict."""
+    positions, targets = predicted_positions(labels)
+    return logits_at(model, input_ids, attention_mask, positions), targets
+
+
+def logits_at(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+              positions: torch.Tensor) -> torch.Tensor:
+    """Float32 logits at ``positions``, flat indices into the (B, L) grid (``predicted_positions``).
+
+    Gathering by index rather than by a boolean mask keeps the step free of
+    host syncs on a GPU: a mask's selection has to wait for the device to
+    count what it selects; indices computed on the host do not.
+    """
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     eager = getattr(base.config, "_attn_implementation", "sdpa") == "eager"
     mask = bidirectional_mask(attention_mask, eager=eager)
-    targets = labels[:, 1:]
-    selected = targets != IGNORE
     decoder = base.get_decoder() if hasattr(base, "get_decoder") else None
     head = base.get_output_embeddings()
     if decoder is not None and head is not None:
         # Projecting only the masked positions onto the vocabulary skips most of
         # the output head's work (the head is a fifth of SmolLM2's compute).
         hidden = decoder(input_ids=input_ids, attention_mask=mask).last_hidden_state
-        logits = head(hidden[:, :-1][selected])
+        logits = head(hidden.flatten(0, 1).index_select(0, positions))
     else:
-        logits = model(input_ids=input_ids, attention_mask=mask).logits[:, :-1][selected]
-    return logits.float(), targets[selected]
+        logits = model(input_ids=input_ids, attention_mask=mask).logits.flatten(0, 1).index_select(0, positions)
+    return logits.float()
 
 
 # --- data --------------------------------------------------------------------
@@ -124,13 +143,25 @@ class Batch:
     attention_mask: torch.Tensor
     labels: torch.Tensor
     tokens: int  # real (unpadded) tokens
+    positions: torch.Tensor  # where the masked tokens are predicted (``predicted_positions``)
+    targets: torch.Tensor  # the masked tokens, in the same order
 
     def to(self, device: torch.device) -> "Batch":
-        """The batch on ``device`` (itself when it is there already): batches are built on the host."""
+        """The batch on ``device`` (itself when it is there already). Batches are built on the host;
+        to a GPU they go from pinned memory without waiting, so the host builds the next one meanwhile."""
         if self.input_ids.device == device:
             return self
-        return Batch(self.input_ids.to(device, non_blocking=True), self.attention_mask.to(device, non_blocking=True),
-                     self.labels.to(device, non_blocking=True), self.tokens)
+        pinned = device.type == "cuda"
+
+        def move(tensor: torch.Tensor) -> torch.Tensor:
+            return (tensor.pin_memory() if pinned else tensor).to(device, non_blocking=pinned)
+
+        return Batch(move(self.input_ids), move(self.attention_mask), move(self.labels), self.tokens,
+                     move(self.positions), move(self.targets))
+
+    def logits(self, model: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """``masked_logits`` of the batch, from the positions computed when it was built."""
+        return logits_at(model, self.input_ids, self.attention_mask, self.positions), self.targets
 
 
 class MaskedBatches:
@@ -175,7 +206,7 @@ class MaskedBatches:
         attention = (torch.arange(width)[None, :] < torch.tensor(lengths)[:, None]).long()
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
         masked, labels = mask_tokens(ids, attention, self.mask_id, self.mask_ratio, generator)
-        return Batch(masked, attention, labels, sum(lengths))
+        return Batch(masked, attention, labels, sum(lengths), *predicted_positions(labels))
 
     def _order(self, epoch: int) -> list[int]:
         if epoch not in self._orders:
@@ -224,8 +255,7 @@ def evaluate_mntp(
     loss_sum, correct, count = 0.0, 0, 0
     try:
         for index in range(batches.batches_per_epoch):
-            batch = batches.batch(index).to(device)
-            logits, targets = masked_logits(model, batch.input_ids, batch.attention_mask, batch.labels)
+            logits, targets = batches.batch(index).to(device).logits(model)
             loss_sum += float(F.cross_entropy(logits, targets, reduction="sum"))
             correct += int((logits.argmax(dim=-1) == targets).sum())
             count += targets.numel()
@@ -254,8 +284,9 @@ class MntpLoop:
     """The optimiser steps of a run; kept free of per-step host work so it runs at bare-loop speed.
 
     It computes where the model's parameters are: each batch is built on the
-    host and copied there, and the loss is summed there, so it is read back to
-    the host only for a progress report.
+    host (masked positions included) and copied there, and the loss is summed
+    there, so on a GPU a step queues its work without waiting for the device
+    and the host reads the loss back only for a progress report.
     """
 
     def __init__(
@@ -293,7 +324,7 @@ class MntpLoop:
         for step in range(start, stop):
             for micro in range(accum):
                 batch = self.batches.batch(step * accum + micro).to(device)
-                logits, targets = masked_logits(model, batch.input_ids, batch.attention_mask, batch.labels)
+                logits, targets = batch.logits(model)
                 loss = F.cross_entropy(logits, targets) / accum
                 loss.backward()
                 window_loss += loss.detach()
@@ -386,9 +417,13 @@ def _train_mntp(
     start_step, curve, prior_tokens = 0, [], 0
     saved = {"step": None}  # the latest checkpoint, reported with progress
     if state:
-        start_step, changed = resume(state, loop.optimizer, loop.scheduler, config)
+        start_step, changed = resume(state, loop.optimizer, loop.scheduler, config, placement.device)
         if changed:
             log.warning("mntp %s: resuming with a changed configuration (%s)", context, ", ".join(changed))
+        was = state["extra"].get("placement")
+        if was is not None and was != placement.describe():
+            log.warning("mntp %s: checkpointed on %s, going on on %s: the rest of the run computes differently",
+                        context, summary_line(was), summary_line(placement.describe()))
         saved["step"] = start_step
         curve = list(state["extra"]["curve"])
         prior_tokens = int(state["extra"]["tokens"])
@@ -404,7 +439,8 @@ def _train_mntp(
                       "checkpoint_step": saved["step"]})
 
     def checkpoint(step: int) -> None:
-        extra = {"metrics_before": before, "curve": curve, "tokens": prior_tokens + loop.tokens, "config": config.to_dict()}
+        extra = {"metrics_before": before, "curve": curve, "tokens": prior_tokens + loop.tokens, "config": config.to_dict(),
+                 "placement": placement.describe()}
         save_checkpoint(out_dir / "checkpoint", model, loop.optimizer, loop.scheduler, step, extra)
         saved["step"] = step
         log.info("mntp %s: checkpoint at step %d", context, step)

@@ -4,9 +4,12 @@ A configuration names ``device`` (``auto``, ``cpu``, ``cuda`` or ``cuda:N``)
 and ``precision`` (``auto``, ``float32`` or ``bfloat16``). ``auto`` is resolved
 on the node that runs the job, so one request suits a GPU node and a CPU node
 alike: the first CUDA GPU torch sees, else the CPU; bfloat16 on a GPU that
-supports it, else float32. The base model's weights take that precision. The
-LoRA weights stay float32 (peft keeps an adapter in float32 over a bfloat16
-base), so a saved adapter is float32 wherever it was trained.
+computes in it natively (compute capability 8.0 and up), else float32. The
+base model's weights take that precision; its float32 buffers (the rotary
+embedding's frequencies) stay float32, as transformers keeps them when it
+loads a model in bfloat16. The LoRA weights stay float32 (peft keeps an
+adapter in float32 over a bfloat16 base), so a saved adapter is float32
+wherever it was trained.
 
 ``check`` needs no torch (configurations are checked where torch may be
 missing); ``resolve`` does.
@@ -81,18 +84,25 @@ def resolve(device: str = "auto", precision: str = "auto") -> Placement:
                                  f"(cuda:0 to cuda:{count - 1})")
         target = torch.device("cuda", index)
         name = torch.cuda.get_device_name(target)
+        native_bf16 = torch.version.hip is not None or torch.cuda.get_device_capability(target) >= (8, 0)
     else:
-        name = "cpu"
+        name, native_bf16 = "cpu", True
     if precision == "auto":
-        precision = "bfloat16" if target.type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
-    elif precision == "bfloat16" and target.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise PlacementError(f"precision bfloat16 asked for, but {name} does not support it; use precision=float32")
+        precision = "bfloat16" if target.type == "cuda" and native_bf16 else "float32"
+    elif precision == "bfloat16" and not native_bf16:
+        raise PlacementError(f"precision bfloat16 asked for, but {name} has no bfloat16 arithmetic of its own "
+                             "(compute capability below 8.0); use precision=float32")
     return Placement(target, getattr(torch, precision), name)
 
 
 def place(model: Any, placement: Placement) -> Any:
-    """``model`` (a base model, before LoRA is attached) on the placement's device, in its dtype."""
-    return model.to(device=placement.device, dtype=placement.dtype)
+    """``model`` (a base model, before LoRA is attached) on the placement's device, its floating-point
+    parameters in the placement's dtype; buffers keep theirs."""
+    model.to(device=placement.device)
+    for parameter in model.parameters():  # each once: tied weights are one parameter
+        if parameter.is_floating_point() and parameter.dtype != placement.dtype:
+            parameter.data = parameter.data.to(placement.dtype)  # what Module.to does to a parameter
+    return model
 
 
 def model_device(model: Any) -> Any:

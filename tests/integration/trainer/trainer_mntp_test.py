@@ -14,8 +14,9 @@ from tests.integration.trainer.resume_support import crash_then_resume, same_ada
 
 
 def _config(**changes) -> MntpConfig:
+    # On the CPU in float32 wherever the tests run: they compare logits and adapters bit for bit.
     base = dict(model="tiny", steps=6, batch_size=4, max_length=48, learning_rate=5e-3,
-                progress_every=2, checkpoint_every=0, warmup_steps=1, seed=7)
+                progress_every=2, checkpoint_every=0, warmup_steps=1, seed=7, device="cpu", precision="float32")
     return MntpConfig(**{**base, **changes})
 
 
@@ -35,8 +36,7 @@ def test_trained_adapter_reloads_to_the_same_logits(model_cache, texts, tmp_path
     assert summary["metrics"]["after"]["tokens"] == summary["metrics"]["before"]["tokens"] > 0
     assert [p["step"] for p in summary["loss_curve"]] == [2, 4, 6]
     assert summary["software"]["torch"] and summary["energy"] is None
-    if not torch.cuda.is_available():  # device auto: the CPU, in float32
-        assert summary["placement"] == {"device": "cpu", "device_name": "cpu", "precision": "float32"}
+    assert summary["placement"] == {"device": "cpu", "device_name": "cpu", "precision": "float32"}
 
     trained = result.model.eval()
     reloaded = PeftModel.from_pretrained(load_model("tiny", model_cache).model, str(result.adapter_dir)).eval()
@@ -108,6 +108,8 @@ def test_a_bfloat16_base_trains_a_float32_adapter(model_cache, texts, tmp_path):
     weights = dict(result.model.named_parameters())
     assert {p.dtype for name, p in weights.items() if "lora_" in name} == {torch.float32}
     assert {p.dtype for name, p in weights.items() if "lora_" not in name} == {torch.bfloat16}
+    # the rotary frequencies stay float32, as transformers keeps them in a model loaded in bfloat16
+    assert {b.dtype for name, b in result.model.named_buffers() if "inv_freq" in name} == {torch.float32}
     saved = load_file(result.adapter_dir / "adapter_model.safetensors")
     assert saved and {t.dtype for t in saved.values()} == {torch.float32}
     trained = {name.replace(".default", ""): p for name, p in weights.items() if "lora_" in name}
@@ -123,3 +125,17 @@ def test_a_gpu_asked_for_on_a_node_without_one_fails_with_what_to_do(model_cache
     with pytest.raises(PlacementError, match="sees no CUDA GPU on this node; use device=auto or device=cpu"):
         train_mntp(_config(device="cuda"), texts, tmp_path / "run", model_cache)
     assert not (tmp_path / "run" / "adapter").exists()
+
+
+def test_predicted_positions_pick_what_the_boolean_selection_picks():
+    from services.trainer.ml.mntp import IGNORE, predicted_positions
+
+    generator = torch.Generator().manual_seed(3)
+    labels = torch.randint(0, 50, (3, 9), generator=generator)
+    labels[torch.rand(labels.shape, generator=generator) < 0.6] = IGNORE
+    hidden = torch.randn(3, 9, 5, generator=generator)
+
+    positions, targets = predicted_positions(labels)
+    selected = labels[:, 1:] != IGNORE
+    assert torch.equal(hidden.flatten(0, 1).index_select(0, positions), hidden[:, :-1][selected])
+    assert torch.equal(targets, labels[:, 1:][selected]) and len(targets) == int(selected.sum()) > 0
