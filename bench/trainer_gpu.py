@@ -7,8 +7,8 @@ copies it over, and runs ``logits_at``, the cross entropy, gradient clipping,
 AdamW and the ``WarmupLinear`` schedule, and calls its progress callback (each
 timed run is one step, so that reads the loss back every step). The bare side
 (``BareLoop``) runs forward, backward and an AdamW step on the same batches,
-built and copied to the device beforehand. With ``compile`` the decoder, which both sides share, is compiled
-once with ``torch.compile``.
+built and copied to the device beforehand. With ``compile`` the decoder, which
+both sides share, is compiled once with ``torch.compile``.
 
 Model FLOPs utilisation is ``6 * parameters * tokens/s / peak``, with the
 peak bf16 dense tensor throughput of the device from ``PEAK_BF16_DENSE``.

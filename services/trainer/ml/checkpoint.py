@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from services.trainer.ml.lora import save_adapter
+from services.trainer.ml.placement import model_device
 
 log = logging.getLogger("neurons.trainer.checkpoint")
 
@@ -33,7 +34,7 @@ def save_checkpoint(
         shutil.rmtree(staging)
     staging.mkdir(parents=True)
     save_adapter(peft_model, staging / ADAPTER)
-    device = next(peft_model.parameters()).device
+    device = model_device(peft_model)
     torch.save(
         {
             "step": int(step),

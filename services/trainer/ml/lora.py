@@ -7,6 +7,8 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from services.trainer.ml.placement import model_device
+
 log = logging.getLogger("neurons.trainer.lora")
 
 
@@ -31,8 +33,8 @@ def attach_lora(
         warnings.filterwarnings("ignore", message=".*tie_word_embeddings.*")
         if adapter_dir is not None:
             # read straight onto the model's device (peft would read onto the first GPU by default)
-            device = next(model.parameters()).device
-            peft_model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=True, torch_device=str(device))
+            peft_model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=True,
+                                                   torch_device=str(model_device(model)))
             log.info("loaded adapter %s for further training", adapter_dir)
         else:
             config = LoraConfig(

@@ -32,8 +32,9 @@ __all__ = [
     "bidirectional_mask",
     "encode_texts",
     "evaluate_mntp",
+    "logits_at",
     "mask_tokens",
-    "masked_logits",
+    "predicted_positions",
     "train_mntp",
 ]
 
@@ -91,14 +92,6 @@ def predicted_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
     return rows * labels.shape[1] + columns, targets[selected]
 
 
-def masked_logits(
-    model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits at positions i-1 for every masked position i, and the tokens to predict."""
-    positions, targets = predicted_positions(labels)
-    return logits_at(model, input_ids, attention_mask, positions), targets
-
-
 def logits_at(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor,
               positions: torch.Tensor) -> torch.Tensor:
     """Float32 logits at ``positions``, flat indices into the (B, L) grid (``predicted_positions``).
@@ -141,7 +134,6 @@ def encode_texts(tokenizer: Any, texts: Sequence[str], max_length: int) -> list[
 class Batch:
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
-    labels: torch.Tensor
     tokens: int  # real (unpadded) tokens
     positions: torch.Tensor  # where the masked tokens are predicted (``predicted_positions``)
     targets: torch.Tensor  # the masked tokens, in the same order
@@ -156,11 +148,11 @@ class Batch:
         def move(tensor: torch.Tensor) -> torch.Tensor:
             return (tensor.pin_memory() if pinned else tensor).to(device, non_blocking=pinned)
 
-        return Batch(move(self.input_ids), move(self.attention_mask), move(self.labels), self.tokens,
-                     move(self.positions), move(self.targets))
+        return Batch(move(self.input_ids), move(self.attention_mask), self.tokens, move(self.positions),
+                     move(self.targets))
 
     def logits(self, model: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        """``masked_logits`` of the batch, from the positions computed when it was built."""
+        """Logits at positions i-1 for every masked position i of the batch, and the tokens to predict."""
         return logits_at(model, self.input_ids, self.attention_mask, self.positions), self.targets
 
 
@@ -206,7 +198,7 @@ class MaskedBatches:
         attention = (torch.arange(width)[None, :] < torch.tensor(lengths)[:, None]).long()
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
         masked, labels = mask_tokens(ids, attention, self.mask_id, self.mask_ratio, generator)
-        return Batch(masked, attention, labels, sum(lengths), *predicted_positions(labels))
+        return Batch(masked, attention, sum(lengths), *predicted_positions(labels))
 
     def _order(self, epoch: int) -> list[int]:
         if epoch not in self._orders:
