@@ -58,9 +58,11 @@ async def read_log(settings: Settings, timeout_s: float = 5.0) -> tuple[list[Env
         for aggregate in AGGREGATE_TYPES:
             for p in consumer.partitions_for_topic(topic_for(aggregate)) or await _partitions(consumer, aggregate):
                 partitions.append(TopicPartition(topic_for(aggregate), p))
+        # The end as it stands now, asked before the first fetch: asked after, the answer would
+        # wait behind that fetch on the broker's connection.
+        end = await consumer.end_offsets(partitions)
         consumer.assign(partitions)
         await consumer.seek_to_beginning(*partitions)
-        end = await consumer.end_offsets(partitions)
         remaining = {tp: off for tp, off in end.items() if off > 0}
         while remaining:
             batch = await consumer.getmany(timeout_ms=int(timeout_s * 1000), max_records=5000)
