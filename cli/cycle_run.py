@@ -104,6 +104,9 @@ class Reporter:
         elif event.type == "validation.started":
             self.soak = self.progress.add_task("soak", total=p["cycles"],
                                                status=f"{p['replicas']}+{p['replicas']} replicas vs {p['baseline']['kind']}")
+            replicas = f"{p['replicas']} replica{'s' if p['replicas'] != 1 else ''}"
+            self.say(f"soak      {replicas} of the candidate and {replicas} of the {p['baseline']['kind']} "
+                     f"side by side, {p['cycles']} cycles of {p['episodes']} episodes each")
         elif event.type == "validation.cycle_completed" and self.soak is not None:
             self.progress.update(self.soak, completed=p["cycle"], status=f"cycle {p['cycle']}: {p['outcome']}")
             if not self.progress.console.is_terminal:

@@ -92,14 +92,8 @@ def on_trained(event, ctx: HandlerContext):
 
 
 def plan_for(recommended_replicas: int | None) -> domain.SoakPlan:
-    """The configured plan, sized down to what the energy service says this node can run.
-
-    Fewer replicas run more episodes each, so every cycle still has the
-    samples a verdict needs.
-    """
-    replicas = PLAN.replicas if not recommended_replicas else max(1, min(PLAN.replicas, recommended_replicas))
-    episodes = max(PLAN.episodes, -(-thresholds.min_samples // replicas))
-    return replace(PLAN, replicas=replicas, episodes=episodes)
+    """The configured plan, sized to what the energy service says this node can run."""
+    return PLAN.fitted(recommended_replicas, thresholds.min_samples)
 
 
 @service.handles("scaling.recommended")

@@ -623,6 +623,20 @@ class SoakPlan:
     # as inconclusive when the next drift run is due, so it cannot block it.
     drift_stale_after_s: float = 6 * 3600.0
 
+    def fitted(self, replica_processes: int | None, min_samples: int) -> "SoakPlan":
+        """This plan sized to the replica processes the energy service says the node can run at
+        once (``scaling.recommended``'s ``validator_replicas``; None or 0: no advice, as planned).
+
+        Every candidate replica has a baseline twin running beside it, so a soak of R replicas
+        per side is 2R processes: R is at most half the advice, and at least one of each side.
+        Fewer replicas run more episodes each, so every cycle still has the samples a verdict
+        needs.
+        """
+        replicas = self.replicas
+        if replica_processes:
+            replicas = max(1, min(self.replicas, replica_processes // 2))
+        return replace(self, replicas=replicas, episodes=max(self.episodes, -(-min_samples // replicas)))
+
 
 @dataclass(frozen=True)
 class Baseline:

@@ -86,6 +86,17 @@ def test_trained_adapter_starts_a_run_against_the_base_model_then_production():
     assert rl["baseline"]["kind"] == "base" and rl["kind"] == "rl"
 
 
+@pytest.mark.parametrize("advice, per_side", [(None, 3), (0, 3), (1, 1), (2, 1), (3, 1), (4, 2), (6, 3), (16, 3)])
+def test_a_soak_fits_its_replicas_and_their_twins_in_the_advice(advice, per_side):
+    plan = SoakPlan(replicas=3, episodes=4).fitted(advice, min_samples=10)
+    # a candidate replica and its baseline twin are two processes: 2 x per_side fit the advice
+    assert plan.replicas == per_side
+    assert advice is None or advice < 2 or 2 * plan.replicas <= advice
+    # fewer replicas run more episodes, so each side still gathers the samples a verdict needs
+    assert plan.replicas * plan.episodes >= 10 and plan.episodes >= 4
+    assert (plan.cycles, plan.drift_stale_after_s) == (SoakPlan().cycles, SoakPlan().drift_stale_after_s)
+
+
 @pytest.mark.parametrize("overrides", [{"fallback": True}, {"status": "failed"}, {"status": "cancelled"}])
 def test_fallback_or_unsuccessful_training_starts_nothing(overrides):
     assert decide(training_completed(**overrides), initial_state()) == []
