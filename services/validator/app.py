@@ -91,16 +91,11 @@ def on_trained(event, ctx: HandlerContext):
     return []
 
 
-def plan_for(recommended_replicas: int | None) -> domain.SoakPlan:
-    """The configured plan, sized to what the energy service says this node can run."""
-    return PLAN.fitted(recommended_replicas, thresholds.min_samples)
-
-
 @service.handles("scaling.recommended")
 def on_scaling(event, ctx: HandlerContext):
     global state
     if event.payload.get("node") in (None, service.settings.node):
-        state = replace(state, plan=plan_for(event.payload.get("validator_replicas")))
+        state = replace(state, plan=PLAN.fitted(event.payload.get("validator_replicas"), thresholds.min_samples))
     return []
 
 

@@ -623,7 +623,7 @@ class SoakPlan:
     # as inconclusive when the next drift run is due, so it cannot block it.
     drift_stale_after_s: float = 6 * 3600.0
 
-    def fitted(self, replica_processes: int | None, min_samples: int) -> "SoakPlan":
+    def fitted(self, replica_processes: int | None, min_samples: int) -> SoakPlan:
         """This plan sized to the replica processes the energy service says the node can run at
         once (``scaling.recommended``'s ``validator_replicas``; None or 0: no advice, as planned).
 
