@@ -106,7 +106,7 @@ class Reporter:
                                                status=f"{p['replicas']}+{p['replicas']} replicas vs {p['baseline']['kind']}")
             replicas = f"{p['replicas']} replica{'s' if p['replicas'] != 1 else ''}"
             self.say(f"soak      {replicas} of the candidate and {replicas} of the {p['baseline']['kind']} "
-                     f"side by side, {p['cycles']} cycles of {p['episodes']} episodes each")
+                     f"side by side, {p['cycles']} cycles of {p['episodes']} episodes each{_sizing(p.get('sized_by'))}")
         elif event.type == "validation.cycle_completed" and self.soak is not None:
             self.progress.update(self.soak, completed=p["cycle"], status=f"cycle {p['cycle']}: {p['outcome']}")
             if not self.progress.console.is_terminal:
@@ -206,8 +206,19 @@ async def follow_cycle(
     return view
 
 
+def _sizing(sized: dict[str, Any] | None) -> str:
+    """What the soak was sized to, as the soak line ends: nothing when it runs as configured."""
+    if not sized:
+        return ""
+    room = sized["validator_replicas"]
+    if room < 2:
+        return f" (the smallest soak: the energy service's advice allows {room} replica process{'es' * (room != 1)})"
+    return f" (sized to the energy service's advice of {room} replica processes)"
+
+
 def summarize(view: CycleView, settings: Settings) -> dict[str, Any]:
     trained = view.first("training.completed")
+    soak = view.first("validation.started")
     verdict = view.first("validation.completed")
     promoted = view.first("adapter.promoted")
     energy = [e.payload for e in view.all("energy.reported")]
@@ -220,6 +231,8 @@ def summarize(view: CycleView, settings: Settings) -> dict[str, Any]:
         "artefact_dir": str(settings.artefact_dir / trained.payload["adapter_sha256"]) if trained else None,
         "metrics": (trained.payload.get("metrics") if trained else None),
         "placement": trained.payload.get("placement") if trained else None,
+        "soak": ({k: soak.payload.get(k) for k in ("replicas", "cycles", "episodes", "baseline", "sized_by")}
+                 if soak else None),
         "verdict": verdict.payload["verdict"] if verdict else None,
         "verdict_explanation": verdict.payload.get("explanation") if verdict else None,
         "validation_id": verdict.payload["validation_id"] if verdict else None,

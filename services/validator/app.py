@@ -63,6 +63,11 @@ async def rebuild(svc: Service) -> None:
     with svc.transaction() as ctx:
         production = ctx.state.get("validator", "production", {})
         state = replace(state, production={k: domain.Baseline.from_dict(v) for k, v in production.items()})
+        advice = ctx.state.get("validator", "advice", None)
+        if isinstance(advice, dict) and isinstance(advice.get("validator_replicas"), int):
+            # the last advice read before the restart; the next may come much later
+            state = replace(state, plan=PLAN.fitted(advice["validator_replicas"], thresholds.min_samples,
+                                                    advice.get("event_id")))
         resume = []
         for run in state.runs.values():
             if run.active:  # its replicas died with the previous process: go on from the last finished cycle
@@ -93,9 +98,20 @@ def on_trained(event, ctx: HandlerContext):
 
 @service.handles("scaling.recommended")
 def on_scaling(event, ctx: HandlerContext):
-    global state
-    if event.payload.get("node") in (None, service.settings.node):
-        state = replace(state, plan=PLAN.fitted(event.payload.get("validator_replicas"), thresholds.min_samples))
+    if event.payload.get("node") not in (None, service.settings.node):
+        return []
+    advised = event.payload.get("validator_replicas")
+    plan = PLAN.fitted(advised, thresholds.min_samples, event.event_id)
+    ctx.state.put("validator", "advice", plan.sizing())
+    if advised is not None and 2 * plan.replicas > advised:
+        service.log.info("the node has room for %d replica processes; a soak still runs one candidate replica "
+                            "and its baseline twin", advised)
+
+    def apply() -> None:
+        global state
+        state = replace(state, plan=plan)
+
+    ctx.committed(apply)
     return []
 
 

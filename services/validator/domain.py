@@ -622,20 +622,36 @@ class SoakPlan:
     # A drift run with no result after this long is presumed dead and is closed
     # as inconclusive when the next drift run is due, so it cannot block it.
     drift_stale_after_s: float = 6 * 3600.0
+    # The advice this plan was sized to (see ``fitted``): the ``scaling.recommended`` event and
+    # the replica processes it allowed. A run started on the plan names them, for the audit.
+    advice_event_id: str | None = None
+    advised_processes: int | None = None
 
-    def fitted(self, replica_processes: int | None, min_samples: int) -> SoakPlan:
+    def fitted(self, replica_processes: int | None, min_samples: int, advice_event_id: str | None = None) -> SoakPlan:
         """This plan sized to the replica processes the energy service says the node can run at
-        once (``scaling.recommended``'s ``validator_replicas``; None or 0: no advice, as planned).
+        once (``scaling.recommended``'s ``validator_replicas``, from the event ``advice_event_id``;
+        None: no advice, as planned).
 
         Every candidate replica has a baseline twin running beside it, so a soak of R replicas
-        per side is 2R processes: R is at most half the advice, and at least one of each side.
-        Fewer replicas run more episodes each, so every cycle still has the samples a verdict
-        needs.
+        per side is 2R processes: R is at most half the advice, and at least one of each side
+        (an advice of 0, an energy budget used up or no memory to spare, gets that smallest
+        soak: a candidate already trained is still judged, on the fewest processes). Fewer
+        replicas run more episodes each, so every cycle still has the samples a verdict needs.
+        Fit the configured plan: a fitted one fitted again keeps its replicas but not its advice.
         """
         replicas = self.replicas
-        if replica_processes:
+        advice = None, None
+        if replica_processes is not None:
             replicas = max(1, min(self.replicas, replica_processes // 2))
-        return replace(self, replicas=replicas, episodes=max(self.episodes, -(-min_samples // replicas)))
+            advice = advice_event_id, replica_processes
+        return replace(self, replicas=replicas, episodes=max(self.episodes, -(-min_samples // replicas)),
+                       advice_event_id=advice[0], advised_processes=advice[1])
+
+    def sizing(self) -> dict[str, Any] | None:
+        """What sized this plan, as ``validation.started`` records it: None when it runs as configured."""
+        if self.advised_processes is None:
+            return None
+        return {"event_id": self.advice_event_id, "validator_replicas": self.advised_processes}
 
 
 @dataclass(frozen=True)
@@ -947,6 +963,7 @@ def _started(
         "kind": kind,
         "purpose": purpose,
         "started_at": iso(started_at) if started_at else None,
+        "sized_by": plan.sizing(),
     }
     return NewEvent("validation.started", validation_id, payload)
 

@@ -30,6 +30,13 @@ def test_one_cycle_from_request_to_profile_update_is_one_trace(platform, tmp_pat
     kinds = Counter(e["type"] for e in events)
     assert kinds["training.completed"] == kinds["validation.completed"] == kinds["adapter.promoted"] == 1
     assert kinds["profile.adapter_updated"] == 1
+    # the soak names the energy service's advice it was sized to (published when that service starts)
+    sized_by, soak = summary["soak"]["sized_by"], summary["soak"]
+    assert sized_by, soak
+    advice = next((e for e in platform.archived() if e["event_id"] == sized_by["event_id"]), None)
+    assert advice is not None and advice["type"] == "scaling.recommended", sized_by
+    assert advice["payload"]["validator_replicas"] == sized_by["validator_replicas"]
+    assert soak["replicas"] == max(1, min(2, sized_by["validator_replicas"] // 2)), soak
 
     proposed = next(s for s in spans(platform) if s["name"] == "publish cycle.proposed"
                     and s["attributes"].get("neurons.correlation_id") == cycle)

@@ -1,4 +1,4 @@
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta, timezone
 
 import numpy as np
@@ -86,7 +86,7 @@ def test_trained_adapter_starts_a_run_against_the_base_model_then_production():
     assert rl["baseline"]["kind"] == "base" and rl["kind"] == "rl"
 
 
-@pytest.mark.parametrize("advice, per_side", [(None, 3), (0, 3), (1, 1), (2, 1), (3, 1), (4, 2), (6, 3), (16, 3)])
+@pytest.mark.parametrize("advice, per_side", [(None, 3), (0, 1), (1, 1), (2, 1), (3, 1), (4, 2), (6, 3), (16, 3)])
 def test_a_soak_fits_its_replicas_and_their_twins_in_the_advice(advice, per_side):
     plan = SoakPlan(replicas=3, episodes=4).fitted(advice, min_samples=10)
     # a candidate replica and its baseline twin are two processes: 2 x per_side fit the advice
@@ -95,6 +95,24 @@ def test_a_soak_fits_its_replicas_and_their_twins_in_the_advice(advice, per_side
     # fewer replicas run more episodes, so each side still gathers the samples a verdict needs
     assert plan.replicas * plan.episodes >= 10 and plan.episodes >= 4
     assert (plan.cycles, plan.drift_stale_after_s) == (SoakPlan().cycles, SoakPlan().drift_stale_after_s)
+
+
+def test_a_run_names_the_advice_its_soak_was_sized_to():
+    advised = SoakPlan(replicas=3, episodes=4).fitted(4, min_samples=10, advice_event_id="evt-scaling-1")
+    state = replace(initial_state(), plan=advised)
+    started = decide(training_completed(), state)[0].payload
+    validate_payload("validation.started", 1, started)
+    assert started["sized_by"] == {"event_id": "evt-scaling-1", "validator_replicas": 4}
+    assert started["replicas"] == 2
+    # an energy budget used up (advice 0): the smallest soak, one replica of each side
+    spent = decide(training_completed(), replace(initial_state(), plan=SoakPlan().fitted(0, 10, "evt-3")))[0].payload
+    validate_payload("validation.started", 1, spent)
+    assert spent["sized_by"] == {"event_id": "evt-3", "validator_replicas": 0} and spent["replicas"] == 1
+    # no advice yet: the run is planned as configured and says so
+    for plan in (SoakPlan(), SoakPlan().fitted(None, 10, "evt-scaling-2")):
+        payload = decide(training_completed(), replace(initial_state(), plan=plan))[0].payload
+        validate_payload("validation.started", 1, payload)
+        assert payload["sized_by"] is None and payload["replicas"] == plan.replicas == SoakPlan().replicas
 
 
 @pytest.mark.parametrize("overrides", [{"fallback": True}, {"status": "failed"}, {"status": "cancelled"}])
