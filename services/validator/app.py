@@ -63,11 +63,10 @@ async def rebuild(svc: Service) -> None:
     with svc.transaction() as ctx:
         production = ctx.state.get("validator", "production", {})
         state = replace(state, production={k: domain.Baseline.from_dict(v) for k, v in production.items()})
-        advice = ctx.state.get("validator", "advice", None)
-        if isinstance(advice, dict) and isinstance(advice.get("validator_replicas"), int):
-            # the last advice read before the restart; the next may come much later
+        advice = ctx.state.get("validator", "advice", None)  # what on_scaling kept: a plan's sizing()
+        if advice:  # the last advice read before the restart; the next may come much later
             state = replace(state, plan=PLAN.fitted(advice["validator_replicas"], thresholds.min_samples,
-                                                    advice.get("event_id")))
+                                                    advice["event_id"]))
         resume = []
         for run in state.runs.values():
             if run.active:  # its replicas died with the previous process: go on from the last finished cycle
@@ -105,7 +104,7 @@ def on_scaling(event, ctx: HandlerContext):
     ctx.state.put("validator", "advice", plan.sizing())
     if advised is not None and 2 * plan.replicas > advised:
         service.log.info("the node has room for %d replica processes; a soak still runs one candidate replica "
-                            "and its baseline twin", advised)
+                         "and its baseline twin", advised)
 
     def apply() -> None:
         global state

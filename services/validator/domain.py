@@ -639,13 +639,10 @@ class SoakPlan:
         replicas run more episodes each, so every cycle still has the samples a verdict needs.
         Fit the configured plan: a fitted one fitted again keeps its replicas but not its advice.
         """
-        replicas = self.replicas
-        advice = None, None
-        if replica_processes is not None:
-            replicas = max(1, min(self.replicas, replica_processes // 2))
-            advice = advice_event_id, replica_processes
+        advised = replica_processes is not None
+        replicas = max(1, min(self.replicas, replica_processes // 2)) if advised else self.replicas
         return replace(self, replicas=replicas, episodes=max(self.episodes, -(-min_samples // replicas)),
-                       advice_event_id=advice[0], advised_processes=advice[1])
+                       advice_event_id=advice_event_id if advised else None, advised_processes=replica_processes)
 
     def sizing(self) -> dict[str, Any] | None:
         """What sized this plan, as ``validation.started`` records it: None when it runs as configured."""
