@@ -106,7 +106,7 @@ class Reporter:
                                                status=f"{p['replicas']}+{p['replicas']} replicas vs {p['baseline']['kind']}")
             replicas = f"{p['replicas']} replica{'s' if p['replicas'] != 1 else ''}"
             self.say(f"soak      {replicas} of the candidate and {replicas} of the {p['baseline']['kind']} "
-                     f"side by side, {p['cycles']} cycles of {p['episodes']} episodes each{_sizing(p.get('sized_by'))}")
+                     f"side by side, {p['cycles']} cycles of {p['episodes']} episodes each{sizing_note(p.get('sized_by'))}")
         elif event.type == "validation.cycle_completed" and self.soak is not None:
             self.progress.update(self.soak, completed=p["cycle"], status=f"cycle {p['cycle']}: {p['outcome']}")
             if not self.progress.console.is_terminal:
@@ -206,8 +206,9 @@ async def follow_cycle(
     return view
 
 
-def _sizing(sized: dict[str, Any] | None) -> str:
-    """What the soak was sized to, as the soak line ends: nothing when it runs as configured."""
+def sizing_note(sized: dict[str, Any] | None) -> str:
+    """What a soak was sized to (validation.started's ``sized_by``), as a line about the soak ends:
+    nothing when it runs as configured."""
     if not sized:
         return ""
     room = sized["validator_replicas"]

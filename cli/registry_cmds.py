@@ -18,6 +18,7 @@ from typing import Any
 import typer
 
 from cli.bus_client import command_event, publish_and_wait, run
+from cli.cycle_run import sizing_note
 from services.registry import queries
 from shared.envelope import Envelope, NewEvent, utcnow
 from shared.settings import Settings
@@ -347,8 +348,9 @@ def validate_show(validation_id: str = typer.Argument(..., help="validation id, 
     rate = snap["success_rate"]
     typer.echo(f"cycles       {totals['cycles_done']}/{totals['cycles_planned'] or '?'}  passed {totals['cycles_passed']}"
                f"  failed {totals['cycles_failed']}  success rate {'-' if rate is None else f'{rate:.0%}'}")
-    typer.echo(f"episodes     {totals['episodes']} on {totals['replicas'] or '?'} replicas, "
-               f"{totals['incidents']} incidents")
+    replicas = totals["replicas"]
+    typer.echo(f"episodes     {totals['episodes']} on {replicas or '?'} replica{'s' * (replicas != 1)} per side, "
+               f"{totals['incidents']} incidents{sizing_note(snap['sized_by'])}")
     energy = snap["energy"] or {}
     typer.echo(f"energy       {energy.get('wh', '-')} Wh")
     approval = snap["promotion_approval"]

@@ -1,10 +1,21 @@
-"""SQL engines: SQLite under var/ by default, PostgreSQL when configured."""
+"""SQL engines: SQLite under var/ by default, PostgreSQL when configured.
+
+Every engine creates the tables its database lacks, and adds to a table that
+exists the columns a newer version of the platform gave it (``add_missing_columns``),
+so a database written by an earlier version keeps working after an upgrade.
+"""
 
 from __future__ import annotations
 
-from sqlalchemy import event
+from sqlalchemy import MetaData, event, inspect
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.engine import Engine
+from sqlalchemy.schema import Column
 from sqlmodel import SQLModel, create_engine
+
+
+class OutdatedSchema(RuntimeError):
+    """A table lacks a column that cannot be added in place (NOT NULL with no default)."""
 
 _ENGINES: dict[str, Engine] = {}
 
@@ -27,8 +38,65 @@ def engine_for(url: str) -> Engine:
         url = url.replace("postgresql://", "postgresql+psycopg://", 1) if url.startswith("postgresql://") else url
         engine = create_engine(url, pool_pre_ping=True)
     SQLModel.metadata.create_all(engine)
+    add_missing_columns(engine, SQLModel.metadata)
     _ENGINES[url] = engine
     return engine
+
+
+def add_missing_columns(engine: Engine, metadata: MetaData) -> list[str]:
+    """Add to each table of ``metadata`` the database already holds the columns it lacks; the
+    ``table.column`` names added.
+
+    A column added this way is empty (NULL, or its scalar default) in the rows
+    already there. In a projection that is the state of the rows before the
+    events that fill it were read: ``neurons audit replay`` rebuilds them from
+    the archive. A NOT NULL column with no scalar default cannot be added in
+    place: ``OutdatedSchema`` names it.
+    """
+    inspector = inspect(engine)
+    held = {}  # (schema, table name) -> its columns' names, one query per schema
+    for schema in {table.schema for table in metadata.sorted_tables}:
+        for (_, name), columns in inspector.get_multi_columns(schema=schema).items():
+            held[(schema, name)] = {column["name"] for column in columns}
+    added = []
+    for table in metadata.sorted_tables:
+        present = held.get((table.schema, table.name))
+        if present is None:
+            continue
+        missing = [column for column in table.columns if column.name not in present]
+        if not missing:
+            continue
+        for column in missing:
+            try:
+                with engine.begin() as connection:
+                    connection.exec_driver_sql(_add_column(engine, column))
+            except DBAPIError:
+                # another process starting on the same database may have added it first
+                if column.name not in {c["name"] for c in inspect(engine).get_columns(table.name, schema=table.schema)}:
+                    raise
+                continue
+            added.append(f"{table.name}.{column.name}")
+    return added
+
+
+def _add_column(engine: Engine, column: Column) -> str:
+    dialect = engine.dialect
+    default, literal = column.default, None
+    if default is not None and default.is_scalar and default.arg is not None:
+        render = column.type.literal_processor(dialect)
+        literal = render(default.arg) if render is not None else None
+    if not column.nullable and literal is None:
+        raise OutdatedSchema(
+            f"table {column.table.name} lacks column {column.name}, which needs a value in every row and has "
+            "no default, so it cannot be added in place: the database predates it; move it aside and start again")
+    preparer = dialect.identifier_preparer
+    sql = (f"ALTER TABLE {preparer.format_table(column.table)} ADD COLUMN {preparer.quote(column.name)} "
+           f"{column.type.compile(dialect=dialect)}")
+    if literal is not None:
+        sql += f" DEFAULT {literal}"
+    if not column.nullable:
+        sql += " NOT NULL"
+    return sql
 
 
 def create_all(engine: Engine) -> None:

@@ -86,6 +86,9 @@ class ValidationSnapshot(SQLModel, table=True):
     score: float | None = None
     raw_data_uri: str | None = None
     replicas_planned: int | None = None
+    # the energy service's advice the soak was sized to (validation.started's sized_by), if any
+    sized_by_event_id: str | None = None
+    advised_replicas: int | None = None
     cycles_planned: int | None = None
     episodes_planned: int | None = None
     cycles_done: int = 0
@@ -240,6 +243,8 @@ def _apply_validation(session: Session, event: Envelope) -> None:
             row.baseline_json = dumps(p["baseline"])
     if etype == "validation.started":
         row.replicas_planned, row.cycles_planned = p.get("replicas"), p.get("cycles")
+        sized_by = p.get("sized_by") or {}
+        row.sized_by_event_id, row.advised_replicas = sized_by.get("event_id"), sized_by.get("validator_replicas")
         row.episodes_planned = p.get("episodes")
         row.started_at = utc(p.get("started_at") or event.occurred_at)
     elif etype == "validation.cycle_completed":

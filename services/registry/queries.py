@@ -249,6 +249,8 @@ def snapshot_view(session: Session, row: ValidationSnapshot) -> dict[str, Any]:
         "cycle_id": row.cycle_id, "kind": row.kind, "purpose": row.purpose, "baseline": loads(row.baseline_json, {}),
         "status": row.status, "verdict": row.verdict, "explanation": row.explanation, "score": row.score,
         "raw_data_uri": row.raw_data_uri,
+        "sized_by": ({"event_id": row.sized_by_event_id, "validator_replicas": row.advised_replicas}
+                     if row.sized_by_event_id else None),
         "totals": {"replicas": row.replicas_planned, "cycles_planned": row.cycles_planned,
                    "cycles_done": row.cycles_done, "cycles_passed": row.cycles_passed,
                    "cycles_failed": row.cycles_failed, "episodes": row.episodes_total,
@@ -312,7 +314,7 @@ def dashboard(session: Session) -> dict[str, Any]:
         "training": training_runs(session, limit=8),
         "validations": [
             {k: s[k] for k in ("validation_id", "adapter_sha256", "cycle_id", "purpose", "status", "verdict",
-                               "explanation", "score", "success_rate", "totals", "completed_at")}
+                               "explanation", "score", "success_rate", "totals", "sized_by", "completed_at")}
             for s in snapshots(session, limit=12)
         ],
         "energy_per_cycle": energy(session)["per_cycle"][:12],

@@ -37,6 +37,10 @@ def test_one_cycle_from_request_to_profile_update_is_one_trace(platform, tmp_pat
     assert advice is not None and advice["type"] == "scaling.recommended", sized_by
     assert advice["payload"]["validator_replicas"] == sized_by["validator_replicas"]
     assert soak["replicas"] == max(1, min(2, sized_by["validator_replicas"] // 2)), soak
+    # and the registry's snapshot of the soak shows it (the registry judged the promotion on that soak)
+    validation = next(e for e in events if e["type"] == "validation.started")["payload"]["validation_id"]
+    shown = json.loads(platform.cli("validate", "show", validation, "--json").stdout)
+    assert shown["sized_by"] == sized_by and shown["totals"]["replicas"] == soak["replicas"], shown
 
     proposed = next(s for s in spans(platform) if s["name"] == "publish cycle.proposed"
                     and s["attributes"].get("neurons.correlation_id") == cycle)

@@ -35,6 +35,15 @@ function fillTable(section, rows, cells) {
   document.querySelector(`#${section} .empty`).hidden = rows.length > 0;
 }
 
+// how many replicas of each side a soak ran, and the energy service's advice it was sized to
+function replicas(v) {
+  const planned = v.totals.replicas ?? "?";
+  if (!v.sized_by) return planned;
+  const cell = el("span", `${planned} (advice: ${v.sized_by.validator_replicas})`);
+  cell.title = `sized to scaling.recommended ${v.sized_by.event_id}`;
+  return cell;
+}
+
 function code(text, title) { const c = el("code", text); if (title) c.title = title; return c; }
 
 function lossCurve(run) {
@@ -99,7 +108,7 @@ function render(data) {
   fillTable("validations", data.validations, v => [
     code(v.validation_id), code(short(v.adapter_sha256), v.adapter_sha256), v.purpose,
     el("span", v.verdict || v.status, `verdict-${v.verdict || v.status}`), num(v.score, 2),
-    v.success_rate === null ? "—" : `${Math.round(v.success_rate * 100)}%`,
+    v.success_rate === null ? "—" : `${Math.round(v.success_rate * 100)}%`, replicas(v),
     `${v.totals.cycles_done}/${v.totals.cycles_planned ?? "?"}`, v.totals.incidents]);
   energyBars(data.energy_per_cycle);
   fillTable("energy", data.energy_per_cycle, e => [

@@ -23,6 +23,7 @@ from tests.support import await_until, make_event
 pytestmark = pytest.mark.chromium
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
 CYCLE = "cyc-dashboard"
+ADVICE = "6f1c2d3e-4a5b-4c6d-8e7f-0a1b2c3d4e5f"  # the scaling.recommended the soak was sized to
 
 
 def chromium(url: str, tmp_path, *args: str) -> subprocess.CompletedProcess:
@@ -48,7 +49,8 @@ def soak(sha: str) -> list:
     started = make_event("validation.started", validation_id, {
         "validation_id": validation_id, "cycle_id": CYCLE, "adapter_sha256": sha, "adapter_uri": f"artefact://sha256/{sha}",
         "baseline": {"kind": "base", "adapter_sha256": None}, "replicas": 2, "cycles": 2, "episodes": 20,
-        "kind": "mntp", "purpose": "candidate"}, sequence=1, service="validator", correlation_id=CYCLE)
+        "kind": "mntp", "purpose": "candidate", "sized_by": {"event_id": ADVICE, "validator_replicas": 4}},
+        sequence=1, service="validator", correlation_id=CYCLE)
     cycles = [make_event("validation.cycle_completed", validation_id, {
         "validation_id": validation_id, "cycle": n, "outcome": "pass", "score": 0.8, "metrics": {}, "vetoes": [],
         "reason": "better latency", "incidents": [], "failing_streak": 0, "stop_early": False,
@@ -92,6 +94,9 @@ async def test_the_dashboard_shows_production_verdicts_energy_approvals_and_loss
     shown = json.loads(registry.cli("validate", "show", f"val-{served[:16]}", "--json").stdout)
     assert shown["totals"]["cycles_done"] == 2 and shown["success_rate"] == 1.0
     assert shown["energy"]["wh"] == 1.25 and shown["promotion_approval"]["status"] == "granted"
+    assert shown["sized_by"] == {"event_id": ADVICE, "validator_replicas": 4}
+    told = registry.cli("validate", "show", f"val-{served[:16]}").stdout
+    assert "on 2 replicas per side, 0 incidents (sized to the energy service's advice of 4 replica processes)" in told
 
     dom = chromium(address + "/", tmp_path, "--dump-dom")
     shot = chromium(address + "/", tmp_path, f"--screenshot={tmp_path / 'dashboard.png'}")
@@ -102,6 +107,7 @@ async def test_the_dashboard_shows_production_verdicts_energy_approvals_and_loss
     assert served[:12] in html and "alice" in html  # the adapter in production and who approved it
     assert waiting_request in html  # waiting for an operator
     assert 'class="verdict-pass"' in html and "100%" in html  # the soak run's verdict and success rate
+    assert f'title="sized to scaling.recommended {ADVICE}">2 (advice: 4)</span>' in html  # what sized it
     assert CYCLE in html and "3.7500" in html  # energy per cycle: 2.5 Wh training + 1.25 Wh validation
     assert 'class="loss-curve"' in html and "<polyline" in html
     assert shot.returncode == 0 and (tmp_path / "dashboard.png").stat().st_size > 10_000

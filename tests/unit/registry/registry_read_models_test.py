@@ -73,6 +73,26 @@ def test_a_soak_snapshot_holds_totals_records_load_energy_and_its_approval(regis
     assert snap["pending_approvals"] == [f"apr-promotion-val-{SHA_1[:16]}"]
 
 
+def test_a_soak_snapshot_names_the_advice_it_was_sized_to(registry):
+    advice = "0b7e4f2a-9c1d-4e8b-a6f3-5d2c1b0a9e8f"
+    events = cycle_events(SHA_1)
+    started = next(e for e in events if e.type == "validation.started")
+    sized = started.with_payload({**started.payload, "replicas": 1,
+                                  "sized_by": {"event_id": advice, "validator_replicas": 1}}, started.schema_version)
+    registry.feed(*[sized if e is started else e for e in events], *cycle_events(SHA_2))
+
+    with registry.session() as session:
+        fitted = queries.snapshot(session, f"val-{SHA_1[:16]}")
+        as_configured = queries.snapshot(session, f"val-{SHA_2[:16]}")
+        shown = {v["validation_id"]: v for v in queries.dashboard(session)["validations"]}
+
+    assert fitted["sized_by"] == {"event_id": advice, "validator_replicas": 1}
+    assert fitted["totals"]["replicas"] == 1
+    assert as_configured["sized_by"] is None and as_configured["totals"]["replicas"] == 2
+    assert shown[f"val-{SHA_1[:16]}"]["sized_by"] == fitted["sized_by"]
+    assert audit.verify(registry.settings)["ok"]  # a rebuild from the archive gives the same rows
+
+
 def test_audit_at_answers_from_the_log_as_it_stood(registry):
     registry.feed(*cycle_events(SHA_1), registry.grant(SHA_1, "alice"))
     between = utcnow()
