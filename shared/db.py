@@ -8,14 +8,15 @@ so a database written by an earlier version keeps working after an upgrade.
 from __future__ import annotations
 
 from sqlalchemy import MetaData, event, inspect
-from sqlalchemy.exc import DBAPIError
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.schema import Column
 from sqlmodel import SQLModel, create_engine
 
 
 class OutdatedSchema(RuntimeError):
     """A table lacks a column that cannot be added in place (NOT NULL with no default)."""
+
 
 _ENGINES: dict[str, Engine] = {}
 

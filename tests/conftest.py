@@ -82,3 +82,16 @@ def postgres_url():
     with psycopg.connect(POSTGRES_URL, autocommit=True) as conn:
         conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def sql_url(request, tmp_path):
+    """A fresh database, once on SQLite (a file in the test's folder) and once on the local PostgreSQL;
+    the engine ``shared.db`` made for it is disposed of afterwards."""
+    url = f"sqlite:///{tmp_path}/test.db" if request.param == "sqlite" else request.getfixturevalue("postgres_url")
+    yield url
+    from shared import db
+
+    engine = db._ENGINES.pop(url, None)
+    if engine is not None:
+        engine.dispose()
+

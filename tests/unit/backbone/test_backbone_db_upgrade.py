@@ -14,18 +14,6 @@ from shared import db
 ADDED = ("sized_by_event_id", "advised_replicas", "cycles_done")
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
-def url(request, tmp_path):
-    if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path}/registry.db"
-    else:
-        url = request.getfixturevalue("postgres_url")
-    yield url
-    engine = db._ENGINES.pop(url, None)
-    if engine is not None:
-        engine.dispose()
-
-
 def plain_engine(url: str):
     return create_engine(url.replace("postgresql://", "postgresql+psycopg://", 1))
 
@@ -34,8 +22,8 @@ def columns(engine, table: str) -> set[str]:
     return {c["name"] for c in inspect(engine).get_columns(table)}
 
 
-def test_an_earlier_database_gets_the_new_columns_and_keeps_its_rows(url):
-    earlier = plain_engine(url)
+def test_an_earlier_database_gets_the_new_columns_and_keeps_its_rows(sql_url):
+    earlier = plain_engine(sql_url)
     SQLModel.metadata.create_all(earlier)
     with Session(earlier) as session:
         session.add(ValidationSnapshot(validation_id="val-earlier", replicas_planned=2, status="completed",
@@ -47,7 +35,7 @@ def test_an_earlier_database_gets_the_new_columns_and_keeps_its_rows(url):
     assert not columns(earlier, "registry_validation_snapshots") & set(ADDED)
     earlier.dispose()
 
-    engine = db.engine_for(url)
+    engine = db.engine_for(sql_url)
 
     assert set(ADDED) <= columns(engine, "registry_validation_snapshots")
     with Session(engine) as session:
@@ -58,8 +46,8 @@ def test_an_earlier_database_gets_the_new_columns_and_keeps_its_rows(url):
     assert db.add_missing_columns(engine, SQLModel.metadata) == []  # nothing left to add
 
 
-def test_a_column_that_needs_a_value_and_has_no_default_is_named(url):
-    engine = plain_engine(url)
+def test_a_column_that_needs_a_value_and_has_no_default_is_named(sql_url):
+    engine = plain_engine(sql_url)
     with engine.begin() as connection:
         connection.execute(text("CREATE TABLE upgrade_probe (probe_id VARCHAR PRIMARY KEY)"))
         connection.execute(text("INSERT INTO upgrade_probe (probe_id) VALUES ('p-1')"))

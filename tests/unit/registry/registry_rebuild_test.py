@@ -67,16 +67,9 @@ def history(tmp_path) -> list:
     return events
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
-def engine(request, tmp_path):
-    if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path}/rebuilt.db"
-    else:
-        url = request.getfixturevalue("postgres_url")
-    engine = db.engine_for(url)
-    yield engine
-    db._ENGINES.pop(url, None)
-    engine.dispose()
+@pytest.fixture
+def engine(sql_url):
+    return db.engine_for(sql_url)
 
 
 def test_a_rebuild_holds_the_rows_of_every_event_applied_one_by_one(history, engine):
