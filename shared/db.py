@@ -8,7 +8,7 @@ so a database written by an earlier version keeps working after an upgrade.
 from __future__ import annotations
 
 from sqlalchemy import MetaData, event, inspect
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Dialect, Engine
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.schema import Column
 from sqlmodel import SQLModel, create_engine
@@ -62,15 +62,12 @@ def add_missing_columns(engine: Engine, metadata: MetaData) -> list[str]:
     added = []
     for table in metadata.sorted_tables:
         present = held.get((table.schema, table.name))
-        if present is None:
+        if present is None:  # the database lacks the whole table: that is create_all's work
             continue
-        missing = [column for column in table.columns if column.name not in present]
-        if not missing:
-            continue
-        for column in missing:
+        for column in (column for column in table.columns if column.name not in present):
             try:
                 with engine.begin() as connection:
-                    connection.exec_driver_sql(_add_column(engine, column))
+                    connection.exec_driver_sql(_add_column(engine.dialect, column))
             except DBAPIError:
                 # another process starting on the same database may have added it first
                 if column.name not in {c["name"] for c in inspect(engine).get_columns(table.name, schema=table.schema)}:
@@ -80,8 +77,7 @@ def add_missing_columns(engine: Engine, metadata: MetaData) -> list[str]:
     return added
 
 
-def _add_column(engine: Engine, column: Column) -> str:
-    dialect = engine.dialect
+def _add_column(dialect: Dialect, column: Column) -> str:
     default, literal = column.default, None
     if default is not None and default.is_scalar and default.arg is not None:
         render = column.type.literal_processor(dialect)

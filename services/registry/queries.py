@@ -250,7 +250,7 @@ def snapshot_view(session: Session, row: ValidationSnapshot) -> dict[str, Any]:
         "status": row.status, "verdict": row.verdict, "explanation": row.explanation, "score": row.score,
         "raw_data_uri": row.raw_data_uri,
         "sized_by": ({"event_id": row.sized_by_event_id, "validator_replicas": row.advised_replicas}
-                     if row.sized_by_event_id else None),
+                     if row.advised_replicas is not None else None),
         "totals": {"replicas": row.replicas_planned, "cycles_planned": row.cycles_planned,
                    "cycles_done": row.cycles_done, "cycles_passed": row.cycles_passed,
                    "cycles_failed": row.cycles_failed, "episodes": row.episodes_total,
