@@ -20,10 +20,10 @@ TARGET = 0.01
 def measure(cache_dir: Path, steps: int = 40, batch: int = 8, seq_len: int = 64) -> Figure:
     import torch
 
-    from services.trainer.ml.config import MntpConfig
-    from services.trainer.ml.lora import attach_configured_lora
-    from services.trainer.ml.mntp import MaskedBatches, MntpLoop
-    from services.trainer.ml.models import load_model, mask_token_id, offline
+    from shared.ml import MntpConfig
+    from shared.ml import attach_configured_lora
+    from shared.ml import MaskedBatches, MntpLoop
+    from shared.ml import load_model, mask_token_id, offline
     from shared.energy_meter import EnergyMeter, measure_overhead
 
     offline()

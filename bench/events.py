@@ -8,9 +8,10 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from shared import schemas
-from shared.envelope import Envelope, NewEvent, Producer, iso, seal, utcnow
-from shared.signing import load_private_key, sign_decision
+from shared.contracts import schemas
+from shared.contracts.envelope import Envelope, NewEvent, Producer, iso, seal, utcnow
+from shared.contracts.trust import sign_decision
+from shared.keys import load_private_key
 
 THRESHOLDS = {"metrics": {}, "groups": {}, "pass_score": 0.6, "marginal_score": 0.4, "consecutive_failures": 2,
               "min_samples": 5}

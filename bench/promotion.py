@@ -40,10 +40,11 @@ from bench.figure import Figure, percentile
 from shared.archive import ArchivedEvent
 from shared.bus import Publisher, decode_batch
 from shared.db import engine_for
-from shared.envelope import utcnow
+from shared.contracts.envelope import utcnow
 from shared.settings import Settings
-from shared.signing import generate_operator
+
 from shared.topics import dlq_topic, topic_for
+from shared.keys import generate_operator
 
 NAME = "promotion"
 TARGET_P99_MS = 250.0

@@ -20,7 +20,7 @@ from typing import Any, Callable, Sequence
 from bench import machine
 from bench.figure import Figure
 from bench.scratch import Scratch
-from shared.envelope import iso, utcnow
+from shared.contracts.envelope import iso, utcnow
 from shared.settings import Settings
 
 # In the order they run: broker figures first, then the CPU-heavy training ones.

@@ -1,6 +1,6 @@
 """Tokens/s of the platform's MNTP training step against a bare torch + peft loop.
 
-On the CPU this is ``services.trainer.ml.bench.bench_trainer``, the trainer's
+On the CPU this is ``shared.ml.bench.bench_trainer``, the trainer's
 own side-by-side measurement: the platform's ``MntpLoop`` (data pipeline,
 masking, clipping, scheduler, progress bookkeeping) against forward, backward
 and an AdamW step on the same batches, alternating single steps, medians.
@@ -21,7 +21,7 @@ def measure(cache_dir: Path, model: str = "tiny", steps: int = 100, batch: int =
             repeats: int = 3) -> Figure:
     """The run with the median ratio out of ``repeats``: a 2-core machine shared with other work
     moves single runs by ~10 %."""
-    from services.trainer.ml.bench import bench_trainer
+    from shared.ml import bench_trainer
 
     runs = [bench_trainer(model, steps=steps, batch=batch, seq_len=seq_len, cache_dir=cache_dir)
             for _ in range(repeats)]

@@ -78,12 +78,12 @@ def bench_step(cache_dir: Path, model: str, steps: int, batch: int, seq_len: int
                dtype: str, warmup: int) -> dict[str, Any]:
     import torch
 
-    from services.trainer.ml.bench import BareLoop
-    from services.trainer.ml.config import MntpConfig
-    from services.trainer.ml.lora import attach_configured_lora
-    from services.trainer.ml.mntp import MaskedBatches, MntpLoop
-    from services.trainer.ml.models import load_model, mask_token_id, offline
-    from services.trainer.ml.placement import place, resolve
+    from shared.ml import BareLoop
+    from shared.ml import MntpConfig
+    from shared.ml import attach_configured_lora
+    from shared.ml import MaskedBatches, MntpLoop
+    from shared.ml import load_model, mask_token_id, offline
+    from shared.ml import place, resolve
 
     offline()
     placement = resolve(device, dtype)

@@ -10,9 +10,10 @@ from pathlib import Path
 import typer
 
 from cli.bus_client import command_event, publish_and_wait, run
-from shared.envelope import NewEvent, utcnow
+from shared.contracts.envelope import NewEvent, utcnow
 from shared.settings import Settings
-from shared.signing import Keyring, KeyringError, generate_operator, sign_decision
+from shared.contracts.trust import KeyringError, sign_decision
+from shared.keys import generate_operator, load_private_key, load_keyring
 
 operator_app = typer.Typer(no_args_is_help=True, help="Operators who may sign decisions.")
 approvals_app = typer.Typer(no_args_is_help=True, help="Approval requests and their evidence.")
@@ -38,7 +39,7 @@ def keygen(
 
 @operator_app.command("list")
 def list_operators() -> None:
-    keyring = Keyring.load(Settings.from_env().keyring_path)
+    keyring = load_keyring(Settings.from_env().keyring_path)
     for operator in keyring.operators.values():
         typer.echo(f"{operator.operator_id:<20} {','.join(operator.roles)}")
 
@@ -56,7 +57,7 @@ def submit(settings: Settings, request_id: str, decision: str, operator: str, ke
            via: str = "cli"):
     """Sign ``decision`` on ``request_id`` and wait for the approval service's answer."""
     now = utcnow()
-    signed = sign_decision(request_id, decision, operator, _key_path(settings, operator, key),
+    signed = sign_decision(request_id, decision, operator, load_private_key(_key_path(settings, operator, key)),
                            issued_at=now, expires_at=now + valid_for, nonce=secrets.token_hex(16), reason=reason)
     event = command_event(
         NewEvent("approval.decision_submitted", f"sub-{signed['nonce']}",

@@ -9,9 +9,9 @@ from typing import Callable
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from shared import schemas
+from shared.contracts import schemas
 from shared.bus import Publisher, decode_batch
-from shared.envelope import Envelope, NewEvent, Producer, seal
+from shared.contracts.envelope import Envelope, NewEvent, Producer, seal
 from shared.settings import Settings
 from shared.topics import ensure_topics, topic_for
 

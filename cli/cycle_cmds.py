@@ -8,7 +8,7 @@ import uuid
 import typer
 
 from cli.bus_client import command_event, publish_and_wait, run
-from shared.envelope import NewEvent
+from shared.contracts.envelope import NewEvent
 from shared.settings import Settings
 
 cycle_app = typer.Typer(no_args_is_help=True, help="Self-training cycles.")

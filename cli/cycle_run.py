@@ -19,7 +19,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from cli.bus_client import command_event
 from shared.bus import Publisher, decode_batch
-from shared.envelope import Envelope, NewEvent
+from shared.contracts.envelope import Envelope, NewEvent
 from shared.settings import Settings
 from shared.topics import AGGREGATE_TYPES, ensure_topics, topic_for
 

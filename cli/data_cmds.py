@@ -9,7 +9,7 @@ from pathlib import Path
 import typer
 
 from cli.bus_client import command_event, publish_and_wait, run
-from shared.envelope import NewEvent
+from shared.contracts.envelope import NewEvent
 from shared.settings import Settings
 
 data_app = typer.Typer(no_args_is_help=True, help="Curated training datasets.")
@@ -19,7 +19,7 @@ def register(settings: Settings, path: Path, name: str | None = None, quarantine
              reason: str | None = None, source: str = "operator", wait: bool = True,
              auto_cycle: bool = True) -> dict:
     """Copy the dataset into var/datasets under its sha256 and publish dataset.registered."""
-    from services.trainer.datasets import DatasetError, inspect_dataset
+    from shared.ml import DatasetError, inspect_dataset
 
     try:
         info = inspect_dataset(path)
@@ -64,7 +64,7 @@ def demo(records: int = typer.Option(200, help="paragraphs to take"),
          out: Path | None = typer.Option(None, help="where to write the JSONL (default var/datasets/demo.jsonl)"),
          register_it: bool = typer.Option(True, "--register/--no-register")) -> None:
     """Build the demo dataset from the installed Python standard library's docstrings."""
-    from services.trainer.datasets import build_demo_dataset
+    from shared.ml import build_demo_dataset
 
     settings = Settings.from_env()
     out = out or settings.var_dir / "datasets" / "demo.jsonl"

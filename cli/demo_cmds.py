@@ -10,10 +10,10 @@ import time
 import typer
 
 from cli.cycle_run import Reporter, cycle_request, follow_cycle
-from services.trainer.ml.placement import summary_line
+from shared.ml import summary_line
 from shared import processes
 from shared.settings import Settings
-from shared.signing import Keyring, generate_operator
+from shared.keys import generate_operator, load_keyring
 
 DEMO_OPERATOR = "demo-operator"
 DEMO_PROFILE = "demo-assistant"
@@ -90,14 +90,14 @@ def demo(
     else:
         say("platform already running; using it (stop it with `neurons down`)")
 
-    keyring = Keyring.load(settings.keyring_path)
+    keyring = load_keyring(settings.keyring_path)
     if DEMO_OPERATOR not in keyring:
         path, _ = generate_operator(DEMO_OPERATOR, ["approver"], settings.keyring_path, settings.operator_key_dir)
         say(f"created the DEMO operator key {path} (demo only: real operators keep their own keys)")
     _ensure_profile(settings, say)
 
     from cli.data_cmds import register
-    from services.trainer.datasets import build_demo_dataset
+    from shared.ml import build_demo_dataset
 
     dataset_path = settings.var_dir / "datasets" / "demo.jsonl"
     info = build_demo_dataset(dataset_path, records=200)

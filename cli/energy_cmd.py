@@ -10,7 +10,7 @@ from sqlmodel import Session, select
 from services.energy.report import build_report, parse_since, to_csv
 from services.registry.audit import registry_engine
 from shared.archive import ArchivedEvent
-from shared.envelope import Envelope
+from shared.contracts.envelope import Envelope
 from shared.settings import Settings
 
 app = typer.Typer(no_args_is_help=True, help="Energy used by training and validation jobs.")

@@ -20,9 +20,10 @@ import typer
 from cli.bus_client import command_event, publish_and_wait, run
 from cli.cycle_run import sizing_note
 from services.registry import queries
-from shared.envelope import Envelope, NewEvent, utcnow
+from shared.contracts.envelope import Envelope, NewEvent, utcnow
 from shared.settings import Settings
-from shared.signing import KeyringError, parse_time, sign_decision
+from shared.contracts.trust import KeyringError, parse_time, sign_decision
+from shared.keys import load_private_key
 
 profiles_app = typer.Typer(no_args_is_help=True, help="Personality profiles and the adapter each one serves.")
 adapters_app = typer.Typer(no_args_is_help=True, help="Adapters in service per channel, their lineage and history.")
@@ -267,7 +268,7 @@ def rollback(
     now, nonce = utcnow(), secrets.token_hex(16)
     try:
         signed = sign_decision(f"rollback-{channel}-{nonce[:12]}", "rollback", operator,
-                               _operator_key(settings, operator, key), issued_at=now,
+                               load_private_key(_operator_key(settings, operator, key)), issued_at=now,
                                expires_at=now + timedelta(minutes=10), nonce=nonce, reason=reason,
                                extra={"channel": channel, "adapter_sha256": sha})
     except KeyringError as exc:

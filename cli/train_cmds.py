@@ -8,7 +8,7 @@ from pathlib import Path
 
 import typer
 
-from services.trainer.ml.placement import summary_line
+from shared.ml import summary_line
 from shared.settings import Settings
 
 
@@ -29,8 +29,8 @@ def train(
     if kind not in ("mntp", "rl"):
         raise typer.BadParameter("choose mntp or rl", param_hint="--kind")
     from cli.cycle_cmds import _parse_config
-    from services.trainer.datasets import build_demo_dataset, dataset_sha256, load_jsonl
-    from services.trainer.ml.config import MntpConfig, RlConfig
+    from shared.ml import build_demo_dataset, dataset_sha256, load_jsonl
+    from shared.ml import MntpConfig, RlConfig
     from shared.artefacts import ArtefactStore
     from shared.energy_meter import EnergyMeter
 
@@ -64,16 +64,16 @@ def train(
 
         available, reason = _ml_stack()
         if not available:
-            from services.trainer.ml.fallback import write_fallback_artefact
+            from shared.ml import write_fallback_artefact
 
             result = write_fallback_artefact({**config, "kind": kind}, sha, job_dir, reason)
         elif kind == "rl":
-            from services.trainer.ml.rl import train_rl
+            from shared.ml import train_rl
 
             result = train_rl(config, [t.split(". ")[0][:160] for t in texts], job_dir, settings.model_cache_dir,
                               progress=progress, dataset_sha256=sha)
         else:
-            from services.trainer.ml.mntp import train_mntp
+            from shared.ml import train_mntp
 
             result = train_mntp(config, texts, job_dir, settings.model_cache_dir, progress=progress, dataset_sha256=sha)
         bar.update(task, completed=steps)
@@ -100,6 +100,6 @@ def train(
 
 
 def _ml_stack():
-    from services.trainer.ml.fallback import ml_stack_available
+    from shared.ml import ml_stack_available
 
     return ml_stack_available()

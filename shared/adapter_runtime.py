@@ -1,7 +1,7 @@
 """The live adapter runtime: one base model in memory, LoRA adapters swapped in while it serves.
 
 ``AdapterRuntime`` loads the base model once
-(``services.trainer.ml.models.load_model``) and switches adapters with peft
+(``shared.ml.models.load_model``) and switches adapters with peft
 (``load_adapter`` + ``set_adapter``; no merge, so switching back is instant and
 exact). An adapter is only ever loaded from bytes whose sha256 was checked
 against its name (``shared.artefacts``): a node that lacks it fetches it from
@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any, Awaitable, Callable
 
 from shared.artefacts import ADAPTER_WEIGHTS, ArtefactCorrupted, SharedArtefacts, file_sha256
-from shared.envelope import Envelope
+from shared.contracts.envelope import Envelope
 from shared.settings import Settings
 
 log = logging.getLogger("neurons.adapter_runtime")
@@ -79,7 +79,7 @@ class AdapterRuntime:
 
     @classmethod
     def load(cls, settings: Settings, model_spec: str | None = None) -> "AdapterRuntime":
-        from services.trainer.ml.models import load_model
+        from shared.ml import load_model
 
         loaded = load_model(model_spec or settings.model, settings.model_cache_dir)
         return cls(loaded.model, loaded.tokenizer, SharedArtefacts.for_settings(settings), loaded.info)

@@ -31,8 +31,8 @@ from sqlalchemy.engine import Connection, Dialect, Engine
 from sqlmodel import Field, Session, SQLModel, select
 from sqlmodel.sql.sqltypes import UTCDateTime
 
-from shared import schemas
-from shared.envelope import Envelope, utcnow
+from shared.contracts import schemas
+from shared.contracts.envelope import Envelope, utcnow
 
 Row = TypeVar("Row", bound=SQLModel)
 

@@ -29,8 +29,8 @@ from opentelemetry.context import Context
 from opentelemetry.trace import Status, StatusCode
 from pydantic import ValidationError
 
-from shared import schemas
-from shared.envelope import Envelope, loads, read_canonical
+from shared.contracts import schemas
+from shared.contracts.envelope import Envelope, loads, read_canonical
 from shared.settings import Settings
 from shared.topics import dlq_topic, topic_for
 from shared.tracing import inject_headers, span_headers

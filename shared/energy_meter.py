@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Iterator
+from shared.contracts.values import iso, parse_time
 
 RAPL = "rapl"
 NVML = "nvml"
@@ -136,15 +137,11 @@ class Reading:
 
 
 def _iso(ts: datetime | None) -> str | None:
-    if ts is None:
-        return None
-    return ts.astimezone(timezone.utc).isoformat().replace("+00:00", "Z")
+    return iso(ts) if ts is not None else None
 
 
 def _parse_iso(value: str | None) -> datetime | None:
-    if not value:
-        return None
-    return datetime.fromisoformat(value.replace("Z", "+00:00"))
+    return parse_time(value) if value else None
 
 
 # --------------------------------------------------------------------------- sources

@@ -33,10 +33,10 @@ from opentelemetry import trace
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, select
 
-from shared import schemas
+from shared.contracts import schemas
 from shared.bus import MalformedEvent, Publisher, decode, validate
 from shared.db import engine_for
-from shared.envelope import Envelope, NewEvent, Producer, seal, utcnow
+from shared.contracts.envelope import Envelope, NewEvent, Producer, seal, utcnow
 from shared.settings import Settings
 from shared.store import (
     OutboxEvent,

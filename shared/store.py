@@ -20,7 +20,7 @@ from typing import Any, Iterator
 from sqlalchemy import Column, Text, UniqueConstraint
 from sqlmodel import Field, Session, SQLModel, select
 
-from shared.envelope import Envelope, utcnow
+from shared.contracts.envelope import Envelope, utcnow
 
 
 class ProcessedEvent(SQLModel, table=True):

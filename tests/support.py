@@ -132,8 +132,8 @@ async def await_until(predicate, timeout: float = 60.0, interval: float = 0.25, 
 
 def make_event(event_type: str, aggregate_id: str, payload: dict, *, sequence: int = 1,
                correlation_id: str = "corr-test", service: str = "test", version: int | None = None):
-    from shared import schemas
-    from shared.envelope import NewEvent, Producer, seal
+    from shared.contracts import schemas
+    from shared.contracts.envelope import NewEvent, Producer, seal
 
     return seal(NewEvent(event_type, aggregate_id, payload), sequence=sequence,
                 producer=Producer(service=service, node="test-node"), correlation_id=correlation_id,

@@ -10,12 +10,12 @@ import os
 from datetime import timedelta
 
 from services.approval import domain
-from services.approval.policies import load_policies
+from shared.policy_file import load_policies
 from opentelemetry import trace
 
 from shared.service import HandlerContext, Service
 from shared.tracing import context_from_traceparent, current_traceparent
-from shared.signing import Keyring
+from shared.keys import load_keyring
 
 REQUEST_TTL_S = float(os.environ.get("NEURONS_APPROVAL_TTL_S") or 24 * 3600)
 
@@ -24,7 +24,7 @@ policies = load_policies(service.settings.policies_path)
 
 
 def _config() -> domain.ApprovalConfig:
-    return domain.ApprovalConfig(keyring=Keyring.load(service.settings.keyring_path), policies=policies,
+    return domain.ApprovalConfig(keyring=load_keyring(service.settings.keyring_path), policies=policies,
                                  request_ttl=timedelta(seconds=REQUEST_TTL_S))
 
 

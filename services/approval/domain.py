@@ -24,26 +24,19 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any, Iterable, Mapping, Protocol
 
-from services.approval.policies import (
+from shared.contracts.policies import (
     PolicySet,
     default_policies,
     evaluate,
     proposal_subject,
     request_view,
 )
-from shared.envelope import NewEvent, iso
-from shared.signing import (
-    Keyring,
-    check_nonce,
-    check_not_self_approval,
-    parse_time,
-    verify_decision,
-)
+from shared.contracts.envelope import NewEvent, iso
+from shared.contracts.facts import SERVICE_REQUESTER, occurred_at as _occurred_at, validation_facts
+from shared.contracts.trust import Keyring, check_binding, parse_time, verify_decision
 
 PENDING, GRANTED, REJECTED, EXPIRED = "pending", "granted", "rejected", "expired"
 DECISIONS = {"grant": GRANTED, "reject": REJECTED}
-# Who asks for cycles and research when no operator did.
-SERVICE_REQUESTER = "evolution"
 VALIDATOR_REQUESTER = "validator"
 
 
@@ -58,7 +51,7 @@ class Event(Protocol):
 
 @dataclass(frozen=True)
 class SubmitDecision:
-    """An operator's signed decision (``shared.signing.sign_decision``) arriving at ``received_at``.
+    """An operator's signed decision (``shared.contracts.trust.sign_decision``) arriving at ``received_at``.
 
     ``request_id`` is what the operator asked to decide (the CLI argument); when
     given it must match the request id inside the signed decision.
@@ -293,20 +286,20 @@ def _decide_submission(cmd: SubmitDecision, state: ApprovalState, config: Approv
     if not verified:
         return refuse(verified.reason, verified.detail, verified.operator_id)
     operator_id = verified.operator_id
-    if cmd.request_id is not None and cmd.request_id != claimed:
-        return refuse("request_mismatch", f"the decision is for {claimed!r}, not {cmd.request_id!r}", operator_id)
-    if signed["decision"] not in DECISIONS:
-        return refuse("unsupported_decision", f"{signed['decision']!r} is not one of {sorted(DECISIONS)}",
-                      operator_id)
+    # What the decision is and which request it names, before anything about that request is considered.
+    named = check_binding(signed, decisions=tuple(DECISIONS), request_id=cmd.request_id)
+    if not named:
+        return refuse(named.reason, named.detail, operator_id)
     if request is None:
         return refuse("unknown_request", f"no approval request {request_id!r}", operator_id)
     if request.status != PENDING:
         return refuse("not_pending", f"the request is already {request.status}", operator_id)
     if now > request.expires_at:
         return refuse("request_expired", f"the request expired at {iso(request.expires_at)}", operator_id)
-    for check in (check_not_self_approval(signed, request.requested_by), check_nonce(signed, state.used_nonces)):
-        if not check:
-            return refuse(check.reason, check.detail, operator_id)
+    bound = check_binding(signed, decisions=tuple(DECISIONS), requested_by=request.requested_by,
+                          used_nonces=state.used_nonces)
+    if not bound:
+        return refuse(bound.reason, bound.detail, operator_id)
 
     common = {
         "request_id": request.request_id,
@@ -390,34 +383,6 @@ def replay(events: Iterable[Event], state: ApprovalState | None = None) -> Appro
     for event in events:
         state = evolve(state, event)
     return state
-
-
-# --- reading other services' events ---------------------------------------------------
-
-
-def validation_facts(event: Any) -> dict[str, Any]:
-    """The parts of ``validation.completed`` a promotion request needs."""
-    payload = event.payload
-    return {
-        "validation_id": payload.get("validation_id") or event.aggregate_id,
-        "verdict": payload.get("verdict"),
-        "purpose": payload.get("purpose", "candidate"),
-        "adapter_sha256": payload.get("adapter_sha256"),
-        "adapter_uri": payload.get("adapter_uri"),
-        "kind": payload.get("kind"),
-        "cycle_id": payload.get("cycle_id"),
-        "summary": {key: payload.get(key) for key in
-                    ("verdict", "score", "explanation", "baseline", "sample_sizes", "vetoes", "raw_data_uri")
-                    if key in payload},
-        "requested_by": payload.get("requested_by"),
-    }
-
-
-def _occurred_at(event: Any) -> datetime:
-    occurred = getattr(event, "occurred_at", None)
-    if occurred is None:
-        raise ValueError(f"{event.type} carries no occurred_at; the request's expiry is counted from it")
-    return parse_time(occurred)
 
 
 def _event_id(event: Any) -> str | None:

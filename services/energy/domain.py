@@ -21,10 +21,11 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, field, replace
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta
 from typing import Any, Iterable, Mapping
 
-from shared.envelope import NewEvent
+from shared.contracts.envelope import NewEvent
+from shared.contracts.values import iso, number, time_or_none
 
 TRAINING_COMPLETED = "training.completed"
 VALIDATION_COMPLETED = "validation.completed"
@@ -260,13 +261,13 @@ def energy_report(
     """The ``energy.reported`` payload for one job's meter reading (a dict, or None)."""
     reading = reading or {}
     joules, reason = _joules(reading, reading_present)
-    duration_s = _number(reading.get("duration_s"))
-    ended = _parse_time(reading.get("ended_at")) or completed_at
-    started = _parse_time(reading.get("started_at"))
+    duration_s = number(reading.get("duration_s"))
+    ended = time_or_none(reading.get("ended_at")) or completed_at
+    started = time_or_none(reading.get("started_at"))
     if started is None and duration_s is not None:
         started = ended - timedelta(seconds=duration_s)
     components = [
-        {"name": str(c.get("name")), "joules": _number(c.get("joules")), "method": str(c.get("method"))}
+        {"name": str(c.get("name")), "joules": number(c.get("joules")), "method": str(c.get("method"))}
         | ({"reason": c["reason"]} if c.get("reason") else {})
         for c in reading.get("components") or ()
         if isinstance(c, Mapping)
@@ -291,9 +292,9 @@ def energy_report(
         "methods": {c["name"]: c["method"] for c in components},
         "components": components,
         "duration_s": duration_s,
-        "cpu_s": _number(reading.get("cpu_s")),
+        "cpu_s": number(reading.get("cpu_s")),
         "reason": reason,
-        "window": {"started_at": _iso(started) if started else None, "ended_at": _iso(ended)},
+        "window": {"started_at": iso(started) if started else None, "ended_at": iso(ended)},
     }
 
 
@@ -306,7 +307,7 @@ def _joules(reading: Mapping[str, Any], present: bool) -> tuple[float | None, st
     given_reason = reading.get("reason")
     if raw is None:
         return None, given_reason or "the job's energy meter gave no reading"
-    value = _number(raw)
+    value = number(raw)
     if value is None or value < 0:
         return None, f"rejected an impossible reading of {raw!r} J"
     # A measured reading keeps the meter's note (e.g. why it is modelled).
@@ -334,8 +335,8 @@ def _budget_crossings(
                         "window_s": window.span.total_seconds(),
                         "budget_wh": window.budget_wh,
                         "used_wh": after,
-                        "crossed_at": _iso(at),
-                        "until": _iso(until),
+                        "crossed_at": iso(at),
+                        "until": iso(until),
                         "job_id": job_id,
                     },
                 )
@@ -368,7 +369,7 @@ def budget_status(
             "budget_wh": window.budget_wh,
             "remaining_wh": max(0.0, window.budget_wh - used),
             "exceeded": exceeded,
-            "until": _iso(_back_under_at(inside, window)) if exceeded else None,
+            "until": iso(_back_under_at(inside, window)) if exceeded else None,
             # Jobs whose energy is unknown: the use above is a lower bound.
             "unmeasured_jobs": sum(1 for u in inside if u.wh is None),
             "window_s": window.span.total_seconds(),
@@ -381,7 +382,7 @@ def budget_status(
 
 def _profile_hardware(command: ProfileHardware, state: EnergyState, config: EnergyConfig) -> list[NewEvent]:
     profile = dict(command.profile)
-    profile.setdefault("profiled_at", _iso(command.at))
+    profile.setdefault("profiled_at", iso(command.at))
     recorded = replace(state, hardware={**state.hardware, command.node: profile})
     return [
         NewEvent(HARDWARE_PROFILED, command.node, profile),
@@ -408,7 +409,7 @@ def _scaling_event(
         config=config.scaling,
     )
     payload["node"] = node
-    payload["recommended_at"] = _iso(at)
+    payload["recommended_at"] = iso(at)
     return NewEvent(SCALING_RECOMMENDED, node, payload)
 
 
@@ -584,7 +585,7 @@ def _job_key(kind: str, job_id: str) -> str:
 def _accounting_time(report: Mapping[str, Any], fallback: datetime) -> datetime:
     # Energy counts against a budget when the job's work ended, which replays identically.
     window = report.get("window") or {}
-    return _parse_time(window.get("ended_at")) or fallback
+    return time_or_none(window.get("ended_at")) or fallback
 
 
 def _gpu_free(gpu: Mapping[str, Any]) -> float:
@@ -605,23 +606,6 @@ def _gib(n: float) -> str:
     return f"{n / 2**30:.2f} GiB"
 
 
-def _number(value: Any) -> float | None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return None
-    return float(value) if math.isfinite(value) else None
 
 
-def _parse_time(value: Any) -> datetime | None:
-    if isinstance(value, datetime):
-        return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
-    if not value or not isinstance(value, str):
-        return None
-    try:
-        parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError:
-        return None
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)
 
-
-def _iso(ts: datetime) -> str:
-    return ts.astimezone(timezone.utc).isoformat().replace("+00:00", "Z")

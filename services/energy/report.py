@@ -13,6 +13,7 @@ from datetime import datetime, timedelta, timezone
 from typing import Any, Iterable, Mapping
 
 from services.energy.domain import parse_span
+from shared.contracts.values import iso
 
 JOB_COLUMNS = [
     "at", "date", "job_kind", "job_id", "cycle_id", "joules", "wh", "gco2e",
@@ -53,9 +54,9 @@ def build_report(
         rows.append(_row(at, payload))
     rows.sort(key=lambda r: (r["at"], r["job_kind"], r["job_id"]))
     return {
-        "generated_at": _iso(now),
-        "since": _iso(start) if start else None,
-        "until": _iso(now),
+        "generated_at": iso(now),
+        "since": iso(start) if start else None,
+        "until": iso(now),
         "jobs": rows,
         "days": _days(rows),
         "methods": _methods(rows),
@@ -95,7 +96,7 @@ def _job_time(payload: Mapping[str, Any], fallback: datetime) -> datetime:
 def _row(at: datetime, p: Mapping[str, Any]) -> dict[str, Any]:
     methods = p.get("methods") or {}
     return {
-        "at": _iso(at),
+        "at": iso(at),
         "date": at.date().isoformat(),
         "job_kind": p.get("job_kind"),
         "job_id": p.get("job_id"),
@@ -158,6 +159,3 @@ def _as_time(value: Any) -> datetime:
     parsed = datetime.fromisoformat(str(value).replace("Z", "+00:00"))
     return parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)
 
-
-def _iso(ts: datetime) -> str:
-    return ts.astimezone(timezone.utc).isoformat().replace("+00:00", "Z")

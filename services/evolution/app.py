@@ -11,12 +11,12 @@ import os
 from dataclasses import replace
 from datetime import timedelta
 
-from services.approval.policies import load_policies
+from shared.policy_file import load_policies
 from services.evolution import domain
 from services.evolution.search import DEFAULT_CONFIG, DEFAULT_SPACE, Param, SearchSettings, SearchSpace, population_from_events
-from shared.envelope import NewEvent
+from shared.contracts.envelope import NewEvent
 from shared.service import HandlerContext, Service
-from shared.signing import Keyring
+from shared.keys import load_keyring
 
 service = Service("evolution", reads=["dataset", "cycle", "research", "approval", "training", "validation",
                                       "energy", "hardware", "scaling", "adapter"])
@@ -50,7 +50,7 @@ def config() -> domain.EvolutionConfig:
     return domain.EvolutionConfig(
         model=service.settings.model,
         search=search_settings(),
-        keyring=Keyring.load(service.settings.keyring_path),
+        keyring=load_keyring(service.settings.keyring_path),
         policies=policies,
         schedule_interval=_seconds("NEURONS_SCHEDULE_INTERVAL_S", 6 * 3600),
         carbon_intensity_g_per_kwh=service.settings.carbon_intensity_g_per_kwh,

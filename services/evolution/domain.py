@@ -41,7 +41,7 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta, timezone
 from typing import Any, Iterable, Mapping
 
-from services.approval.policies import PolicySet, authorises, default_policies, proposal_subject, request_view
+from shared.contracts.policies import PolicySet, authorises, default_policies, proposal_subject, request_view
 from services.evolution.search import (
     FAIL_FITNESS,
     Individual,
@@ -51,16 +51,18 @@ from services.evolution.search import (
     fitness,
     next_individual,
 )
-from shared.envelope import NewEvent, iso
-from shared.signing import (
-    Keyring,
-    VerificationResult,
-    check_not_self_approval,
-    parse_time,
-    verify_decision,
+from shared.contracts.envelope import NewEvent, iso
+from shared.contracts.facts import (
+    SERVICE_REQUESTER,
+    adapter_sha as _adapter_sha,
+    energy_wh as _energy_wh,
+    occurred_at as _occurred_at,
+    training_facts,
+    verdict_facts as validation_facts,
 )
+from shared.contracts.trust import Keyring, VerificationResult, check_binding, parse_time, verify_decision
+from shared.contracts.values import number as _number
 
-SERVICE_REQUESTER = "evolution"
 DEFERRED, PROPOSED, APPROVED, EVALUATED, COMPLETED = "deferred", "proposed", "approved", "evaluated", "completed"
 GATES = ("incidents", "approvals", "energy", "carbon", "hardware")
 # Energy samples older than this are dropped from the state whatever the window.
@@ -374,7 +376,7 @@ def hardware_load(profile: Mapping[str, Any] | None) -> tuple[float | None, floa
 
 
 def verify_grant(payload: Mapping[str, Any], cycle: Cycle, *, keyring: Keyring,
-                 policies: PolicySet) -> VerificationResult:
+                 policies: PolicySet, used_nonces: Iterable[str] = ()) -> VerificationResult:
     """Whether an ``approval.granted`` payload really approves ``cycle``'s proposal.
 
     Operator grants: the signed decision verifies against ``keyring`` with the
@@ -410,13 +412,13 @@ def verify_grant(payload: Mapping[str, Any], cycle: Cycle, *, keyring: Keyring,
         verified = verify_decision(signed, keyring, now=at, required_role="approver")
         if not verified:
             return verified
-        if signed["request_id"] != cycle.request_id:
-            return refuse("request_mismatch", f"the signed decision is for {signed['request_id']!r}")
-        if signed["decision"] != "grant":
-            return refuse("not_a_grant", f"the signed decision is {signed['decision']!r}")
+        bound = check_binding(signed, decisions="grant", request_id=cycle.request_id,
+                              requested_by=cycle.requested_by, used_nonces=used_nonces)
+        if not bound:
+            return bound
         if actor != f"operator:{signed['operator_id']}":
             return refuse("actor_mismatch", f"{actor!r} did not sign this decision")
-        return check_not_self_approval(signed, cycle.requested_by)
+        return verified
     return refuse("unknown_actor", f"{actor!r} is neither a policy nor an operator")
 
 
@@ -879,62 +881,6 @@ def replay(events: Iterable[Any], state: EvolutionState | None = None) -> Evolut
 # --- reading other services' events ----------------------------------------------------
 
 
-def _number(value: Any) -> float | None:
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
-
-
-def _first_number(mapping: Mapping[str, Any], keys: Iterable[str]) -> float | None:
-    return next((_number(mapping[k]) for k in keys if _number(mapping.get(k)) is not None), None)
-
-
-def _energy_wh(payload: Mapping[str, Any]) -> float | None:
-    for source in (payload, payload.get("energy") if isinstance(payload.get("energy"), Mapping) else {}):
-        wh = _first_number(source, ("energy_wh", "wh", "total_wh"))
-        if wh is not None:
-            return wh
-        joules = _first_number(source, ("energy_j", "joules", "total_joules"))
-        if joules is not None:
-            return joules / 3600.0
-    return None
-
-
-def _adapter_sha(payload: Mapping[str, Any]) -> str | None:
-    adapter = payload.get("adapter")
-    return payload.get("adapter_sha256") or (adapter.get("sha256") if isinstance(adapter, Mapping) else None)
-
-
-def training_facts(event: Any) -> dict[str, Any]:
-    """Adapter, losses and measured energy from ``training.completed`` (or the failure).
-
-    Losses are read from ``metrics`` (``loss_before``/``initial_loss``/
-    ``eval_loss_before`` and ``loss_after``/``final_loss``/``eval_loss_after``),
-    energy from ``energy_wh`` or ``energy.{wh,joules}``.
-    """
-    payload = event.payload
-    metrics = payload.get("metrics") if isinstance(payload.get("metrics"), Mapping) else {}
-    return {
-        "job_id": payload.get("job_id"),
-        "failed": event.type == "training.failed",
-        "fallback": bool(payload.get("fallback")) or payload.get("status") not in (None, "trained"),
-        "error": payload.get("error") or payload.get("reason"),
-        "adapter_sha256": _adapter_sha(payload),
-        "loss_before": _first_number(metrics, ("loss_before", "initial_loss", "eval_loss_before")),
-        "loss_after": _first_number(metrics, ("loss_after", "final_loss", "eval_loss_after")),
-        "energy_wh": _energy_wh(payload),
-    }
-
-
-def validation_facts(event: Any) -> dict[str, Any]:
-    """Verdict (pass, fail, inconclusive), purpose (candidate, drift) and ids from ``validation.completed``."""
-    payload = event.payload
-    return {
-        "validation_id": payload.get("validation_id") or event.aggregate_id,
-        "verdict": payload.get("verdict"),
-        "purpose": payload.get("purpose", "candidate"),
-        "adapter_sha256": _adapter_sha(payload),
-    }
-
-
 def _cycle_for(state: EvolutionState, event: Any) -> Cycle | None:
     """The cycle an event from the trainer or validator is about: by cycle id, job id or adapter."""
     payload = event.payload
@@ -953,10 +899,3 @@ def _cycle_for(state: EvolutionState, event: Any) -> Cycle | None:
 
 def _incident_id(event: Any) -> str:
     return event.payload.get("incident_id") or event.aggregate_id
-
-
-def _occurred_at(event: Any) -> datetime:
-    occurred = getattr(event, "occurred_at", None)
-    if occurred is None:
-        raise ValueError(f"{event.type} carries no occurred_at")
-    return parse_time(occurred)

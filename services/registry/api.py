@@ -25,8 +25,8 @@ from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
 
 from services.registry import queries
-from shared import schemas
-from shared.envelope import Envelope, NewEvent, Producer, seal
+from shared.contracts import schemas
+from shared.contracts.envelope import Envelope, NewEvent, Producer, seal
 from shared.settings import Settings
 
 log = logging.getLogger("neurons.registry.api")
@@ -113,7 +113,7 @@ def create_app(settings: Settings, publish: Publish | None = None) -> FastAPI:
             return queries.approval_view(row)
 
     @app.post("/api/approvals/{request_id}/decisions", tags=["approvals"], status_code=202,
-              summary="Submit an operator's signed decision (shared.signing.sign_decision) for the approval "
+              summary="Submit an operator's signed decision (shared.contracts.trust.sign_decision) for the approval "
                       "service to verify")
     async def submit_decision(request_id: str, signed: dict[str, Any] = Body(..., description="the signed decision")) -> dict:
         if publish is None:

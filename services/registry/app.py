@@ -11,8 +11,9 @@ from services.registry import domain
 from services.registry.projections import all_projections
 from shared.archive import archive
 from shared.service import HandlerContext, Service
-from shared.signing import Keyring, KeyringError
+from shared.contracts.trust import Keyring, KeyringError
 from shared.topics import AGGREGATE_TYPES
+from shared.keys import load_keyring
 
 service = Service("registry", reads=AGGREGATE_TYPES)
 PROJECTIONS = all_projections()
@@ -37,7 +38,7 @@ def on_event(event, ctx: HandlerContext):
 def _keyring(ctx: HandlerContext) -> Keyring:
     # Read on every decision: an operator added to the keyring counts without a restart.
     try:
-        return Keyring.load(ctx.settings.keyring_path)
+        return load_keyring(ctx.settings.keyring_path)
     except KeyringError as exc:
         # An unreadable keyring verifies nobody: grants are refused (and recorded), while the
         # event itself is still archived and projected rather than lost to the dead-letter topic.

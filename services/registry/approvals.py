@@ -8,7 +8,7 @@ from sqlmodel import Field, Session, SQLModel
 
 from services.registry.rows import dumps, get_or_new, json_field, json_value, set_json, utc
 from shared.archive import Projection
-from shared.envelope import Envelope
+from shared.contracts.envelope import Envelope
 
 
 class ApprovalRecord(SQLModel, table=True):

@@ -15,10 +15,11 @@ from sqlmodel import Session, func, select
 from shared.archive import ArchivedEvent, Projection, export_jsonl, iter_archive, paused_gc, rebuild, table_digest
 from shared.bus import MalformedEvent, Publisher, decode, event_headers
 from shared.db import engine_for
-from shared.envelope import Envelope, iso
+from shared.contracts.envelope import Envelope, iso
 from shared.settings import Settings
-from shared.signing import Keyring, parse_time, verify_decision
+from shared.contracts.trust import parse_time, verify_decision
 from shared.topics import AGGREGATE_TYPES, ensure_topics, topic_for
+from shared.keys import load_keyring
 from services.registry import queries
 from services.registry.projections import all_projections
 
@@ -208,7 +209,7 @@ def audit_at(settings: Settings, at: datetime, *, profile: str | None = None, ch
 
 def _signature_check(settings: Settings, decision: dict) -> dict:
     """The approver's signature checked against today's keyring, as of when it was signed."""
-    keyring = Keyring.load(settings.keyring_path)
+    keyring = load_keyring(settings.keyring_path)
     result = verify_decision(decision, keyring, now=parse_time(decision["issued_at"]), required_role=None)
     return {"ok": result.ok, "reason": result.reason, "detail": result.detail,
             "keyring": str(settings.keyring_path)}

@@ -31,8 +31,9 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any, Iterable, Mapping
 
-from shared.envelope import NewEvent, iso
-from shared.signing import Keyring, check_nonce, check_not_self_approval, parse_time, verify_decision
+from shared.contracts.envelope import NewEvent, iso
+from shared.contracts.facts import occurred_at as _occurred_at
+from shared.contracts.trust import Keyring, check_binding, parse_time, verify_decision
 
 DEFAULT_CHANNEL = "production"
 KINDS = ("mntp", "rl")
@@ -275,13 +276,6 @@ def _granted_at(event: Any) -> datetime:
     return parse_time(at) if at else _occurred_at(event)
 
 
-def _occurred_at(event: Any) -> datetime:
-    occurred = getattr(event, "occurred_at", None)
-    if occurred is None:
-        raise ValueError(f"{event.type} carries no occurred_at; the registry decides on the event's time")
-    return parse_time(occurred)
-
-
 # --- promotion ------------------------------------------------------------------
 
 
@@ -310,15 +304,12 @@ def _on_promotion_grant(payload: Mapping[str, Any], granted_at: datetime, event_
     if not verified:
         return refuse(verified.reason or "unverified", verified.detail, verified.operator_id)
     operator_id = verified.operator_id
-    if signed["decision"] != "grant":
-        return refuse("not_a_grant", f"the signed decision is {signed['decision']!r}", operator_id)
-    if signed["request_id"] != request_id:
-        return refuse("request_mismatch", f"the signature is for {signed['request_id']!r}", operator_id)
+    bound = check_binding(signed, decisions="grant", request_id=request_id,
+                          requested_by=request.requested_by if request else None, used_nonces=state.used_nonces)
+    if not bound:
+        return refuse(bound.reason, bound.detail, operator_id)
     if request is None:
         return refuse("unknown_request", f"no promotion request {request_id!r} was opened", operator_id)
-    for check in (check_nonce(signed, state.used_nonces), check_not_self_approval(signed, request.requested_by)):
-        if not check:
-            return refuse(check.reason or "refused", check.detail, operator_id)
     granted_sha = (payload.get("subject") or {}).get("adapter_sha256")
     if not sha or (granted_sha and granted_sha != sha):
         return refuse("subject_mismatch", f"the request was for adapter {sha}, the grant names {granted_sha}",
@@ -391,15 +382,13 @@ def _on_rollback(event: Any, state: RegistryState, config: RegistryConfig) -> li
     if not verified:
         return refuse(verified.reason or "unverified", verified.detail, verified.operator_id)
     operator_id = verified.operator_id
+    bound = check_binding(signed, decisions="rollback", used_nonces=state.used_nonces)
+    if not bound:
+        return refuse(bound.reason, bound.detail, operator_id)
     extra = signed.get("extra") or {}
-    if signed["decision"] != "rollback":
-        return refuse("not_a_rollback", f"the signed decision is {signed['decision']!r}", operator_id)
     if extra.get("channel") != channel_name or extra.get("adapter_sha256") != sha:
         return refuse("target_mismatch", "the signature covers channel "
                       f"{extra.get('channel')!r} and adapter {extra.get('adapter_sha256')!r}", operator_id)
-    nonce = check_nonce(signed, state.used_nonces)
-    if not nonce:
-        return refuse(nonce.reason or "nonce_reused", nonce.detail, operator_id)
     channel = state.channel(channel_name)
     target = next((s for s in reversed(channel.served) if s.sha256 == sha), None)
     if target is None:

@@ -17,7 +17,7 @@ from sqlmodel import Field, Session, SQLModel
 
 from services.registry.rows import dumps, get_or_new, json_field, utc
 from shared.archive import Projection, new_row
-from shared.envelope import Envelope
+from shared.contracts.envelope import Envelope
 
 
 class AdapterRecord(SQLModel, table=True):

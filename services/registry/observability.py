@@ -17,7 +17,8 @@ from sqlmodel import Field, Session, SQLModel
 from services.registry.manifest import base_model_of
 from services.registry.rows import dumps, get_or_new, json_field, json_value, set_json, utc
 from shared.archive import Projection
-from shared.envelope import Envelope
+from shared.contracts.envelope import Envelope
+from shared.contracts.values import number
 
 # A loss curve longer than this keeps every other point of its first half,
 # so a long run stays drawable and the stored row stays small.
@@ -124,8 +125,6 @@ class EnergyReport(SQLModel, table=True):
     reported_at: datetime | None = None
 
 
-def _number(value: Any) -> float | None:
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
 def _first(mapping: Mapping[str, Any], names: tuple[str, ...]) -> Any:
@@ -147,7 +146,7 @@ def _apply_cycle(session: Session, event: Envelope) -> None:
         row.kind, row.status, row.model = p.get("kind"), "proposed", p.get("model")
         row.dataset_id, row.dataset_sha256 = dataset.get("dataset_id"), dataset.get("sha256")
         row.config_json, row.warm_start = dumps(p.get("config") or {}), p.get("warm_start")
-        row.energy_estimate_wh, row.requested_by = _number(p.get("energy_estimate_wh")), p.get("requested_by")
+        row.energy_estimate_wh, row.requested_by = number(p.get("energy_estimate_wh")), p.get("requested_by")
         row.proposed_at = utc(p.get("proposed_at") or event.occurred_at)
     elif etype == "cycle.deferred":
         row.kind = row.kind or p.get("kind")
@@ -155,11 +154,11 @@ def _apply_cycle(session: Session, event: Envelope) -> None:
         row.retry_at = utc(p.get("retry_at"))
     elif etype == "cycle.evaluated":
         row.status = "evaluated"
-        row.verdict, row.fitness = p.get("verdict"), _number(p.get("fitness"))
-        row.loss_before, row.loss_after = _number(p.get("loss_before")), _number(p.get("loss_after"))
+        row.verdict, row.fitness = p.get("verdict"), number(p.get("fitness"))
+        row.loss_before, row.loss_after = number(p.get("loss_before")), number(p.get("loss_after"))
         row.adapter_sha256 = p.get("adapter_sha256") or row.adapter_sha256
     elif etype == "cycle.completed":
-        row.status, row.outcome, row.fitness = "completed", p.get("outcome"), _number(p.get("fitness"))
+        row.status, row.outcome, row.fitness = "completed", p.get("outcome"), number(p.get("fitness"))
         row.adapter_sha256 = p.get("adapter_sha256") or row.adapter_sha256
         row.completed_at = utc(p.get("completed_at") or event.occurred_at)
     elif etype in ("approval.granted", "approval.rejected", "approval.expired") and p.get("kind") in ("cycle", "research"):
@@ -193,14 +192,14 @@ def _apply_training(session: Session, event: Envelope) -> None:
     elif etype == "training.progressed":
         metrics = p.get("metrics") if isinstance(p.get("metrics"), dict) else {}
         loss = _first(p, ("loss", "train_loss"))
-        loss = _number(loss if loss is not None else _first(metrics, ("loss", "train_loss")))
+        loss = number(loss if loss is not None else _first(metrics, ("loss", "train_loss")))
         step = _first(p, ("step", "global_step"))
         if step is None:
             step = _first(metrics, ("step", "global_step"))
         if loss is not None:
             curve = json_value(session, row, "loss_curve_json", [])
             point = {"step": int(step) if isinstance(step, (int, float)) else len(curve) + 1, "loss": loss}
-            eval_loss = _number(_first(p, ("eval_loss",)) or _first(metrics, ("eval_loss",)))
+            eval_loss = number(_first(p, ("eval_loss",)) or _first(metrics, ("eval_loss",)))
             if eval_loss is not None:
                 point["eval_loss"] = eval_loss
             curve.append(point)
@@ -272,7 +271,7 @@ def _apply_validation(session: Session, event: Envelope) -> None:
         set_json(session, row, "incidents_json", incidents)
     elif etype == "validation.completed":
         row.status = "completed"
-        row.verdict, row.explanation, row.score = p.get("verdict"), p.get("explanation"), _number(p.get("score"))
+        row.verdict, row.explanation, row.score = p.get("verdict"), p.get("explanation"), number(p.get("score"))
         row.raw_data_uri = p.get("raw_data_uri")
         row.completed_at = utc(event.occurred_at)
         if p.get("incidents") and not json_value(session, row, "incidents_json", []):
@@ -285,10 +284,10 @@ def _apply_energy(session: Session, event: Envelope) -> None:
     row, _ = get_or_new(session, EnergyReport, {"job_kind": p["job_kind"], "job_id": p["job_id"]})
     window = p.get("window") or {}
     row.cycle_id = p.get("cycle_id")
-    row.joules, row.wh, row.facility_wh = _number(p.get("joules")), _number(p.get("wh")), _number(p.get("facility_wh"))
-    row.gco2e, row.pue = _number(p.get("gco2e")), _number(p.get("pue"))
-    row.carbon_intensity, row.method, row.reason = _number(p.get("carbon_intensity")), p.get("method"), p.get("reason")
-    row.duration_s = _number(p.get("duration_s"))
+    row.joules, row.wh, row.facility_wh = number(p.get("joules")), number(p.get("wh")), number(p.get("facility_wh"))
+    row.gco2e, row.pue = number(p.get("gco2e")), number(p.get("pue"))
+    row.carbon_intensity, row.method, row.reason = number(p.get("carbon_intensity")), p.get("method"), p.get("reason")
+    row.duration_s = number(p.get("duration_s"))
     row.started_at, row.ended_at = utc(window.get("started_at")), utc(window.get("ended_at"))
     row.reported_at = utc(event.occurred_at)
     session.add(row)

@@ -20,7 +20,7 @@ from datetime import datetime
 from sqlmodel import Field, Session, SQLModel
 
 from shared.archive import Projection, new_row
-from shared.envelope import Envelope
+from shared.contracts.envelope import Envelope
 
 
 class StreamHead(SQLModel, table=True):

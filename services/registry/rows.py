@@ -18,8 +18,8 @@ from sqlalchemy import Column, Text
 from sqlmodel import Field, Session, SQLModel
 
 from shared.archive import FoldSession, new_row
-from shared.envelope import loads as json_loads, orjson_compact
-from shared.signing import parse_time
+from shared.contracts.envelope import loads as json_loads, orjson_compact
+from shared.contracts.trust import parse_time
 
 Row = TypeVar("Row", bound=SQLModel)
 

@@ -87,9 +87,9 @@ def _job_dir(job_id: str) -> Path:
 
 
 def _checkpoint_step(job_dir: Path) -> int | None:
-    from services.trainer.ml.checkpoint import STATE_FILE, load_checkpoint
+    from shared.ml import CHECKPOINT_STATE_FILE, load_checkpoint
 
-    if not (job_dir / "checkpoint" / STATE_FILE).exists():
+    if not (job_dir / "checkpoint" / CHECKPOINT_STATE_FILE).exists():
         return None
     try:
         return int(load_checkpoint(job_dir / "checkpoint")["step"])
@@ -119,7 +119,7 @@ async def _run_job(job_id: str) -> None:
         if job.get("dataset"):
             dataset_path = job["dataset"]["uri"].removeprefix("file://")
         else:  # a research loop on an adapter alone: prompts from text every machine has
-            from services.trainer.datasets import build_demo_dataset
+            from shared.ml import build_demo_dataset
 
             dataset_path = str(job_dir / "prompts.jsonl")
             build_demo_dataset(Path(dataset_path), records=64)

@@ -28,7 +28,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Any, Mapping
 
-from shared.envelope import NewEvent
+from shared.contracts.envelope import NewEvent
 
 REQUESTED, RUNNING, COMPLETED, FAILED = "requested", "running", "completed", "failed"
 FINISHED = (COMPLETED, FAILED)

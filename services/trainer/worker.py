@@ -30,8 +30,8 @@ def emit(kind: str, **fields) -> None:
 
 
 def run(spec: dict) -> dict:
-    from services.trainer.datasets import load_jsonl
-    from services.trainer.ml.fallback import ml_stack_available, write_fallback_artefact
+    from shared.ml import load_jsonl
+    from shared.ml import ml_stack_available, write_fallback_artefact
 
     meter = EnergyMeter()
     stage = "dataset"
@@ -52,14 +52,14 @@ def run(spec: dict) -> dict:
             resume = Path(spec["resume_from"]) if spec.get("resume_from") else None
             warm = Path(spec["warm_start_dir"]) if spec.get("warm_start_dir") else None
             if spec["kind"] == "rl":
-                from services.trainer.ml.rl import train_rl
+                from shared.ml import train_rl
 
                 prompts = [t.split(". ")[0][:160] for t in texts]
                 result = train_rl(config, prompts, out_dir, Path(spec["cache_dir"]), progress=progress,
                                   warm_start_adapter=warm, dataset_sha256=spec.get("dataset_sha256"),
                                   resume_from=resume)
             else:
-                from services.trainer.ml.mntp import train_mntp
+                from shared.ml import train_mntp
 
                 result = train_mntp(config, texts, out_dir, Path(spec["cache_dir"]), progress=progress,
                                     resume_from=resume, warm_start_adapter=warm,
@@ -99,7 +99,7 @@ def main(argv: list[str]) -> int:
 
 
 def _stage(exc: Exception) -> str:
-    from services.trainer.datasets import DatasetError
+    from shared.ml import DatasetError
 
     return "dataset" if isinstance(exc, (DatasetError, FileNotFoundError)) else "train"
 

@@ -19,7 +19,7 @@ from services.validator import domain
 from services.validator.soak import run_soak
 from services.validator.thresholds import Thresholds
 from shared.artefacts import ArtefactStore
-from shared.envelope import NewEvent, utcnow
+from shared.contracts.envelope import NewEvent, utcnow
 from shared.service import HandlerContext, Service
 from shared.tracing import continued, current_traceparent
 

@@ -68,9 +68,10 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta, timezone
 from typing import Any, Iterable, Mapping, NamedTuple, Sequence
 
-from shared.envelope import NewEvent, iso
+from shared.contracts.envelope import NewEvent, iso
 from services.validator.stats import DEFAULT_MIN_N, SampleComparison, compare_samples
 from services.validator.thresholds import KINDS, MetricSpec, Thresholds
+from shared.contracts.values import parse_time
 
 SIDES = ("candidate", "baseline")
 METRIC_SCORES = {"better": 1.0, "same": 0.5, "worse": 0.0}
@@ -751,7 +752,7 @@ def evolve(state: ValidatorState, event: Any) -> ValidatorState:
             replicas=payload["replicas"],
             cycles=payload["cycles"],
             episodes=payload["episodes"],
-            started_at=_parse_time(started) if started else getattr(event, "occurred_at", None),
+            started_at=parse_time(started) if started else getattr(event, "occurred_at", None),
         )
         return replace(state, runs={**state.runs, run.validation_id: run})
     if event.type == "validation.cycle_completed":
@@ -1032,6 +1033,3 @@ def _median(values: Sequence[float]) -> float:
 def _summary(values: Sequence[float] | None, fn: Any) -> float | None:
     return fn(values) if values else None
 
-
-def _parse_time(text: str) -> datetime:
-    return datetime.fromisoformat(text.replace("Z", "+00:00"))

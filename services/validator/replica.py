@@ -44,8 +44,8 @@ def main(argv: list[str]) -> int:
     import psutil
     import torch
 
-    from services.trainer.datasets import load_jsonl
-    from services.trainer.ml.mntp import evaluate_mntp, split_held_out
+    from shared.ml import load_jsonl
+    from shared.ml import evaluate_mntp, split_held_out
     from shared.adapter_runtime import AdapterRuntime, Target
     from shared.settings import Settings
 
@@ -66,9 +66,9 @@ def main(argv: list[str]) -> int:
     jitter = random.Random(zlib.crc32(spec["replica_id"].encode()))
     score = None
     if spec["kind"] == "rl":
-        from services.trainer.ml.config import RlConfig
-        from services.trainer.ml.rewards import get_reward
-        from services.trainer.ml.rl import evaluate_policy
+        from shared.ml import RlConfig
+        from shared.ml import get_reward
+        from shared.ml import evaluate_policy
 
         rl_config = RlConfig.from_dict({"model": spec["model"], "reward": ev.get("reward", "length_target"),
                                         "group_size": 4, "prompts_per_step": per_episode})

@@ -1,7 +1,6 @@
 """What the end-to-end tests share: the tiny-model platform and one cycle run through the CLI."""
 
 import json
-from collections import Counter
 
 from tests.support import Platform
 
@@ -20,7 +19,7 @@ def prepare(platform: Platform, tmp_path) -> None:
     platform.env.update(TINY)
     platform.env["NEURONS_TRACE_FILE"] = str(platform.var_dir / "traces.jsonl")
     platform.cli("operator", "keygen", "ops", "--role", "approver")
-    from services.trainer.datasets import build_demo_dataset
+    from shared.ml.datasets import build_demo_dataset
 
     build_demo_dataset(tmp_path / "demo.jsonl", records=120)
 

@@ -6,7 +6,7 @@ from collections import Counter
 
 import pytest
 
-from services.trainer.ml.placement import resolve
+from shared.ml.placement import resolve
 from tests.e2e.cycle_support import CYCLE, SERVICES, prepare, spans, start
 
 

@@ -1,14 +1,14 @@
 """Evolution, approval and the operator's CLI on the real broker, as separate processes."""
 
 import json
-import uuid
 
 from shared.bus import Publisher
 from datetime import datetime, timedelta, timezone
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from shared.signing import generate_operator, sign_decision
+from shared.contracts.trust import sign_decision
+from shared.keys import generate_operator
 from tests.support import await_until, dataset_payload, make_event
 
 SERVICES = ("evolution", "approval", "registry")

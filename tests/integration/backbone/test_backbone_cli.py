@@ -1,9 +1,7 @@
 """`neurons up|status|down` and `neurons audit ...` as an operator runs them."""
 
 import json
-import os
 
-import pytest
 
 from shared import broker as embedded
 from shared.bus import Publisher, decode

@@ -2,7 +2,7 @@
 
 from sqlmodel import Session, select
 
-from shared.envelope import NewEvent
+from shared.contracts.envelope import NewEvent
 from shared.service import Service
 from shared.store import OutboxEvent, ProcessedEvent
 from shared.topics import dlq_topic, topic_for

@@ -2,7 +2,7 @@
 
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from shared.envelope import NewEvent
+from shared.contracts.envelope import NewEvent
 from shared.service import Service
 from shared.topics import topic_for
 from shared.tracing import setup_tracing

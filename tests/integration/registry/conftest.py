@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from shared.signing import generate_operator
+from shared.keys import generate_operator
 from tests.support import Platform
 
 OPERATORS = {"alice": ["approver"], "erin": ["approver"], "dave": ["admin"]}

@@ -14,7 +14,7 @@ def build_adapters(cache_dir: Path, out_dir: Path, store: ArtefactStore, seeds=(
     import torch
     from peft import LoraConfig, get_peft_model
 
-    from services.trainer.ml.models import load_model
+    from shared.ml.models import load_model
 
     loaded = load_model("tiny", cache_dir)
     model, tokenizer = loaded.model, loaded.tokenizer

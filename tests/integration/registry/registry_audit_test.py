@@ -6,7 +6,7 @@ import json
 import sqlite3
 import time
 
-from shared.envelope import iso, utcnow
+from shared.contracts.envelope import iso, utcnow
 from tests.integration.registry.registry_events import promote, sha_of
 
 

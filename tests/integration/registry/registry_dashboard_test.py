@@ -10,7 +10,7 @@ from datetime import timedelta
 import httpx
 import pytest
 
-from shared.envelope import iso, utcnow
+from shared.contracts.envelope import iso, utcnow
 from tests.integration.registry.registry_events import (
     approval_requested,
     promote,

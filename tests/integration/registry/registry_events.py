@@ -6,8 +6,9 @@ import hashlib
 from datetime import timedelta
 
 from shared.bus import Publisher
-from shared.envelope import Envelope, iso, utcnow
-from shared.signing import load_private_key, sign_decision
+from shared.contracts.envelope import Envelope, iso, utcnow
+from shared.contracts.trust import sign_decision
+from shared.keys import load_private_key
 from tests.support import await_until, make_event
 
 THRESHOLDS = {"metrics": {}, "groups": {}, "pass_score": 0.6, "marginal_score": 0.4, "consecutive_failures": 2,

@@ -20,7 +20,7 @@ def model_cache() -> Path:
 
 @pytest.fixture(scope="session")
 def texts(tmp_path_factory) -> list[str]:
-    from services.trainer.datasets import build_demo_dataset, load_jsonl
+    from shared.ml.datasets import build_demo_dataset, load_jsonl
 
     path = tmp_path_factory.mktemp("dataset") / "demo.jsonl"
     build_demo_dataset(path, records=48)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from services.trainer.ml.mntp import bidirectional_mask, mask_tokens
-from services.trainer.ml.models import load_model
+from shared.ml.mntp import bidirectional_mask, mask_tokens
+from shared.ml.models import load_model
 
 
 def _logits(model, ids, attention=None, eager=False):

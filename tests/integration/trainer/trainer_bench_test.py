@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from services.trainer.ml.bench import bench_trainer
+from shared.ml.bench import bench_trainer
 
 
 def test_platform_loop_keeps_up_with_a_bare_loop(model_cache):

@@ -10,8 +10,8 @@ from pathlib import Path
 import torch
 from peft import PeftModel
 
-from services.trainer.ml.fallback import ml_stack_available, write_fallback_artefact
-from services.trainer.ml.models import load_model
+from shared.ml.fallback import ml_stack_available, write_fallback_artefact
+from shared.ml.models import load_model
 
 REPO = Path(__file__).resolve().parents[3]
 CONFIG = {"model": "tiny", "steps": 20, "lora_rank": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"], "kind": "mntp"}
@@ -29,7 +29,7 @@ class HideMlStack(importlib.abc.MetaPathFinder):
         return None
 
 sys.meta_path.insert(0, HideMlStack())
-from services.trainer.ml.fallback import ml_stack_available, write_fallback_artefact
+from shared.ml.fallback import ml_stack_available, write_fallback_artefact
 
 available, reason = ml_stack_available()
 result = write_fallback_artefact(json.loads(sys.argv[1]), sys.argv[2], Path(sys.argv[3]), reason)

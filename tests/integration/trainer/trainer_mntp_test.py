@@ -8,8 +8,8 @@ import pytest
 import torch
 from peft import PeftModel
 
-from services.trainer.ml.mntp import MntpConfig, evaluate_mntp, train_mntp
-from services.trainer.ml.models import load_model
+from shared.ml.mntp import MntpConfig, evaluate_mntp, train_mntp
+from shared.ml.models import load_model
 from tests.integration.trainer.resume_support import crash_then_resume, same_adapter
 
 
@@ -119,7 +119,7 @@ def test_a_bfloat16_base_trains_a_float32_adapter(model_cache, texts, tmp_path):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this node has a CUDA GPU")
 def test_a_gpu_asked_for_on_a_node_without_one_fails_with_what_to_do(model_cache, texts, tmp_path):
-    from services.trainer.ml.placement import PlacementError, resolve
+    from shared.ml.placement import PlacementError, resolve
 
     assert resolve().describe() == {"device": "cpu", "device_name": "cpu", "precision": "float32"}
     with pytest.raises(PlacementError, match="sees no CUDA GPU on this node; use device=auto or device=cpu"):
@@ -128,7 +128,7 @@ def test_a_gpu_asked_for_on_a_node_without_one_fails_with_what_to_do(model_cache
 
 
 def test_predicted_positions_pick_what_the_boolean_selection_picks():
-    from services.trainer.ml.mntp import IGNORE, predicted_positions
+    from shared.ml.mntp import IGNORE, predicted_positions
 
     generator = torch.Generator().manual_seed(3)
     labels = torch.randint(0, 50, (3, 9), generator=generator)

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from services.trainer.ml.models import MODEL_INFO, architecture, load_model, mask_token_id
+from shared.ml.models import MODEL_INFO, architecture, load_model, mask_token_id
 from shared.artefacts import file_sha256
 
 
@@ -40,7 +40,7 @@ def test_local_folder_spec_uses_the_folder(model_cache):
 def test_training_keeps_freed_buffers_where_the_allocator_is_glibc():
     import platform
 
-    from services.trainer.ml.models import keep_freed_memory, torch_threads
+    from shared.ml.models import keep_freed_memory, torch_threads
 
     if platform.libc_ver()[0] != "glibc":
         pytest.skip("mallopt is glibc's")

@@ -8,8 +8,8 @@ import pytest
 import torch
 from peft import PeftModel
 
-from services.trainer.ml.models import load_model
-from services.trainer.ml.rl import RlConfig, group_advantages, train_rl
+from shared.ml.models import load_model
+from shared.ml.rl import RlConfig, group_advantages, train_rl
 from tests.integration.trainer.resume_support import crash_then_resume, same_adapter
 
 
@@ -50,8 +50,8 @@ def test_mean_reward_rises_on_length_target(model_cache, tmp_path):
 
 
 def test_kl_penalty_is_zero_while_the_adapter_is_untrained(model_cache):
-    from services.trainer.ml.lora import attach_lora
-    from services.trainer.ml.rl import policy_loss, sample_rollout
+    from shared.ml.lora import attach_lora
+    from shared.ml.rl import policy_loss, sample_rollout
 
     loaded = load_model("tiny", model_cache)
     torch.manual_seed(0)

@@ -96,8 +96,8 @@ class Soak:
 
 @pytest.fixture(scope="module")
 def soaks(tmp_path_factory) -> Soaks:
-    from services.trainer.datasets import build_demo_dataset, load_jsonl
-    from services.trainer.ml.models import load_model
+    from shared.ml.datasets import build_demo_dataset, load_jsonl
+    from shared.ml.models import load_model
 
     var = tmp_path_factory.mktemp("validator-var")
     # The tiny model is built once into the cache the trainer's tests share and
@@ -116,7 +116,7 @@ def soaks(tmp_path_factory) -> Soaks:
 
 @pytest.fixture(scope="module")
 def good_adapter(soaks) -> StoredArtefact:
-    from services.trainer.ml.mntp import train_mntp
+    from shared.ml.mntp import train_mntp
 
     # On a randomly initialised model attention LoRA can only lower the masked
     # loss by ~1.5 %: enough for the 1 % minimum effect, and deterministic.

@@ -11,9 +11,9 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from services.approval import domain
-from services.approval.policies import default_policies
-from shared import schemas
-from shared.signing import Keyring, public_key_b64, sign_decision
+from shared.contracts.policies import default_policies
+from shared.contracts import schemas
+from shared.contracts.trust import Keyring, public_key_b64, sign_decision
 
 NOW = datetime(2025, 3, 4, 14, 3, tzinfo=timezone.utc)
 

@@ -6,17 +6,17 @@ import json
 
 import pytest
 
-from services.approval.policies import (
+from shared.contracts.policies import (
     FALLBACK_POLICY,
     PolicyError,
     PolicySet,
     authorises,
     default_policies,
     evaluate,
-    load_policies,
     policies_from_dict,
     request_view,
 )
+from shared.policy_file import load_policies
 
 
 def cycle(energy_wh, training_kind="mntp", steps=200):

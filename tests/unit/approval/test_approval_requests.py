@@ -7,7 +7,7 @@ from datetime import datetime, timedelta
 
 from services.approval import domain
 from services.approval.domain import SubmitDecision, Tick
-from shared.signing import parse_time
+from shared.contracts.trust import parse_time
 
 
 def test_a_cycle_proposal_opens_a_request_that_expires_after_the_ttl(config, cycle_proposed, now, assert_valid):

@@ -1,4 +1,4 @@
-"""shared.signing: keyring files, operator keys, canonical JSON, signed decisions."""
+"""shared.contracts.trust: keyring files, operator keys, canonical JSON, signed decisions."""
 
 from __future__ import annotations
 
@@ -8,18 +8,17 @@ from datetime import timedelta
 
 import pytest
 
-from shared.signing import (
+from shared.contracts.trust import (
     Keyring,
     KeyringError,
     canonical_json,
     check_nonce,
     check_not_self_approval,
-    generate_operator,
-    load_private_key,
     public_key_b64,
     sign_decision,
     verify_decision,
 )
+from shared.keys import generate_operator, load_keyring, load_private_key, save_keyring
 
 
 def test_canonical_json_sorts_keys_and_has_no_spaces():
@@ -34,10 +33,10 @@ def test_generate_operator_writes_a_private_key_only_its_owner_can_read(tmp_path
     assert stat.S_IMODE(private_path.stat().st_mode) == 0o600
     key = load_private_key(private_path)
     assert public_key_b64(key) == public
-    ring = Keyring.load(ring_path)
+    ring = load_keyring(ring_path)
     assert ring.get("erin").public_key == public
     assert ring.get("erin").roles == ("approver",)
-    signed = sign_decision("apr-1", "grant", "erin", private_path, now, now + timedelta(minutes=5))
+    signed = sign_decision("apr-1", "grant", "erin", load_private_key(private_path), now, now + timedelta(minutes=5))
     assert verify_decision(signed, ring, now=now).ok
 
 
@@ -63,16 +62,16 @@ def test_a_raw_base64_private_key_file_is_read_too(tmp_path, keys):
 
 
 def test_the_keyring_round_trips_through_its_file(tmp_path, keyring):
-    path = keyring.save(tmp_path / "ring.json")
+    path = save_keyring(keyring, tmp_path / "ring.json")
 
-    loaded = Keyring.load(path)
+    loaded = load_keyring(path)
 
     assert loaded.operators == keyring.operators
     assert set(json.loads(path.read_text())["operators"]) == {"alice", "bob", "carol", "dave"}
 
 
 def test_a_missing_keyring_file_is_an_empty_keyring(tmp_path):
-    assert Keyring.load(tmp_path / "none.json").operators == {}
+    assert load_keyring(tmp_path / "none.json").operators == {}
 
 
 @pytest.mark.parametrize("operator_id, public_key, roles", [

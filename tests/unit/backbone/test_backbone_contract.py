@@ -6,9 +6,9 @@ from pathlib import Path
 import pytest
 from jsonschema import Draft202012Validator
 
-from shared import schemas
+from shared.contracts import schemas
 from shared.bus import MalformedEvent, decode
-from shared.envelope import Envelope, read_canonical
+from shared.contracts.envelope import Envelope, read_canonical
 from tests.support import dataset_payload, make_event
 
 SCHEMA_FILES = sorted((Path(schemas.SCHEMA_DIR)).glob("*.json"))

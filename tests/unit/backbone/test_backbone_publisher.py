@@ -17,7 +17,7 @@ from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ParentBased
 from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags, TraceState
 
 from shared.bus import murmur2, partition_for
-from shared.envelope import _dumps
+from shared.contracts.envelope import _dumps
 from shared.tracing import extract_context, inject_headers, span_headers
 from tests.support import dataset_payload, make_event
 
@@ -121,14 +121,14 @@ def test_envelope_json_is_the_model_dumps_json_whatever_the_payload_holds(value)
     '{"\u00e9":"\u00fc"}', '"\ud800"', b'{"a":"\\u0000"}', b'  {"x":[]} ',
 ])
 def test_loads_reads_what_json_reads(raw):
-    from shared.envelope import loads
+    from shared.contracts.envelope import loads
 
     assert repr(loads(raw)) == repr(json.loads(raw))
 
 
 @pytest.mark.parametrize("raw", [b"\xff", b"[1,2", b"", b"{'a': 1}", '\ufeff{"a":1}'])
 def test_loads_refuses_what_json_refuses_with_its_message(raw):
-    from shared.envelope import loads
+    from shared.contracts.envelope import loads
 
     with pytest.raises(ValueError) as expected:
         json.loads(raw)

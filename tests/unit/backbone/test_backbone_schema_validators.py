@@ -21,7 +21,7 @@ from jsonschema import Draft202012Validator
 from jsonschema.exceptions import ValidationError
 
 from bench.events import cycle_events, dataset_registered, profile_create_requested
-from shared import schemas
+from shared.contracts import schemas
 
 SCHEMA_FILES = sorted(Path(schemas.SCHEMA_DIR).glob("*.json"))
 HEX64 = "0123456789abcdef" * 4

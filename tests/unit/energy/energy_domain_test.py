@@ -24,7 +24,7 @@ from services.energy.domain import (
     parse_budgets,
     recommend_scaling,
 )
-from shared.schemas import validate_payload
+from shared.contracts.schemas import validate_payload
 
 T0 = datetime(2026, 3, 2, 8, 0, tzinfo=timezone.utc)
 GiB = 2**30

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from services.energy.hardware import profile_hardware
-from shared.schemas import validate_payload
+from shared.contracts.schemas import validate_payload
 
 
 class FakeNvml:

@@ -8,7 +8,7 @@ import pytest
 
 from services.energy.domain import EnergyConfig, decide, initial_state
 from shared.energy_meter import EnergyMeter
-from shared.schemas import SchemaError, validate_payload
+from shared.contracts.schemas import SchemaError, validate_payload
 
 
 class Completed:

@@ -10,11 +10,11 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from services.approval.policies import default_policies
+from shared.contracts.policies import default_policies
 from services.evolution import domain
-from shared import schemas
-from shared.envelope import iso
-from shared.signing import Keyring, public_key_b64
+from shared.contracts import schemas
+from shared.contracts.envelope import iso
+from shared.contracts.trust import Keyring, public_key_b64
 
 NOW = datetime(2025, 3, 4, 14, 3, tzinfo=timezone.utc)
 ADAPTER = "c" * 64

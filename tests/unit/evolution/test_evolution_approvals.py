@@ -12,8 +12,8 @@ import pytest
 from services.approval import domain as approval
 from services.evolution import domain
 from services.evolution.domain import RequestCycle, RequestResearch
-from shared.envelope import iso
-from shared.signing import sign_decision
+from shared.contracts.envelope import iso
+from shared.contracts.trust import sign_decision
 
 
 @pytest.fixture

@@ -11,8 +11,8 @@ import pytest
 from services.evolution import domain
 from services.evolution.domain import CommandRejected, RequestCycle, RequestResearch, Tick
 from services.evolution.search import FAIL_FITNESS
-from shared.envelope import iso
-from shared.signing import sign_decision
+from shared.contracts.envelope import iso
+from shared.contracts.trust import sign_decision
 
 ADAPTER = "c" * 64
 

@@ -8,7 +8,7 @@ from datetime import timedelta
 
 from services.evolution import domain
 from services.evolution.domain import Tick
-from shared.signing import parse_time
+from shared.contracts.trust import parse_time
 
 
 def deferred_then(run, config, given, dataset_registered, now):

@@ -8,9 +8,10 @@ import pytest
 from fastapi.testclient import TestClient
 
 from services.registry.api import create_app
-from shared import schemas
-from shared.envelope import utcnow
-from shared.signing import load_private_key, sign_decision
+from shared.contracts import schemas
+from shared.contracts.envelope import utcnow
+from shared.contracts.trust import sign_decision
+from shared.keys import load_private_key
 from tests.unit.registry.registry_harness import Registry, cycle_events
 
 SHA = "3" * 64

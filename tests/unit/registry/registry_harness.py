@@ -10,12 +10,13 @@ from sqlmodel import Session, select
 
 from services.registry import app
 from shared.bus import MalformedEvent, decode
-from shared.envelope import Envelope, iso, utcnow
+from shared.contracts.envelope import Envelope, iso, utcnow
 from shared.service import Service
 from shared.settings import Settings
-from shared.signing import generate_operator, load_private_key, sign_decision
+from shared.contracts.trust import sign_decision
 from shared.store import OutboxEvent
 from shared.topics import AGGREGATE_TYPES
+from shared.keys import generate_operator, load_private_key
 from tests.support import make_event
 
 

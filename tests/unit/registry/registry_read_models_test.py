@@ -8,7 +8,7 @@ import pytest
 from sqlalchemy import text
 
 from services.registry import audit, queries
-from shared.envelope import utcnow
+from shared.contracts.envelope import utcnow
 from tests.support import dataset_payload, make_event
 from tests.unit.registry.registry_harness import Registry, cycle_events
 

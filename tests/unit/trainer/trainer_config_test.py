@@ -7,8 +7,8 @@ import struct
 
 import pytest
 
-from services.trainer.ml.config import MntpConfig, RlConfig
-from services.trainer.ml.fallback import write_fallback_artefact
+from shared.ml.config import MntpConfig, RlConfig
+from shared.ml.fallback import write_fallback_artefact
 
 
 def test_configs_ignore_unknown_keys_and_check_values():

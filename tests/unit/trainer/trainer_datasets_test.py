@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from services.trainer.datasets import DatasetError, build_demo_dataset, dataset_sha256, inspect_dataset, load_jsonl
+from shared.ml.datasets import DatasetError, build_demo_dataset, dataset_sha256, inspect_dataset, load_jsonl
 
 
 def test_demo_dataset_is_deterministic_clean_prose(tmp_path):

@@ -26,8 +26,8 @@ from services.trainer.domain import (
     initial_state,
     jobs_to_resume,
 )
-from shared.envelope import NewEvent
-from shared.schemas import validate_payload
+from shared.contracts.envelope import NewEvent
+from shared.contracts.schemas import validate_payload
 
 SHA = "a" * 64
 ADAPTER = "b" * 64

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from services.trainer.ml.rewards import REWARDS, arithmetic, contains_keyword, digits_only, get_reward, length_target, reward
+from shared.ml.rewards import REWARDS, arithmetic, contains_keyword, digits_only, get_reward, length_target, reward
 
 
 def test_length_target_peaks_at_the_target_and_falls_off_as_a_ratio():

@@ -16,7 +16,7 @@ from services.validator.domain import (
     evolve,
     initial_state,
 )
-from shared.schemas import validate_payload
+from shared.contracts.schemas import validate_payload
 
 SHA = "c" * 64
 PROD_SHA = "d" * 64

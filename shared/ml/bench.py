@@ -20,10 +20,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from services.trainer.ml.config import MntpConfig
-from services.trainer.ml.lora import attach_configured_lora
-from services.trainer.ml.mntp import MaskedBatches, MntpLoop, bidirectional_mask
-from services.trainer.ml.models import load_model, mask_token_id, offline, torch_threads
+from shared.ml.config import MntpConfig
+from shared.ml.lora import attach_configured_lora
+from shared.ml.mntp import MaskedBatches, MntpLoop, bidirectional_mask
+from shared.ml.models import load_model, mask_token_id, offline, torch_threads
 
 log = logging.getLogger("neurons.trainer.bench")
 

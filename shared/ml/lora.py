@@ -7,7 +7,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from services.trainer.ml.placement import model_device
+from shared.ml.placement import model_device
 
 log = logging.getLogger("neurons.trainer.lora")
 

@@ -11,7 +11,7 @@ import logging
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, TypeVar
 
-from services.trainer.ml import placement
+from shared.ml import placement
 
 log = logging.getLogger("neurons.trainer.config")
 

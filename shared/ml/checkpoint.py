@@ -14,8 +14,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from services.trainer.ml.lora import save_adapter
-from services.trainer.ml.placement import model_device
+from shared.ml.lora import save_adapter
+from shared.ml.placement import model_device
 
 log = logging.getLogger("neurons.trainer.checkpoint")
 

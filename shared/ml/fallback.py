@@ -28,8 +28,8 @@ import struct
 from pathlib import Path
 from typing import Any
 
-from services.trainer.ml.models import architecture
-from services.trainer.ml.result import ADAPTER_DIR, TrainingResult, write_summary
+from shared.ml.models import architecture
+from shared.ml.result import ADAPTER_DIR, TrainingResult, write_summary
 
 FORMAT = "neurons-fallback/1"
 ML_MODULES = ("torch", "transformers", "peft")

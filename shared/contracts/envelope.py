@@ -18,17 +18,9 @@ import msgspec
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from shared.contracts.values import iso, utcnow  # noqa: F401  (the envelope's own clock and time form)
+
 SOFTWARE_VERSION = "0.1.0"
-
-
-def utcnow() -> datetime:
-    return datetime.now(timezone.utc)
-
-
-def iso(ts: datetime) -> str:
-    if ts.tzinfo is not timezone.utc:
-        ts = ts.astimezone(timezone.utc)
-    return ts.isoformat().replace("+00:00", "Z")
 
 
 _ENCODER = json.JSONEncoder(separators=(",", ":"), sort_keys=True)

@@ -25,11 +25,10 @@ import jsonschema_rs
 from jsonschema import Draft202012Validator
 from jsonschema.exceptions import ValidationError
 
-SCHEMA_DIR = Path(__file__).resolve().parent.parent / "schemas"
-_NAME = re.compile(r"^(?P<type>[a-z_]+\.[a-z_]+)\.v(?P<version>\d+)\.json$")
+from shared.contracts.upcasters import UPCASTERS
 
-Upcaster = Callable[[dict[str, Any]], dict[str, Any]]
-_UPCASTERS: dict[tuple[str, int], Upcaster] = {}
+SCHEMA_DIR = Path(__file__).resolve().parents[2] / "schemas"
+_NAME = re.compile(r"^(?P<type>[a-z_]+\.[a-z_]+)\.v(?P<version>\d+)\.json$")
 
 
 class SchemaError(ValueError):
@@ -161,31 +160,15 @@ def _acceptance(validator: Any, arrays: bool) -> Acceptance:
     return accepts
 
 
-def upcaster(event_type: str, from_version: int) -> Callable[[Upcaster], Upcaster]:
-    """Register the step from ``from_version`` to ``from_version + 1``."""
-
-    def register(fn: Upcaster) -> Upcaster:
-        _UPCASTERS[(event_type, from_version)] = fn
-        return fn
-
-    return register
-
-
 def upcast(event_type: str, version: int, payload: dict[str, Any]) -> tuple[int, dict[str, Any]]:
     """Bring an old payload to the current version, one registered step at a time."""
     target = current_version(event_type)
     if version == target:
         return version, payload
-    _load_upcasters()
     while version < target:
-        step = _UPCASTERS.get((event_type, version))
+        step = UPCASTERS.get((event_type, version))
         if step is None:
             raise SchemaError(f"no upcaster from {event_type} v{version} to v{version + 1}")
         payload = step(dict(payload))
         version += 1
     return version, payload
-
-
-def _load_upcasters() -> None:
-    # The upcasters live in one module so every reader registers the same chain.
-    from shared import upcasters  # noqa: F401

@@ -19,12 +19,12 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from services.trainer.ml.checkpoint import checkpoint_adapter, load_checkpoint, resume, save_checkpoint
-from services.trainer.ml.config import MntpConfig
-from services.trainer.ml.lora import attach_configured_lora, lora_settings
-from services.trainer.ml.models import load_model, mask_token_id, offline, torch_threads
-from services.trainer.ml.placement import model_device, place, resolve, summary_line
-from services.trainer.ml.result import TrainingResult, finish_trained
+from shared.ml.checkpoint import checkpoint_adapter, load_checkpoint, resume, save_checkpoint
+from shared.ml.config import MntpConfig
+from shared.ml.lora import attach_configured_lora, lora_settings
+from shared.ml.models import load_model, mask_token_id, offline, torch_threads
+from shared.ml.placement import model_device, place, resolve, summary_line
+from shared.ml.result import TrainingResult, finish_trained
 
 __all__ = [
     "MntpConfig",

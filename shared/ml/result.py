@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from services.trainer.ml.lora import save_adapter
+from shared.ml.lora import save_adapter
 
 SUMMARY_FILE = "training_summary.json"
 ADAPTER_DIR = "adapter"

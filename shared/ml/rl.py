@@ -29,13 +29,13 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from services.trainer.ml.checkpoint import checkpoint_adapter, load_checkpoint, resume, save_checkpoint
-from services.trainer.ml.config import RlConfig
-from services.trainer.ml.lora import attach_configured_lora, lora_settings
-from services.trainer.ml.models import load_model, offline, torch_threads
-from services.trainer.ml.placement import resolve
-from services.trainer.ml.result import TrainingResult, finish_trained
-from services.trainer.ml.rewards import get_reward
+from shared.ml.checkpoint import checkpoint_adapter, load_checkpoint, resume, save_checkpoint
+from shared.ml.config import RlConfig
+from shared.ml.lora import attach_configured_lora, lora_settings
+from shared.ml.models import load_model, offline, torch_threads
+from shared.ml.placement import resolve
+from shared.ml.result import TrainingResult, finish_trained
+from shared.ml.rewards import get_reward
 
 __all__ = ["RlConfig", "Rollout", "evaluate_policy", "group_advantages", "sample_rollout", "train_rl"]
 

@@ -6,7 +6,7 @@ hold. Policies are evaluated in order and the first that matches decides; when
 none matches, a human approver is required. Research never auto-approves: the
 loader refuses such a policy rather than let a file weaken that rule.
 
-Policy file (YAML or JSON; ``NEURONS_POLICIES``)::
+Policy file (YAML or JSON; ``NEURONS_POLICIES``, read by ``shared.policy_file``)::
 
     include_defaults: true          # append the built-in policies after these
     policies:
@@ -25,13 +25,9 @@ Conditions (``when``):
 
 from __future__ import annotations
 
-import json
-import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
-
-import yaml
+from shared.contracts.values import number
 
 KINDS = ("cycle", "research", "promotion")
 AUTO_APPROVE = "auto_approve"
@@ -45,18 +41,16 @@ class PolicyError(ValueError):
     """A policy file or entry that cannot be used; nothing is loaded from it."""
 
 
-def _number(value: Any) -> float | None:
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
 def _energy_below(request: Mapping[str, Any], limit: Any) -> bool:
-    estimate = _number(request.get("subject", {}).get("energy_estimate_wh"))
+    estimate = number(request.get("subject", {}).get("energy_estimate_wh"))
     # No estimate means no evidence that the job is small: never auto-approve on it.
     return estimate is not None and estimate < float(limit)
 
 
 def _steps_at_most(request: Mapping[str, Any], limit: Any) -> bool:
-    steps = _number((request.get("subject", {}).get("config") or {}).get("steps"))
+    steps = number((request.get("subject", {}).get("config") or {}).get("steps"))
     return steps is not None and steps <= float(limit)
 
 
@@ -89,7 +83,7 @@ class Policy:
         for key, value in self.when.items():
             if key not in CONDITIONS:
                 raise PolicyError(f"policy {self.name!r}: unknown condition {key!r}; known: {sorted(CONDITIONS)}")
-            if key in _NUMERIC_CONDITIONS and _number(value) is None:
+            if key in _NUMERIC_CONDITIONS and number(value) is None:
                 raise PolicyError(f"policy {self.name!r}: {key} needs a number")
 
     def matches(self, request: Mapping[str, Any]) -> bool:
@@ -166,25 +160,6 @@ def policies_from_dict(data: Mapping[str, Any] | None) -> PolicySet:
         mine = {p.name for p in own}
         own += tuple(p for p in DEFAULT_POLICIES if p.name not in mine)
     return PolicySet(own)
-
-
-def load_policies(path: str | os.PathLike | None = None) -> PolicySet:
-    """The policy set in ``path`` (YAML or JSON); the built-in defaults when ``path`` is None.
-
-    A path that is given but missing or unreadable raises: approving with
-    defaults the operator did not choose would be worse than not starting.
-    """
-    if path is None:
-        return default_policies()
-    path = Path(path)
-    if not path.exists():
-        raise PolicyError(f"policy file {path} does not exist")
-    text = path.read_text()
-    try:
-        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
-    except (json.JSONDecodeError, yaml.YAMLError) as exc:
-        raise PolicyError(f"{path}: {exc}") from None
-    return policies_from_dict(data)
 
 
 # --- evaluation ---------------------------------------------------------------

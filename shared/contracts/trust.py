@@ -1,7 +1,8 @@
-"""Operator keys and signed decisions (Ed25519).
+"""Trust rules: operator keyrings and signed decisions (Ed25519), with no I/O.
 
 Approval, evolution and the registry all have to agree on what makes a
-decision authentic, so the rules live here once:
+decision authentic and what it may act on, so the rules live here once
+(reading and writing key files is ``shared.keys``):
 
 - The keyring is a JSON file of operators, each with a raw Ed25519 public key
   (base64) and roles (``requester``, ``approver``, ``admin``). Roles are
@@ -10,9 +11,11 @@ decision authentic, so the rules live here once:
 - A decision is a dict of ``SIGNED_FIELDS`` plus ``signature``. The signature
   covers ``canonical_json`` of exactly those fields, so any change after
   signing (or any field added beside them) fails verification.
-- ``verify_decision`` checks what needs no state: shape, operator, signature,
-  role and validity window. Nonce reuse and self-approval need the caller's
-  state; ``check_nonce`` and ``check_not_self_approval`` are their rules.
+- Every service that acts on a decision makes the same two checks, in order:
+  ``verify_decision`` (is it authentic? shape, operator, signature, role and
+  validity window; no state needed) and ``check_binding`` (may it act here? the
+  kind of decision, the request it names, not signed by whoever asked, and a
+  nonce never seen before; the caller supplies what it knows of the request).
 
 Keyring file::
 
@@ -26,17 +29,17 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-import os
 import re
 import secrets
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
-from pathlib import Path
+from datetime import datetime
 from typing import Any, Iterable, Mapping
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from shared.contracts.values import iso, parse_time, utcnow
 
 ROLES = ("requester", "approver", "admin")
 
@@ -75,22 +78,6 @@ def canonical_json(obj: Any) -> bytes:
                       allow_nan=False).encode("utf-8")
 
 
-def _iso(ts: datetime | str) -> str:
-    if isinstance(ts, str):
-        ts = parse_time(ts)
-    if ts.tzinfo is None:
-        raise ValueError("timestamps must carry a timezone (UTC)")
-    return ts.astimezone(timezone.utc).isoformat().replace("+00:00", "Z")
-
-
-def parse_time(value: str | datetime) -> datetime:
-    """Parse an ISO-8601 timestamp that carries a timezone; return it in UTC."""
-    ts = value if isinstance(value, datetime) else datetime.fromisoformat(value)
-    if ts.tzinfo is None:
-        raise ValueError(f"timestamp without timezone: {value!r}")
-    return ts.astimezone(timezone.utc)
-
-
 # --- keys ---------------------------------------------------------------------
 
 
@@ -108,23 +95,6 @@ def decode_public_key(value: str) -> Ed25519PublicKey:
     if len(raw) != 32:
         raise KeyringError(f"an Ed25519 public key has 32 bytes, got {len(raw)}")
     return Ed25519PublicKey.from_public_bytes(raw)
-
-
-def load_private_key(path: str | os.PathLike) -> Ed25519PrivateKey:
-    """Read an operator's private key: PKCS#8 PEM or the raw 32-byte seed in base64."""
-    data = Path(path).read_bytes()
-    if data.lstrip().startswith(b"-----BEGIN"):
-        key = serialization.load_pem_private_key(data, password=None)
-        if not isinstance(key, Ed25519PrivateKey):
-            raise KeyringError(f"{path} does not hold an Ed25519 key")
-        return key
-    try:
-        seed = base64.b64decode(data.strip(), validate=True)
-    except (binascii.Error, ValueError):
-        raise KeyringError(f"{path} is neither PEM nor base64") from None
-    if len(seed) != 32:
-        raise KeyringError(f"{path}: a raw Ed25519 key has 32 bytes, got {len(seed)}")
-    return Ed25519PrivateKey.from_private_bytes(seed)
 
 
 @dataclass(frozen=True)
@@ -156,26 +126,13 @@ def _check_roles(roles: Iterable[str]) -> tuple[str, ...]:
 
 @dataclass
 class Keyring:
-    """Operators allowed to sign, by id. ``path`` is where ``save`` writes by default."""
+    """Operators allowed to sign, by id."""
 
     operators: dict[str, Operator] = field(default_factory=dict)
-    path: Path | None = None
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "Keyring":
-        """Read the keyring at ``path``; a missing file is an empty keyring."""
-        path = Path(path)
-        if not path.exists():
-            return cls(path=path)
-        try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as exc:
-            raise KeyringError(f"{path}: not JSON: {exc}") from None
-        return cls.from_dict(data, path=path)
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any], *, path: Path | None = None) -> "Keyring":
-        keyring = cls(path=path)
+    def from_dict(cls, data: Mapping[str, Any]) -> "Keyring":
+        keyring = cls()
         for operator_id, entry in (data.get("operators") or {}).items():
             keyring.add(operator_id, entry["public_key"], entry.get("roles", ()),
                         created_at=entry.get("created_at"))
@@ -192,7 +149,7 @@ class Keyring:
         if operator_id in self.operators and not replace:
             raise KeyringError(f"operator {operator_id!r} is already in the keyring")
         decode_public_key(public_key)
-        created = _iso(created_at) if created_at is not None else _iso(datetime.now(timezone.utc))
+        created = iso(parse_time(created_at)) if created_at is not None else iso(utcnow())
         operator = Operator(operator_id, public_key, _check_roles(roles), created)
         self.operators[operator_id] = operator
         return operator
@@ -203,46 +160,6 @@ class Keyring:
     def __contains__(self, operator_id: object) -> bool:
         return operator_id in self.operators
 
-    def save(self, path: str | os.PathLike | None = None) -> Path:
-        """Write the keyring atomically (a half-written keyring would lock everyone out)."""
-        target = Path(path) if path is not None else self.path
-        if target is None:
-            raise KeyringError("no path to save the keyring to")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(target.name + ".tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
-        os.replace(tmp, target)
-        self.path = target
-        return target
-
-
-def generate_operator(name: str, roles: Iterable[str], keyring_path: str | os.PathLike,
-                      key_dir: str | os.PathLike) -> tuple[Path, str]:
-    """Create a key pair for ``name``: the private key (PEM, mode 0600) goes to
-    ``key_dir/<name>.pem``, the public key into the keyring. Returns
-    ``(private_key_path, public_key_b64)``. Refuses to overwrite either."""
-    keyring = Keyring.load(keyring_path)
-    if name in keyring:
-        raise KeyringError(f"operator {name!r} is already in {keyring_path}")
-    key = Ed25519PrivateKey.generate()
-    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                            serialization.NoEncryption())
-    key_dir = Path(key_dir)
-    key_dir.mkdir(parents=True, exist_ok=True)
-    private_path = key_dir / f"{name}.pem"
-    # O_EXCL with the mode set at creation: the key is never readable by others,
-    # not even for the instant a chmod afterwards would leave open.
-    fd = os.open(private_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        os.write(fd, pem)
-    finally:
-        os.close(fd)
-    os.chmod(private_path, 0o600)  # the umask may have removed bits, never added them; be explicit
-    public = public_key_b64(key)
-    keyring.add(name, public, roles)
-    keyring.save(keyring_path)
-    return private_path, public
-
 
 # --- decisions ------------------------------------------------------------
 
@@ -251,7 +168,7 @@ def sign_decision(
     request_id: str,
     decision: str,
     operator_id: str,
-    private_key: Ed25519PrivateKey | str | os.PathLike,
+    private_key: Ed25519PrivateKey,
     issued_at: datetime | str,
     expires_at: datetime | str,
     nonce: str | None = None,
@@ -260,24 +177,23 @@ def sign_decision(
 ) -> SignedDecision:
     """Sign ``decision`` ("grant", "reject", "rollback", ...) on ``request_id``.
 
-    ``private_key`` is a key object or the path of a key file. ``nonce``
-    defaults to 128 random bits. Returns the signed fields plus ``signature``.
+    ``private_key`` is the operator's key (``shared.keys.load_private_key``
+    reads one from its file). ``nonce`` defaults to 128 random bits. Returns the signed fields plus ``signature``.
     """
     if not request_id or not decision or not operator_id:
         raise ValueError("request_id, decision and operator_id are required")
-    key = private_key if isinstance(private_key, Ed25519PrivateKey) else load_private_key(private_key)
     body = {
         "scheme": SCHEME,
         "request_id": request_id,
         "decision": decision,
         "operator_id": operator_id,
-        "issued_at": _iso(issued_at),
-        "expires_at": _iso(expires_at),
+        "issued_at": iso(parse_time(issued_at)),
+        "expires_at": iso(parse_time(expires_at)),
         "nonce": nonce if nonce is not None else secrets.token_hex(16),
         "reason": reason,
         "extra": dict(extra) if extra is not None else {},
     }
-    signature = key.sign(canonical_json(body))
+    signature = private_key.sign(canonical_json(body))
     return {**body, SIGNATURE_FIELD: base64.b64encode(signature).decode("ascii")}
 
 
@@ -360,6 +276,30 @@ def verify_decision(signed: Any, keyring: Keyring, *, now: datetime,
         return _refuse("not_yet_valid", f"issued at {signed['issued_at']}, after now", operator_id)
     if now > expires_at:
         return _refuse("expired", f"the decision expired at {signed['expires_at']}", operator_id)
+    return VerificationResult(True, None, "", operator_id)
+
+
+def check_binding(signed: Mapping[str, Any], *, decisions: str | Iterable[str], request_id: str | None = None,
+                  requested_by: str | None = None,
+                  used_nonces: Iterable[str] | set[str] = ()) -> VerificationResult:
+    """Whether an authentic decision (``verify_decision`` passed) may act where it is presented.
+
+    ``decisions`` is the kind (or kinds) the caller acts on; ``request_id`` the
+    request it answers, when the caller knows one; ``requested_by`` who asked;
+    ``used_nonces`` the nonces the caller has already acted on.
+    """
+    operator_id = signed.get("operator_id")
+    wanted = (decisions,) if isinstance(decisions, str) else tuple(decisions)
+    if signed.get("decision") not in wanted:
+        reason = f"not_a_{wanted[0]}" if len(wanted) == 1 else "unsupported_decision"
+        return _refuse(reason, f"the signed decision is {signed.get('decision')!r}, not one of {sorted(wanted)}",
+                       operator_id)
+    if request_id is not None and signed.get("request_id") != request_id:
+        return _refuse("request_mismatch", f"the signed decision is for {signed.get('request_id')!r}, "
+                       f"not {request_id!r}", operator_id)
+    for check in (check_not_self_approval(signed, requested_by), check_nonce(signed, used_nonces)):
+        if not check:
+            return check
     return VerificationResult(True, None, "", operator_id)
 
 
