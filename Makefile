@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup run test test-fast bench bench-gpu up down clean
+.PHONY: setup run lint test test-fast bench bench-gpu up down clean
 
 setup: $(STAMP)
 
@@ -26,7 +26,12 @@ $(STAMP): pyproject.toml
 run: setup
 	$(BIN)/neurons demo
 
-test: setup
+# The layers (import-linter contracts in pyproject.toml) and ruff's checks.
+lint: setup
+	@$(BIN)/lint-imports || { echo "make lint: an import crosses a layer; see the broken contract above and [tool.importlinter] in pyproject.toml" >&2; exit 1; }
+	@$(BIN)/ruff check . || { echo "make lint: ruff found the problems above ([tool.ruff] in pyproject.toml)" >&2; exit 1; }
+
+test: lint
 	$(BIN)/python -m pytest
 
 test-fast: setup

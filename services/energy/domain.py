@@ -13,7 +13,8 @@ state and the same decisions.
   while the window stays over, further reports add nothing new.
 - ``ProfileHardware`` records ``hardware.profiled`` and recommends micro-batch,
   gradient accumulation and replica counts (``scaling.recommended``) from the
-  memory, cores and the energy budget left, each with its reasons.
+  memory, cores and the energy budget left, each with its reasons (the sizing
+  rules are in ``services.energy.scaling``).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any, Iterable, Mapping
 
+from services.energy.scaling import ScalingConfig, recommend_scaling
 from shared.contracts.envelope import NewEvent
 from shared.contracts.values import iso, number, time_or_none
 
@@ -95,33 +97,6 @@ def parse_budgets(text: str | None) -> tuple[BudgetWindow, ...]:
     if len(set(names)) != len(names):
         raise ValueError(f"each budget window may appear once; got {text!r}")
     return windows
-
-
-@dataclass(frozen=True)
-class ScalingConfig:
-    """The rules of thumb behind ``scaling.recommended``; every figure is in its reasons."""
-
-    target_batch: int = 32
-    max_micro_batch: int = 64
-    seq_len: int = 256
-    # Share of memory left free for the OS, the tokenizer, the data pipeline.
-    memory_headroom: float = 0.2
-    # Weights: fp32 on CPU, bf16 on GPU.
-    cpu_bytes_per_param: int = 4
-    gpu_bytes_per_param: int = 2
-    # LoRA trains ~1% of the weights; each trained weight holds fp32 weight,
-    # gradient and two Adam moments (16 bytes).
-    lora_fraction: float = 0.01
-    # Activation bytes per token per model parameter at 2 bytes per value,
-    # fitted on SmolLM2-135M with MNTP logits; scaled by bytes per value.
-    activation_bytes_per_token_per_param: float = 0.005
-    # Inference keeps no activations for backward: about a third of training.
-    inference_activation_share: float = 1 / 3
-    cores_per_trainer: int = 4
-    cores_per_validator: int = 1
-    max_trainer_replicas: int = 8
-    max_validator_replicas: int = 8
-    default_model_params: int = 135_000_000
 
 
 @dataclass(frozen=True)
@@ -420,161 +395,6 @@ def _remaining_budget(status: Mapping[str, Mapping[str, Any]]) -> tuple[float | 
     return status[name]["remaining_wh"], name
 
 
-def recommend_scaling(
-    profile: Mapping[str, Any],
-    *,
-    model_params: int,
-    remaining_wh: float | None = None,
-    binding_window: str | None = None,
-    wh_per_training: float | None = None,
-    wh_per_validation: float | None = None,
-    config: ScalingConfig = ScalingConfig(),
-) -> dict[str, Any]:
-    """Micro-batch, gradient accumulation and replica counts for one node, with reasons."""
-    cores = int(profile.get("cores") or 1)
-    load_1m = float((profile.get("load_avg") or [0.0])[0])
-    # Cores already busy with other work are not ours; keep one so work can run at all.
-    free_cores = max(1, cores - math.floor(load_1m))
-    gpus = [g for g in profile.get("gpus") or () if g.get("memory_total_bytes")]
-    on_gpu = bool(gpus)
-    bpp = config.gpu_bytes_per_param if on_gpu else config.cpu_bytes_per_param
-    weights = model_params * bpp
-    fixed = weights + model_params * config.lora_fraction * 16
-    per_sample = config.seq_len * model_params * config.activation_bytes_per_token_per_param * bpp / 2
-    per_validator = weights + per_sample * config.inference_activation_share
-
-    reasons: dict[str, list[str]] = {
-        "micro_batch": [],
-        "gradient_accumulation": [],
-        "trainer_replicas": [],
-        "validator_replicas": [],
-    }
-    core_note = f"{cores} cores, 1-min load {load_1m:.2f} -> {free_cores} free"
-
-    # Energy: how many more jobs the tightest budget window still pays for.
-    def energy_cap(per_job: float | None, what: str, key: str) -> int | None:
-        if remaining_wh is None:
-            reasons[key].append("no energy budget configured")
-            return None
-        if remaining_wh <= 0:
-            reasons[key].append(f"energy budget {binding_window} is used up")
-            return 0
-        if per_job is None or per_job <= 0:
-            reasons[key].append(
-                f"{remaining_wh:.1f} Wh left in budget {binding_window}; no measured {what} yet to size against"
-            )
-            return None
-        cap = math.floor(remaining_wh / per_job)
-        reasons[key].append(
-            f"{remaining_wh:.1f} Wh left in budget {binding_window} / {per_job:.2f} Wh per {what} -> {cap}"
-        )
-        return cap
-
-    # Trainer replicas.
-    if on_gpu:
-        usable = [_gpu_free(g) * (1 - config.memory_headroom) for g in gpus]
-        fitting = sum(1 for u in usable if u >= fixed + per_sample)
-        by_hardware = fitting
-        reasons["trainer_replicas"].append(
-            f"{fitting} of {len(gpus)} GPUs fit the model ({_gib(fixed + per_sample)} for weights, "
-            f"LoRA state and one sample); one trainer per GPU"
-        )
-        by_cores = free_cores
-        reasons["trainer_replicas"].append(f"{core_note}; one core drives each GPU")
-        device_memory = max(usable) if usable else 0.0
-    else:
-        usable_total = float(profile.get("memory_available_bytes") or 0) * (1 - config.memory_headroom)
-        by_hardware = math.floor(usable_total / (fixed + per_sample)) if fixed + per_sample else 0
-        reasons["trainer_replicas"].append(
-            f"{_gib(usable_total)} usable RAM ({config.memory_headroom:.0%} headroom) / "
-            f"{_gib(fixed + per_sample)} per trainer at micro-batch 1 -> {by_hardware}"
-        )
-        by_cores = max(1, free_cores // config.cores_per_trainer)
-        reasons["trainer_replicas"].append(
-            f"{core_note}; {config.cores_per_trainer} cores per trainer -> {by_cores}"
-        )
-        device_memory = usable_total
-    caps = [by_hardware, by_cores, config.max_trainer_replicas]
-    cap = energy_cap(wh_per_training, "training", "trainer_replicas")
-    if cap is not None:
-        caps.append(cap)
-    trainers = max(0, min(caps))
-    if trainers == config.max_trainer_replicas:
-        reasons["trainer_replicas"].append(f"capped at {config.max_trainer_replicas}")
-
-    # Micro-batch from the memory one trainer gets; the rest of the batch by accumulation.
-    share = device_memory if on_gpu else device_memory / max(1, trainers)
-    fits = math.floor((share - fixed) / per_sample) if per_sample else config.max_micro_batch
-    limit = min(config.max_micro_batch, config.target_batch)
-    if fits < 1:
-        micro_batch = 1
-        reasons["micro_batch"].append(
-            f"memory is tight: {_gib(share)} per trainer, {_gib(fixed + per_sample)} needed for one sample; "
-            "trying micro-batch 1"
-        )
-    else:
-        micro_batch = _floor_pow2(min(fits, limit))
-        reasons["micro_batch"].append(
-            f"{model_params / 1e6:.0f}M params x {bpp} B = {_gib(weights)} weights; "
-            f"{_gib(per_sample)} activations per sample at {config.seq_len} tokens; "
-            f"{_gib(share)} per trainer fits {fits} samples"
-        )
-        if fits > limit:
-            reasons["micro_batch"].append(f"capped at {limit} (target batch / max micro-batch)")
-        reasons["micro_batch"].append(f"rounded down to a power of two: {micro_batch}")
-    accumulation = max(1, math.ceil(config.target_batch / micro_batch))
-    reasons["gradient_accumulation"].append(
-        f"target batch {config.target_batch} / micro-batch {micro_batch} -> {accumulation} accumulation step(s)"
-    )
-
-    # Validator replicas: inference only, so lighter than a trainer.
-    if on_gpu:
-        per_gpu = [math.floor(_gpu_free(g) * (1 - config.memory_headroom) / per_validator) for g in gpus]
-        by_memory = sum(per_gpu)
-        reasons["validator_replicas"].append(
-            f"{_gib(per_validator)} per replica (weights + inference activations); "
-            f"fits {by_memory} across {len(gpus)} GPUs"
-        )
-    else:
-        usable_total = float(profile.get("memory_available_bytes") or 0) * (1 - config.memory_headroom)
-        by_memory = math.floor(usable_total / per_validator) if per_validator else 0
-        reasons["validator_replicas"].append(
-            f"{_gib(usable_total)} usable RAM / {_gib(per_validator)} per replica -> {by_memory}"
-        )
-    by_cores_v = max(1, free_cores // config.cores_per_validator)
-    reasons["validator_replicas"].append(
-        f"{core_note}; {config.cores_per_validator} core(s) per replica -> {by_cores_v}"
-    )
-    caps_v = [by_memory, by_cores_v, config.max_validator_replicas]
-    cap_v = energy_cap(wh_per_validation, "validation", "validator_replicas")
-    if cap_v is not None:
-        caps_v.append(cap_v)
-    validators = max(0, min(caps_v))
-    if validators == config.max_validator_replicas:
-        reasons["validator_replicas"].append(f"capped at {config.max_validator_replicas}")
-
-    return {
-        "model_params": int(model_params),
-        "device": "cuda" if on_gpu else "cpu",
-        "micro_batch": micro_batch,
-        "gradient_accumulation": accumulation,
-        "effective_batch": micro_batch * accumulation,
-        "trainer_replicas": trainers,
-        "validator_replicas": validators,
-        "reasons": reasons,
-        "inputs": {
-            "cores": cores,
-            "free_cores": free_cores,
-            "memory_available_bytes": int(profile.get("memory_available_bytes") or 0),
-            "gpu_count": len(gpus),
-            "remaining_wh": remaining_wh,
-            "binding_window": binding_window,
-            "wh_per_training": wh_per_training,
-            "wh_per_validation": wh_per_validation,
-        },
-    }
-
-
 # --------------------------------------------------------------------------- small pure helpers
 
 
@@ -588,24 +408,6 @@ def _accounting_time(report: Mapping[str, Any], fallback: datetime) -> datetime:
     return time_or_none(window.get("ended_at")) or fallback
 
 
-def _gpu_free(gpu: Mapping[str, Any]) -> float:
-    free = gpu.get("memory_free_bytes")
-    return float(gpu["memory_total_bytes"] if free is None else free)
-
-
-def _floor_pow2(n: int) -> int:
-    return 1 << (max(1, n).bit_length() - 1)
-
-
 def _mean(values: Iterable[float] | None) -> float | None:
     values = list(values or ())
     return sum(values) / len(values) if values else None
-
-
-def _gib(n: float) -> str:
-    return f"{n / 2**30:.2f} GiB"
-
-
-
-
-

@@ -17,7 +17,7 @@ from typing import Any
 
 import psutil
 
-from shared.energy_meter import load_nvml, visible_gpu_handles
+from shared.energy_sources import load_nvml, visible_gpu_handles
 
 # cgroup v1 reports "no limit" as a huge page-aligned number.
 _NO_LIMIT = 1 << 60

@@ -34,6 +34,9 @@ DASHBOARD = Path(__file__).resolve().parent / "dashboard"
 Publish = Callable[[Envelope], Awaitable[None]]
 
 
+OpenSession = Callable[[], Any]  # opens a read-model session (a context manager)
+
+
 def create_app(settings: Settings, publish: Publish | None = None) -> FastAPI:
     app = FastAPI(title="neurons registry", version="1",
                   description="Adapters in service, their lineage and approvals, soak snapshots, energy, "
@@ -42,11 +45,21 @@ def create_app(settings: Settings, publish: Publish | None = None) -> FastAPI:
     def session():
         return queries.registry_session(settings)
 
-    def found(value, what: str):
-        if value is None:
-            raise HTTPException(404, f"no {what}")
-        return value
+    _adapter_routes(app, settings, session)
+    _observability_routes(app, session)
+    _approval_routes(app, settings, session, publish)
+    _profile_and_audit_routes(app, settings, session)
+    _dashboard_routes(app, session)
+    return app
 
+
+def _found(value, what: str):
+    if value is None:
+        raise HTTPException(404, f"no {what}")
+    return value
+
+
+def _adapter_routes(app: FastAPI, settings: Settings, session: OpenSession) -> None:
     @app.get("/api/health", tags=["meta"])
     def health() -> dict:
         return {"ok": True, "node": settings.node}
@@ -71,8 +84,10 @@ def create_app(settings: Settings, publish: Publish | None = None) -> FastAPI:
     def adapter(sha256: str) -> dict:
         with session() as s:
             full = queries.resolve_adapter(s, sha256) or sha256
-            return found(queries.adapter_view(s, full), f"adapter {sha256}")
+            return _found(queries.adapter_view(s, full), f"adapter {sha256}")
 
+
+def _observability_routes(app: FastAPI, session: OpenSession) -> None:
     @app.get("/api/snapshots", tags=["observability"], summary="Soak runs, most recent first")
     def snapshots(limit: int = Query(20, ge=1, le=500)) -> list:
         with session() as s:
@@ -82,7 +97,7 @@ def create_app(settings: Settings, publish: Publish | None = None) -> FastAPI:
              summary="The observability snapshot of one soak run")
     def snapshot(validation_id: str) -> dict:
         with session() as s:
-            return found(queries.snapshot(s, validation_id), f"validation {validation_id}")
+            return _found(queries.snapshot(s, validation_id), f"validation {validation_id}")
 
     @app.get("/api/training", tags=["observability"], summary="Recent training runs with their loss curves")
     def training(limit: int = Query(20, ge=1, le=500)) -> list:
@@ -99,6 +114,8 @@ def create_app(settings: Settings, publish: Publish | None = None) -> FastAPI:
         with session() as s:
             return queries.energy(s)
 
+
+def _approval_routes(app: FastAPI, settings: Settings, session: OpenSession, publish: Publish | None) -> None:
     @app.get("/api/approvals", tags=["approvals"], summary="Approval requests with evidence and state")
     def approvals(pending: bool = False, kind: str | None = None) -> list:
         with session() as s:
@@ -109,7 +126,7 @@ def create_app(settings: Settings, publish: Publish | None = None) -> FastAPI:
         from services.registry.approvals import ApprovalRecord
 
         with session() as s:
-            row = found(s.get(ApprovalRecord, request_id), f"approval request {request_id}")
+            row = _found(s.get(ApprovalRecord, request_id), f"approval request {request_id}")
             return queries.approval_view(row)
 
     @app.post("/api/approvals/{request_id}/decisions", tags=["approvals"], status_code=202,
@@ -133,6 +150,8 @@ def create_app(settings: Settings, publish: Publish | None = None) -> FastAPI:
         return {"accepted": True, "event_id": envelope.event_id,
                 "note": "the approval service answers with approval.granted, approval.rejected or approval.refused"}
 
+
+def _profile_and_audit_routes(app: FastAPI, settings: Settings, session: OpenSession) -> None:
     @app.get("/api/profiles", tags=["profiles"])
     def profiles(channel: str | None = None) -> list:
         with session() as s:
@@ -141,7 +160,7 @@ def create_app(settings: Settings, publish: Publish | None = None) -> FastAPI:
     @app.get("/api/profiles/{profile_id}", tags=["profiles"])
     def profile(profile_id: str) -> dict:
         with session() as s:
-            return found(queries.profile(s, profile_id), f"profile {profile_id}")
+            return _found(queries.profile(s, profile_id), f"profile {profile_id}")
 
     @app.get("/api/audit/at", tags=["audit"],
              summary="Replay the archive up to a moment: which adapter served, who approved it, on what evidence")
@@ -153,6 +172,8 @@ def create_app(settings: Settings, publish: Publish | None = None) -> FastAPI:
         except ValueError as exc:
             raise HTTPException(422, str(exc)) from None
 
+
+def _dashboard_routes(app: FastAPI, session: OpenSession) -> None:
     @app.get("/api/dashboard", tags=["dashboard"], summary="Everything the dashboard shows, in one answer")
     def dashboard() -> dict:
         with session() as s:
@@ -163,7 +184,6 @@ def create_app(settings: Settings, publish: Publish | None = None) -> FastAPI:
         return FileResponse(DASHBOARD / "index.html", media_type="text/html")
 
     app.mount("/dashboard", StaticFiles(directory=DASHBOARD), name="dashboard")
-    return app
 
 
 def address_file(settings: Settings) -> Path:

@@ -12,7 +12,7 @@ import logging
 import math
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -23,7 +23,7 @@ from shared.ml.checkpoint import checkpoint_adapter, load_checkpoint, resume, sa
 from shared.ml.config import MntpConfig
 from shared.ml.lora import attach_configured_lora, lora_settings
 from shared.ml.models import load_model, mask_token_id, offline, torch_threads
-from shared.ml.placement import model_device, place, resolve, summary_line
+from shared.ml.placement import Placement, model_device, place, resolve, summary_line
 from shared.ml.result import TrainingResult, finish_trained
 
 __all__ = [
@@ -397,48 +397,13 @@ def _train_mntp(
     before = state["extra"]["metrics_before"] if state else evaluate()
     log.info("mntp %s: held-out masked loss %.4f accuracy %.3f before training", context, before["loss"], before["accuracy"])
 
-    batches = MaskedBatches(
-        encode_texts(tokenizer, train_texts, config.max_length),
-        config.batch_size,
-        tokenizer.pad_token_id,
-        mask_token_id(tokenizer),
-        config.mask_ratio,
-        config.seed,
-    )
-    loop = MntpLoop(model, batches, config)
-    start_step, curve, prior_tokens = 0, [], 0
-    saved = {"step": None}  # the latest checkpoint, reported with progress
+    loop = MntpLoop(model, _masked_batches(tokenizer, train_texts, config), config)
+    run = _MntpRun(config, context, loop, before, placement, out_dir / "checkpoint", progress)
     if state:
-        start_step, changed = resume(state, loop.optimizer, loop.scheduler, config, placement.device)
-        if changed:
-            log.warning("mntp %s: resuming with a changed configuration (%s)", context, ", ".join(changed))
-        was = state["extra"].get("placement")
-        if was is not None and was != placement.describe():
-            log.warning("mntp %s: checkpointed on %s, going on on %s: the rest of the run computes differently",
-                        context, summary_line(was), summary_line(placement.describe()))
-        saved["step"] = start_step
-        curve = list(state["extra"]["curve"])
-        prior_tokens = int(state["extra"]["tokens"])
-        log.info("mntp %s: resuming at step %d of %d from %s", context, start_step, config.steps, resume_from)
-
-    def report(step: int, loss: float, lr: float, tokens: int, seconds: float) -> None:
-        tokens_per_s = tokens / seconds if seconds > 0 else 0.0
-        point = {"step": step, "loss": loss, "learning_rate": lr, "tokens_per_s": tokens_per_s}
-        curve.append(point)
-        log.info("mntp %s: step %d/%d loss %.4f lr %.2e %.0f tokens/s", context, step, config.steps, loss, lr, tokens_per_s)
-        if progress is not None:
-            progress({**point, "total_steps": config.steps, "tokens": prior_tokens + loop.tokens,
-                      "checkpoint_step": saved["step"]})
-
-    def checkpoint(step: int) -> None:
-        extra = {"metrics_before": before, "curve": curve, "tokens": prior_tokens + loop.tokens, "config": config.to_dict(),
-                 "placement": placement.describe()}
-        save_checkpoint(out_dir / "checkpoint", model, loop.optimizer, loop.scheduler, step, extra)
-        saved["step"] = step
-        log.info("mntp %s: checkpoint at step %d", context, step)
+        run.restore(state, resume_from)
 
     train_started = time.perf_counter()
-    loop.run(start_step, config.steps, report, checkpoint)
+    loop.run(run.start_step, config.steps, run.report, run.checkpoint)
     train_seconds = time.perf_counter() - train_started
 
     after = evaluate()
@@ -447,8 +412,75 @@ def _train_mntp(
         kind="mntp", model=model, out_dir=out_dir, config=config, lora=lora_settings(model),
         info=loaded.info, dataset_sha256=dataset_sha256,
         records={"train": len(train_texts), "held_out": len(eval_texts)}, before=before, after=after,
-        curve=curve, tokens=prior_tokens + loop.tokens, placement=placement.describe(),
+        curve=run.curve, tokens=run.tokens, placement=placement.describe(),
         tokens_per_s=loop.tokens / train_seconds if train_seconds > 0 else 0.0,
-        duration_s=time.perf_counter() - started, resumed_from_step=start_step if state else None,
+        duration_s=time.perf_counter() - started, resumed_from_step=run.start_step if state else None,
         warm_start=str(warm_start_adapter) if warm_start_adapter and not state else None,
     )
+
+
+def _masked_batches(tokenizer: Any, train_texts: Sequence[str], config: MntpConfig) -> MaskedBatches:
+    return MaskedBatches(
+        encode_texts(tokenizer, train_texts, config.max_length),
+        config.batch_size,
+        tokenizer.pad_token_id,
+        mask_token_id(tokenizer),
+        config.mask_ratio,
+        config.seed,
+    )
+
+
+@dataclass
+class _MntpRun:
+    """A run's record across steps and restarts: its curve, its tokens, its latest checkpoint."""
+
+    config: MntpConfig
+    context: str
+    loop: MntpLoop
+    before: dict[str, float]
+    placement: Placement
+    checkpoint_dir: Path
+    progress: Progress | None
+    start_step: int = 0
+    curve: list[dict[str, Any]] = field(default_factory=list)
+    prior_tokens: int = 0
+    # The latest checkpoint, reported with progress.
+    saved_step: int | None = None
+
+    @property
+    def tokens(self) -> int:
+        """Tokens trained on, the checkpointed run before a resume included."""
+        return self.prior_tokens + self.loop.tokens
+
+    def restore(self, state: dict[str, Any], resume_from: Path | None) -> None:
+        """Go on from a checkpoint: its step, optimiser, scheduler, curve and token count."""
+        config, context, loop = self.config, self.context, self.loop
+        self.start_step, changed = resume(state, loop.optimizer, loop.scheduler, config, self.placement.device)
+        if changed:
+            log.warning("mntp %s: resuming with a changed configuration (%s)", context, ", ".join(changed))
+        was = state["extra"].get("placement")
+        if was is not None and was != self.placement.describe():
+            log.warning("mntp %s: checkpointed on %s, going on on %s: the rest of the run computes differently",
+                        context, summary_line(was), summary_line(self.placement.describe()))
+        self.saved_step = self.start_step
+        self.curve = list(state["extra"]["curve"])
+        self.prior_tokens = int(state["extra"]["tokens"])
+        log.info("mntp %s: resuming at step %d of %d from %s", context, self.start_step, config.steps, resume_from)
+
+    def report(self, step: int, loss: float, lr: float, tokens: int, seconds: float) -> None:
+        config = self.config
+        tokens_per_s = tokens / seconds if seconds > 0 else 0.0
+        point = {"step": step, "loss": loss, "learning_rate": lr, "tokens_per_s": tokens_per_s}
+        self.curve.append(point)
+        log.info("mntp %s: step %d/%d loss %.4f lr %.2e %.0f tokens/s", self.context, step, config.steps, loss, lr,
+                 tokens_per_s)
+        if self.progress is not None:
+            self.progress({**point, "total_steps": config.steps, "tokens": self.tokens,
+                           "checkpoint_step": self.saved_step})
+
+    def checkpoint(self, step: int) -> None:
+        extra = {"metrics_before": self.before, "curve": self.curve, "tokens": self.tokens,
+                 "config": self.config.to_dict(), "placement": self.placement.describe()}
+        save_checkpoint(self.checkpoint_dir, self.loop.model, self.loop.optimizer, self.loop.scheduler, step, extra)
+        self.saved_step = step
+        log.info("mntp %s: checkpoint at step %d", self.context, step)

@@ -212,68 +212,10 @@ def _train_rl(
         model, tokenizer, eval_prompts, score, config, seed=config.seed + 1)
     log.info("rl %s: reward %.3f ± %.3f before training", context, before["reward_mean"], before["reward_std"])
 
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=0.0)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, WarmupConstant(config.warmup_steps))
-    curve: list[dict[str, Any]] = []
-    tokens_total, train_seconds, start_step = 0, 0.0, 0
-    saved = {"step": None}  # the latest checkpoint, reported with progress
+    run = _RlRun(config, context, model, tokenizer, score, order, before)
     if state:
-        start_step, changed = resume(state, optimizer, scheduler, config)
-        saved["step"] = start_step
-        curve = list(state["extra"]["curve"])
-        tokens_total = int(state["extra"]["tokens"])
-        train_seconds = float(state["extra"]["train_seconds"])
-        if changed:
-            log.warning("rl %s: resuming with a changed configuration (%s)", context, ", ".join(changed))
-        log.info("rl %s: resuming at step %d of %d from %s", context, start_step, config.steps, resume_from)
-    window_tokens, window_start = 0, time.perf_counter()
-
-    for step in range(start_step, config.steps):
-        step_started = time.perf_counter()
-        chosen = [order[(step * config.prompts_per_step + i) % len(order)] for i in range(config.prompts_per_step)]
-        rollout = sample_rollout(model, tokenizer, chosen, config.group_size, config.max_new_tokens, config.temperature)
-        rewards = torch.tensor([score(p, c) for p, c in zip(rollout.prompts, rollout.completions)], dtype=torch.float32)
-        advantages = group_advantages(rewards.view(-1, config.group_size)).view(-1)
-        loss = policy_loss(model, rollout, advantages, config.temperature, config.kl_coef)
-        loss.backward()
-        if config.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
-        lr = optimizer.param_groups[0]["lr"]
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        tokens = int(rollout.attention_mask.sum())
-        tokens_total += tokens
-        window_tokens += tokens
-        train_seconds += time.perf_counter() - step_started
-
-        done = step + 1
-        point = {
-            "step": done,
-            "loss": float(loss.detach()),
-            "reward_mean": float(rewards.mean()),
-            "reward_std": float(rewards.std(unbiased=False)),
-            "learning_rate": lr,
-        }
-        curve.append(point)
-        if done % config.progress_every == 0 or done == config.steps:
-            seconds = time.perf_counter() - window_start
-            tokens_per_s = window_tokens / seconds if seconds > 0 else 0.0
-            log.info(
-                "rl %s: step %d/%d reward %.3f ± %.3f loss %.4f %.0f tokens/s",
-                context, done, config.steps, point["reward_mean"], point["reward_std"], point["loss"], tokens_per_s,
-            )
-            if progress is not None:
-                progress({**point, "total_steps": config.steps, "tokens_per_s": tokens_per_s, "tokens": tokens_total,
-                          "checkpoint_step": saved["step"]})
-            window_tokens, window_start = 0, time.perf_counter()
-        if config.checkpoint_every and done % config.checkpoint_every == 0 and done < config.steps:
-            extra = {"metrics_before": before, "curve": curve, "tokens": tokens_total,
-                     "train_seconds": train_seconds, "config": config.to_dict()}
-            save_checkpoint(out_dir / "checkpoint", model, optimizer, scheduler, done, extra)
-            saved["step"] = done
-            log.info("rl %s: checkpoint at step %d", context, done)
+        run.restore(state, resume_from)
+    run.train(out_dir / "checkpoint", progress)
 
     after = evaluate_policy(model, tokenizer, eval_prompts, score, config, seed=config.seed + 1)
     log.info("rl %s: reward %.3f -> %.3f", context, before["reward_mean"], after["reward_mean"])
@@ -281,8 +223,110 @@ def _train_rl(
         kind="rl", model=model, out_dir=out_dir, config=config, lora=lora_settings(model),
         info=loaded.info, dataset_sha256=dataset_sha256,
         records={"prompts": len(prompts), "eval_prompts": len(eval_prompts)}, before=before, after=after,
-        curve=curve, tokens=tokens_total, tokens_per_s=tokens_total / train_seconds if train_seconds > 0 else 0.0,
-        duration_s=time.perf_counter() - started, resumed_from_step=start_step if state else None,
+        curve=run.curve, tokens=run.tokens,
+        tokens_per_s=run.tokens / run.train_seconds if run.train_seconds > 0 else 0.0,
+        duration_s=time.perf_counter() - started, resumed_from_step=run.start_step if state else None,
         warm_start=str(warm_start_adapter) if warm_start_adapter and not state else None,
         placement=resolve("cpu", "float32").describe(),
     )
+
+
+class _RlRun:
+    """The policy-gradient steps of a run, and its record across steps and restarts."""
+
+    def __init__(
+        self,
+        config: RlConfig,
+        context: str,
+        model: Any,
+        tokenizer: Any,
+        score: Score,
+        order: list[str],
+        before: dict[str, float],
+    ) -> None:
+        self.config, self.context = config, context
+        self.model, self.tokenizer, self.score, self.order = model, tokenizer, score, order
+        self.before = before
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.params, lr=config.learning_rate, weight_decay=0.0)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, WarmupConstant(config.warmup_steps))
+        self.curve: list[dict[str, Any]] = []
+        self.tokens, self.train_seconds, self.start_step = 0, 0.0, 0
+        # The latest checkpoint, reported with progress.
+        self.saved_step: int | None = None
+
+    def restore(self, state: dict[str, Any], resume_from: Path | None) -> None:
+        """Go on from a checkpoint: its step, optimiser, scheduler, curve, tokens and training time."""
+        config, context = self.config, self.context
+        self.start_step, changed = resume(state, self.optimizer, self.scheduler, config)
+        self.saved_step = self.start_step
+        self.curve = list(state["extra"]["curve"])
+        self.tokens = int(state["extra"]["tokens"])
+        self.train_seconds = float(state["extra"]["train_seconds"])
+        if changed:
+            log.warning("rl %s: resuming with a changed configuration (%s)", context, ", ".join(changed))
+        log.info("rl %s: resuming at step %d of %d from %s", context, self.start_step, config.steps, resume_from)
+
+    def train(self, checkpoint_dir: Path, progress: Progress | None) -> None:
+        """Steps ``start_step``..``steps-1``, reporting every progress_every steps and checkpointing."""
+        config = self.config
+        window_tokens, window_start = 0, time.perf_counter()
+        for step in range(self.start_step, config.steps):
+            step_started = time.perf_counter()
+            loss, rewards, lr, tokens = self.step(step)
+            self.tokens += tokens
+            window_tokens += tokens
+            self.train_seconds += time.perf_counter() - step_started
+
+            done = step + 1
+            point = {
+                "step": done,
+                "loss": float(loss.detach()),
+                "reward_mean": float(rewards.mean()),
+                "reward_std": float(rewards.std(unbiased=False)),
+                "learning_rate": lr,
+            }
+            self.curve.append(point)
+            if done % config.progress_every == 0 or done == config.steps:
+                self.report(point, window_tokens, time.perf_counter() - window_start, progress)
+                window_tokens, window_start = 0, time.perf_counter()
+            if config.checkpoint_every and done % config.checkpoint_every == 0 and done < config.steps:
+                self.checkpoint(checkpoint_dir, done)
+
+    def step(self, step: int) -> tuple[torch.Tensor, torch.Tensor, float, int]:
+        """One policy-gradient step: the loss, the rewards, the learning rate used and the tokens sampled."""
+        config, order = self.config, self.order
+        chosen = [order[(step * config.prompts_per_step + i) % len(order)] for i in range(config.prompts_per_step)]
+        rollout = sample_rollout(self.model, self.tokenizer, chosen, config.group_size, config.max_new_tokens,
+                                 config.temperature)
+        rewards = torch.tensor([self.score(p, c) for p, c in zip(rollout.prompts, rollout.completions)],
+                               dtype=torch.float32)
+        advantages = group_advantages(rewards.view(-1, config.group_size)).view(-1)
+        loss = policy_loss(self.model, rollout, advantages, config.temperature, config.kl_coef)
+        loss.backward()
+        if config.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(self.params, config.max_grad_norm)
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss, rewards, lr, int(rollout.attention_mask.sum())
+
+    def report(self, point: dict[str, Any], window_tokens: int, seconds: float, progress: Progress | None) -> None:
+        config = self.config
+        tokens_per_s = window_tokens / seconds if seconds > 0 else 0.0
+        log.info(
+            "rl %s: step %d/%d reward %.3f ± %.3f loss %.4f %.0f tokens/s",
+            self.context, point["step"], config.steps, point["reward_mean"], point["reward_std"], point["loss"],
+            tokens_per_s,
+        )
+        if progress is not None:
+            progress({**point, "total_steps": config.steps, "tokens_per_s": tokens_per_s, "tokens": self.tokens,
+                      "checkpoint_step": self.saved_step})
+
+    def checkpoint(self, checkpoint_dir: Path, done: int) -> None:
+        extra = {"metrics_before": self.before, "curve": self.curve, "tokens": self.tokens,
+                 "train_seconds": self.train_seconds, "config": self.config.to_dict()}
+        save_checkpoint(checkpoint_dir, self.model, self.optimizer, self.scheduler, done, extra)
+        self.saved_step = done
+        log.info("rl %s: checkpoint at step %d", self.context, done)
