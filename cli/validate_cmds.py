@@ -9,7 +9,8 @@ import typer
 from sqlmodel import Session, select
 
 from services.registry.audit import registry_engine
-from services.validator.domain import rejudge as rejudge_raw
+from services.validator.judgement import rejudge as rejudge_raw
+from services.validator.threshold_file import load_thresholds
 from services.validator.thresholds import Thresholds
 from shared.archive import ArchivedEvent
 from shared.artefacts import SharedArtefacts
@@ -34,7 +35,7 @@ def rejudge(
     raw = json.loads(SharedArtefacts.for_settings(settings).get(payload["raw_data_uri"]).read_text())
     if thresholds is not None:
         try:
-            chosen = Thresholds.from_file(thresholds)
+            chosen = load_thresholds(thresholds)
         except (OSError, ValueError) as exc:
             raise typer.BadParameter(str(exc), param_hint="--thresholds") from None
     else:

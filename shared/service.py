@@ -3,15 +3,17 @@
 A service declares the aggregate types it reads and the handlers it runs::
 
     service = Service("approval", reads=["cycle", "research", "validation"])
+    approvals = Decider(domain, from_rows=domain.ApprovalState.from_rows)  # shared.decider
 
     @service.handles("cycle.proposed")
     def on_proposed(event, ctx):
-        return domain.decide(event, ctx.state.get(...))
+        approvals.run(ctx, event, config)  # decides, stages the events, saves the state's rows
 
 Each record is decoded (a malformed one goes to ``neurons.dlq`` with its
 reason and the worker keeps consuming), then its handler runs inside one SQL
-transaction that also records (consumer, event_id) and stores the emitted
-events in the outbox. After the commit the outbox is published. A handler that
+transaction that also records (consumer, event_id), stores the emitted
+events in the outbox (those the handler returns, or those its decider staged)
+and the state they lead to. After the commit the outbox is published. A handler that
 keeps failing dead-letters the event. A span around each handler continues
 the trace carried in the record's headers.
 """
@@ -26,7 +28,7 @@ import sys
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Awaitable, Callable, Iterable, Iterator
+from typing import Any, Awaitable, Callable, Iterable, Iterator
 
 import faust
 from opentelemetry import trace
@@ -85,6 +87,8 @@ class HandlerContext:
     now: datetime
     after_commit: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
     on_commit: list[Callable[[], None]] = field(default_factory=list)
+    # what each decider (shared.decider) saved in this transaction, until the commit makes it the state
+    staged: dict[Any, Any] = field(default_factory=dict)
 
     @property
     def state(self) -> StateStore:

@@ -7,17 +7,21 @@
   publish re-sends the same event ids, which every consumer de-duplicates.
 - ``AggregateSequence`` keeps the last sequence seen or written per stream
   (optimistic concurrency: the unique key refuses a second event at a position).
-- ``ServiceState`` is a JSON document per (service, kind, key), for services
-  whose aggregate state is a small document.
+- ``ServiceState`` is a JSON record per (service, kind, key). A service's
+  decider state is kept there as rows keyed by aggregate (kind ``state``, see
+  ``shared.decider``); other kinds hold small side records (a trace to continue).
+- ``StateHead`` counts the saves of a service's decider state, so a worker
+  holding an older copy in memory knows to reload it, and a save made from an
+  older copy is refused instead of overwriting a newer one.
 """
 
 from __future__ import annotations
 
 import json
 from datetime import datetime
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
-from sqlalchemy import Column, Text, UniqueConstraint
+from sqlalchemy import Column, Text, UniqueConstraint, delete, insert, update
 from sqlmodel import Field, Session, SQLModel, select
 
 from shared.contracts.envelope import Envelope, utcnow
@@ -61,6 +65,17 @@ class ServiceState(SQLModel, table=True):
     key: str = Field(primary_key=True)
     value_json: str = Field(sa_column=Column(Text, nullable=False))
     updated_at: datetime = Field(default_factory=utcnow)
+
+
+class StateHead(SQLModel, table=True):
+    __tablename__ = "state_heads"
+    service: str = Field(primary_key=True)
+    kind: str = Field(primary_key=True)
+    version: int = 0
+
+
+class StaleState(RuntimeError):
+    """The state was saved by someone else since it was read; the message is handled again on the newer state."""
 
 
 def already_processed(session: Session, consumer: str, event_id: str) -> bool:
@@ -125,3 +140,61 @@ class StateStore:
 
     def items(self, kind: str) -> Iterator[tuple[str, Any]]:
         yield from self.all(kind).items()
+
+
+# --- rows of a decider's state (shared.decider) ---------------------------------------
+
+
+def state_version(session: Session, service: str, kind: str) -> int:
+    """How many times the state was saved; 0 when it never was (a new database, or one from before rows)."""
+    version = session.exec(
+        select(StateHead.version).where(StateHead.service == service, StateHead.kind == kind)
+    ).first()
+    return version or 0
+
+
+def advance_state_version(session: Session, service: str, kind: str, expected: int) -> int:
+    """Count one more save of a state read at ``expected``; ``StaleState`` when it moved on since."""
+    if expected == 0:
+        session.add(StateHead(service=service, kind=kind, version=1))
+        session.flush()  # a second first save of the same state fails here, on the primary key
+        return 1
+    moved = session.exec(
+        update(StateHead)
+        .where(StateHead.service == service, StateHead.kind == kind, StateHead.version == expected)
+        .values(version=expected + 1)
+    )
+    if moved.rowcount != 1:
+        raise StaleState(f"{service} {kind} was saved since version {expected} was read")
+    return expected + 1
+
+
+def read_state_rows(session: Session, service: str, kind: str) -> dict[str, str]:
+    """The rows of one state: key -> JSON text as stored."""
+    rows = session.exec(
+        select(ServiceState.key, ServiceState.value_json)
+        .where(ServiceState.service == service, ServiceState.kind == kind)
+    )
+    return {key: text for key, text in rows}
+
+
+def write_state_rows(session: Session, service: str, kind: str, *, added: dict[str, str],
+                     changed: dict[str, str], removed: Iterable[str]) -> None:
+    """Insert, update and delete rows of one state; each row is addressed by its key, none is read first."""
+    now = utcnow()
+    if added:
+        session.exec(insert(ServiceState), params=[
+            {"service": service, "kind": kind, "key": key, "value_json": text, "updated_at": now}
+            for key, text in added.items()])
+    for key, text in changed.items():
+        session.exec(
+            update(ServiceState)
+            .where(ServiceState.service == service, ServiceState.kind == kind, ServiceState.key == key)
+            .values(value_json=text, updated_at=now)
+        )
+    removed = list(removed)
+    if removed:
+        session.exec(
+            delete(ServiceState)
+            .where(ServiceState.service == service, ServiceState.kind == kind, ServiceState.key.in_(removed))
+        )

@@ -13,6 +13,7 @@ from services.approval import domain
 from shared.policy_file import load_policies
 from opentelemetry import trace
 
+from shared.decider import Decider, from_document
 from shared.service import HandlerContext, Service
 from shared.tracing import context_from_traceparent, current_traceparent
 from shared.keys import load_keyring
@@ -28,21 +29,17 @@ def _config() -> domain.ApprovalConfig:
                                  request_ttl=timedelta(seconds=REQUEST_TTL_S))
 
 
-def _handle(ctx: HandlerContext, message):
-    state = domain.ApprovalState.from_dict(ctx.state.get("approvals", "all", {}))
-    state, events = domain.handle(message, state, _config())
-    ctx.state.put("approvals", "all", state.to_dict())
-    return events
+# one row per request and per used nonce; a database from before kept them all in one document
+approvals = Decider(domain, from_rows=domain.ApprovalState.from_rows,
+                    upgrade=from_document("approvals", "all", domain.ApprovalState.from_dict))
 
 
 @service.handles("cycle.proposed", "research.proposed", "validation.completed")
 def on_subject(event, ctx: HandlerContext):
-    events = _handle(ctx, event)
-    for new in events:
+    for new in approvals.run(ctx, event, _config()):
         if new.type == "approval.requested":
             # the decision arrives later from an operator's tool; it continues this trace
             ctx.state.put("traces", new.aggregate_id, current_traceparent())
-    return events
 
 
 @service.handles("approval.decision_submitted")
@@ -51,14 +48,14 @@ def on_decision(event, ctx: HandlerContext):
                                     request_id=event.payload["request_id"])
     traceparent = ctx.state.get("traces", event.payload["request_id"])
     if not traceparent:
-        return _handle(ctx, command)
+        approvals.run(ctx, command, _config())
+        return
     with service.tracer.start_as_current_span(
             "approval decide", context=context_from_traceparent(traceparent),
             links=[trace.Link(trace.get_current_span().get_span_context())]):
-        service.stage(ctx, _handle(ctx, command))  # staged here, so the events carry the request's trace
-    return []
+        approvals.run(ctx, command, _config())  # staged in this span, so the events carry the request's trace
 
 
 @service.every(5.0, jitter=1.0)
 def expire_requests(ctx: HandlerContext):
-    return _handle(ctx, domain.Tick(now=ctx.now))
+    approvals.run(ctx, domain.Tick(now=ctx.now), _config())

@@ -133,6 +133,19 @@ class ApprovalState:
             used_nonces=frozenset(data.get("used_nonces") or ()),
         )
 
+    def to_rows(self) -> dict[str, dict[str, Any]]:
+        """One row per request and one per used nonce."""
+        rows = {f"request:{rid}": r.to_dict() for rid, r in self.requests.items()}
+        rows.update({f"nonce:{nonce}": {"nonce": nonce} for nonce in self.used_nonces})
+        return rows
+
+    @classmethod
+    def from_rows(cls, rows: Mapping[str, Mapping[str, Any]]) -> "ApprovalState":
+        return cls(
+            requests={r["request_id"]: ApprovalRequest.from_dict(r) for k, r in rows.items() if k.startswith("request:")},
+            used_nonces=frozenset(r["nonce"] for k, r in rows.items() if k.startswith("nonce:")),
+        )
+
 
 def initial_state() -> ApprovalState:
     return ApprovalState()

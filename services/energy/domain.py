@@ -153,6 +153,30 @@ class EnergyState:
         # A day even without budgets, so ad-hoc budget_status queries see recent use.
         return max((w.span for w in self.budgets), default=timedelta(days=1))
 
+    def to_rows(self) -> dict[str, dict[str, Any]]:
+        """One row per job still inside a budget window, per job ever reported, per job kind's recent
+        use, per window over budget and per node profiled. The budgets are configuration: not kept."""
+        rows: dict[str, dict[str, Any]] = {
+            f"usage:{u.job_key}": {"at": iso(u.at), "wh": u.wh, "job_key": u.job_key} for u in self.usage}
+        rows.update({f"reported:{key}": {} for key in self.reported})
+        rows.update({f"recent:{kind}": {"wh": list(values)} for kind, values in self.recent_wh.items()})
+        rows.update({f"crossing:{window}": dict(payload) for window, payload in self.crossings.items()})
+        rows.update({f"hardware:{node}": dict(profile) for node, profile in self.hardware.items()})
+        return rows
+
+    @classmethod
+    def from_rows(cls, rows: Mapping[str, Mapping[str, Any]], budgets: tuple["BudgetWindow", ...] = ()) -> "EnergyState":
+        parts: dict[str, dict[str, Mapping[str, Any]]] = {}
+        for key, record in rows.items():
+            prefix, _, name = key.partition(":")
+            parts.setdefault(prefix, {})[name] = record
+        usage = sorted((Usage(time_or_none(u["at"]), u["wh"], u["job_key"]) for u in parts.get("usage", {}).values()),
+                       key=lambda u: (u.at, u.job_key))
+        return cls(budgets=budgets, usage=tuple(usage), reported=frozenset(parts.get("reported", {})),
+                   recent_wh={kind: tuple(r["wh"]) for kind, r in parts.get("recent", {}).items()},
+                   crossings={window: dict(r) for window, r in parts.get("crossing", {}).items()},
+                   hardware={node: dict(r) for node, r in parts.get("hardware", {}).items()})
+
 
 def initial_state(config: EnergyConfig | None = None) -> EnergyState:
     return EnergyState(budgets=(config or EnergyConfig()).budgets)

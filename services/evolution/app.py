@@ -1,6 +1,6 @@
 """Evolution wiring: triggers and gates propose cycles; verified grants start training.
 
-The state document is a cache: at start-up the configuration population is
+The state is kept as rows; at start-up the configuration population is
 rebuilt from this service's own events (cycle.proposed / evaluated / completed),
 so what the search knows always comes from the log.
 """
@@ -15,6 +15,7 @@ from shared.policy_file import load_policies
 from services.evolution import domain
 from services.evolution.search import DEFAULT_CONFIG, DEFAULT_SPACE, Param, SearchSettings, SearchSpace, population_from_events
 from shared.contracts.envelope import NewEvent
+from shared.decider import Decider, from_document
 from shared.service import HandlerContext, Service
 from shared.keys import load_keyring
 
@@ -63,25 +64,24 @@ def config() -> domain.EvolutionConfig:
     )
 
 
-def _load(ctx: HandlerContext) -> domain.EvolutionState:
-    return domain.EvolutionState.from_dict(ctx.state.get("evolution", "state", {}))
+# one row per cycle, dataset, pending approval, energy sample and configuration tried, one for the latest
+# facts; a database from before kept them all in one document
+evolution = Decider(domain, from_rows=domain.EvolutionState.from_rows,
+                    upgrade=from_document("evolution", "state", domain.EvolutionState.from_dict))
 
 
-def _handle(ctx: HandlerContext, message, model: str | None = None):
+def _handle(ctx: HandlerContext, message, model: str | None = None) -> None:
     cfg = config()
     if model:
         cfg = replace(cfg, model=model)  # an operator may ask for another base model for this cycle
-    state, events = domain.handle(message, _load(ctx), cfg)
-    ctx.state.put("evolution", "state", state.to_dict())
-    return events
+    evolution.run(ctx, message, cfg)
 
 
 @service.on_start
 async def rebuild_population(svc: Service) -> None:
     population = population_from_events(svc.own_events())
     with svc.transaction() as ctx:
-        state = _load(ctx)
-        ctx.state.put("evolution", "state", replace(state, population=population).to_dict())
+        evolution.save(ctx, replace(evolution.state(ctx), population=population))
 
 
 @service.handles("*")
@@ -89,18 +89,18 @@ def on_event(event, ctx: HandlerContext):
     if event.type in ("cycle.requested", "research.requested"):
         kind = domain.RequestCycle if event.type == "cycle.requested" else domain.RequestResearch
         try:
-            model = event.payload.get("model")
-            return _handle(ctx, _command(event, kind), model=model)
+            _handle(ctx, _command(event, kind), model=event.payload.get("model"))
         except domain.CommandRejected as exc:
             # the operator hears why; the request stays in the log with its refusal
             return [NewEvent(f"{event.aggregate_type}.request_refused", event.aggregate_id,
                              {"command_id": event.aggregate_id, "operator_id": event.payload.get("operator_id"),
                               "reason": str(exc)})]
+        return
     if event.type == "dataset.registered" and event.payload.get("auto_cycle") is False:
         # registered for later cycles: known to evolution, but it starts none now
-        ctx.state.put("evolution", "state", domain.evolve(_load(ctx), event).to_dict())
-        return []
-    return _handle(ctx, event)
+        evolution.fold(ctx, event)
+        return
+    _handle(ctx, event)
 
 
 def _command(event, kind):
@@ -115,4 +115,4 @@ def _command(event, kind):
 
 @service.every(_float("NEURONS_EVOLUTION_TICK_S", 5.0), jitter=1.0)
 def tick(ctx: HandlerContext):
-    return _handle(ctx, domain.Tick(now=ctx.now))
+    _handle(ctx, domain.Tick(now=ctx.now))

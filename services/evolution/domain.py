@@ -1,32 +1,20 @@
-"""The evolution orchestrator: when to train, with which settings, and what came of it.
+"""The evolution orchestrator: its commands, its state (``Cycle``, ``EvolutionState``), ``decide`` and ``evolve``.
 
 Triggers: the jittered schedule (``Tick``), a new dataset that is not
 quarantined (``dataset.registered``), and operators (``RequestCycle``,
-``RequestResearch``). Each trigger becomes a cycle with a deterministic id.
+``RequestResearch``). Each trigger becomes a ``Cycle`` with a deterministic
+id, which then passes the gates (``gates.gate_cycle``): it is deferred,
+proposed, or abandoned when its dataset is gone. An approved cycle is followed
+through ``training.completed`` and ``validation.completed`` (``cycle.evaluated``
+carries its fitness into the population of ``search``) to its end:
+``cycle.completed`` with the outcome.
 
-Before a cycle is proposed it passes the gates, in this order:
-
-  incidents  open incidents above ``max_open_incidents``
-  approvals  pending approvals at ``max_pending_approvals`` or more
-  energy     energy used in the rolling window plus this cycle's estimate above
-             the budget, or a standing ``energy.budget_exceeded``
-  carbon     grid intensity at or above the pause threshold (at or above the
-             caution threshold the cycle runs with fewer steps instead)
-  hardware   load average per core above the limit, or too little free memory
-
-A closed gate emits ``cycle.deferred`` with a ``retry_at``; a ``Tick`` at or
-after it evaluates the gates again. An open gate emits ``cycle.proposed``
-(MNTP, configuration from ``search``) or ``research.proposed`` (RL).
-
-Approval is trusted only when it verifies here (``verify_grant``): an
-operator grant must carry a decision signed by an approver in the keyring, a
-policy grant must name the policy that really auto-approves this proposal.
-Only then is ``training.requested`` emitted. ``evolve`` ignores
-``approval.granted`` altogether, so an unverified grant changes nothing.
-
-The cycle is then followed through ``training.completed`` and
-``validation.completed`` (``cycle.evaluated`` carries its fitness into the
-population) to its end: ``cycle.completed`` with the outcome.
+``decide`` looks a command up in ``_COMMANDS`` and an event in
+``_REACTIONS``; ``evolve`` looks an event up in ``_FOLDS``. A type in none of
+them changes nothing. ``evolve`` ignores ``approval.granted`` altogether, so an
+unverified grant changes nothing either. The reactions and folds of the gates
+(``approval.granted``, energy, hardware, approvals, datasets…) and the
+configuration, ``EvolutionConfig``, live in ``gates``.
 
 Use ``handle(message, state, config) -> (state, events)``; ``decide`` assumes
 that an incoming event has already been folded in by ``evolve``.
@@ -35,45 +23,45 @@ that an incoming event has already been folded in by ``evolve``.
 from __future__ import annotations
 
 import hashlib
-import math
-import random
 from dataclasses import dataclass, field, replace
-from datetime import datetime, timedelta, timezone
-from typing import Any, Iterable, Mapping
+from datetime import datetime
+from typing import Any, Callable, Iterable, Mapping
 
-from shared.contracts.policies import PolicySet, authorises, default_policies, proposal_subject, request_view
-from services.evolution.search import (
-    FAIL_FITNESS,
-    Individual,
-    Population,
-    SearchSettings,
-    estimate_energy_wh,
-    fitness,
-    next_individual,
+from services.evolution.gates import (
+    EvolutionConfig,
+    fold_approval_closed,
+    fold_approval_requested,
+    fold_budget_exceeded,
+    fold_dataset,
+    fold_drift_verdict,
+    fold_energy_reported,
+    fold_hardware_profile,
+    fold_promoted,
+    fold_scaling,
+    gate_cycle,
+    request_training,
+    retries_due,
+    schedule_slot_due,
 )
+from services.evolution.search import FAIL_FITNESS, Population, fitness
 from shared.contracts.envelope import NewEvent, iso
 from shared.contracts.facts import (
     SERVICE_REQUESTER,
     adapter_sha as _adapter_sha,
-    energy_wh as _energy_wh,
     occurred_at as _occurred_at,
     training_facts,
     verdict_facts as validation_facts,
 )
-from shared.contracts.trust import Keyring, VerificationResult, check_binding, parse_time, verify_decision
-from shared.contracts.values import number as _number
+from shared.contracts.trust import parse_time
 
 DEFERRED, PROPOSED, APPROVED, EVALUATED, COMPLETED = "deferred", "proposed", "approved", "evaluated", "completed"
-GATES = ("incidents", "approvals", "energy", "carbon", "hardware")
-# Energy samples older than this are dropped from the state whatever the window.
-ENERGY_HISTORY = timedelta(days=8)
 
 
 class CommandRejected(ValueError):
     """An operator command that cannot be carried out; the message says why."""
 
 
-# --- commands -------------------------------------------------------------------
+# --- commands -------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -112,34 +100,7 @@ class RequestResearch:
     command_id: str | None = None
 
 
-# --- configuration ---------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class EvolutionConfig:
-    model: str = "smollm2"
-    search: SearchSettings = field(default_factory=SearchSettings)
-    keyring: Keyring = field(default_factory=Keyring)
-    policies: PolicySet = field(default_factory=default_policies)
-    schedule_interval: timedelta | None = timedelta(hours=6)  # None: no scheduled cycles
-    schedule_jitter: timedelta = timedelta(minutes=30)
-    energy_window: timedelta = timedelta(hours=24)
-    energy_budget_wh: float | None = None  # None: the budget from the energy service's status
-    default_wh_per_sample_step: float = 0.005  # until a cycle has been measured
-    carbon_intensity_g_per_kwh: float | None = None  # when no energy event has reported one
-    carbon_caution_g_per_kwh: float = 300.0
-    carbon_pause_g_per_kwh: float = 500.0
-    caution_steps_factor: float = 0.5
-    max_pending_approvals: int = 3
-    max_open_incidents: int = 0
-    max_load_per_core: float = 0.85
-    min_memory_available_gb: float = 2.0
-    retry_after: timedelta = timedelta(minutes=30)
-    research_config: Mapping[str, Any] = field(default_factory=lambda: {
-        "learning_rate": 1e-5, "lora_rank": 8, "lora_alpha": 16, "steps": 100, "batch_size": 4})
-
-
-# --- state ------------------------------------------------------------------------
+# --- state ----------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -162,6 +123,16 @@ class Cycle:
     @property
     def request_id(self) -> str:
         return f"apr-{'research' if self.kind == 'rl' else 'cycle'}-{self.cycle_id}"
+
+    @property
+    def awaiting_approval(self) -> bool:
+        """Proposed, and neither approved nor ended yet."""
+        return self.status == PROPOSED
+
+    @property
+    def awaiting_retry(self) -> bool:
+        """Deferred by a closed gate until ``retry_at``."""
+        return self.status == DEFERRED and self.retry_at is not None
 
     def to_dict(self) -> dict[str, Any]:
         data = {k: getattr(self, k) for k in self.__dataclass_fields__}
@@ -230,6 +201,44 @@ class EvolutionState:
             population=Population.from_dict(data.get("population") or {}),
         )
 
+    def to_rows(self) -> dict[str, dict[str, Any]]:
+        """One row per cycle, dataset, pending approval, open incident, energy sample and configuration
+        tried, and one for the latest facts read from other services."""
+        data = self.to_dict()
+        rows: dict[str, dict[str, Any]] = {"facts": {name: data[name] for name in _FACTS}}
+        for prefix, group in (("cycle", "cycles"), ("dataset", "datasets"), ("pending", "pending_approvals")):
+            rows.update({f"{prefix}:{key}": record for key, record in data[group].items()})
+        rows.update({f"incident:{incident}": {} for incident in self.open_incidents})
+        same_time: dict[str, int] = {}
+        for at, wh in data["energy_samples"]:
+            same_time[at] = same_time.get(at, -1) + 1
+            rows[f"energy:{at}#{same_time[at]}"] = {"at": at, "wh": wh}
+        rows.update({f"individual:{n:06d}": individual
+                     for n, individual in enumerate(data["population"]["individuals"])})
+        return rows
+
+    @classmethod
+    def from_rows(cls, rows: Mapping[str, Mapping[str, Any]]) -> "EvolutionState":
+        groups = {"cycle": "cycles", "dataset": "datasets", "pending": "pending_approvals"}
+        data: dict[str, Any] = {**(rows.get("facts") or {}), **{group: {} for group in groups.values()},
+                                "open_incidents": [], "energy_samples": [], "population": {"individuals": []}}
+        for key, record in sorted(rows.items()):
+            prefix, _, name = key.partition(":")
+            if prefix in groups:
+                data[groups[prefix]][name] = record
+            elif prefix == "incident":
+                data["open_incidents"].append(name)
+            elif prefix == "energy":
+                data["energy_samples"].append((record["at"], record["wh"]))
+            elif prefix == "individual":
+                data["population"]["individuals"].append(record)
+        state = cls.from_dict(data)
+        return replace(state, energy_samples=tuple(sorted(state.energy_samples)))
+
+
+# the parts of the state that are the latest word of another service, kept together in one row
+_FACTS = ("latest_dataset_id", "promoted_adapter", "hardware", "scaling", "budget", "carbon", "last_schedule_slot")
+
 
 def _budget_to_dict(budget: Mapping[str, Any] | None) -> dict[str, Any] | None:
     if not budget:
@@ -241,232 +250,23 @@ def initial_state() -> EvolutionState:
     return EvolutionState()
 
 
-# --- gates --------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class GateResult:
-    open: bool
-    gate: str | None = None
-    reason: str = ""
-    retry_at: datetime | None = None
-    carbon_mode: str = "normal"  # normal | caution
-
-
-def energy_used_wh(state: EvolutionState, now: datetime, window: timedelta) -> float:
-    """Measured energy (``energy.reported``) of jobs that ended in ``(now - window, now]``."""
-    return sum(wh for at, wh in state.energy_samples if now - window < at <= now)
-
-
-def carbon_intensity(state: EvolutionState, config: EvolutionConfig) -> float | None:
-    if state.carbon and state.carbon.get("g_per_kwh") is not None:
-        return float(state.carbon["g_per_kwh"])
-    return config.carbon_intensity_g_per_kwh
-
-
-def evaluate_gates(state: EvolutionState, config: EvolutionConfig, now: datetime,
-                   estimate_wh: float) -> GateResult:
-    """Whether a cycle estimated at ``estimate_wh`` may be proposed at ``now``."""
-    later = now + config.retry_after
-
-    incidents = len(state.open_incidents)
-    if incidents > config.max_open_incidents:
-        return GateResult(False, "incidents", f"{incidents} open incidents (limit {config.max_open_incidents})",
-                          later)
-
-    pending = pending_approvals(state)
-    if len(pending) >= config.max_pending_approvals:
-        return GateResult(False, "approvals",
-                          f"{len(pending)} approvals pending (limit {config.max_pending_approvals})", later)
-
-    budget = state.budget or {}
-    if budget.get("exceeded") and (budget.get("until") is None or now < budget["until"]):
-        until = budget.get("until") or later
-        return GateResult(False, "energy", "the energy budget is exceeded (energy.budget_exceeded)", until)
-    budget_wh, window = energy_budget(state, config)
-    if budget_wh is not None:
-        used = energy_used_wh(state, now, window)
-        if used + estimate_wh > budget_wh:
-            hours = window.total_seconds() / 3600
-            return GateResult(False, "energy",
-                              f"{used:.2f} Wh used in the last {hours:g} h + {estimate_wh:.2f} Wh estimated "
-                              f"exceeds the budget of {budget_wh:.2f} Wh",
-                              _energy_retry_at(state, now, window, budget_wh, estimate_wh, config.retry_after))
-
-    intensity = carbon_intensity(state, config)
-    mode = "normal"
-    if intensity is not None:
-        if intensity >= config.carbon_pause_g_per_kwh:
-            return GateResult(False, "carbon",
-                              f"grid carbon intensity {intensity:g} gCO2e/kWh is at or above the pause "
-                              f"threshold {config.carbon_pause_g_per_kwh:g}", later)
-        if intensity >= config.carbon_caution_g_per_kwh:
-            mode = "caution"
-
-    load, memory_gb = hardware_load(state.hardware)
-    if load is not None and load > config.max_load_per_core:
-        return GateResult(False, "hardware",
-                          f"load average per core {load:.2f} is above {config.max_load_per_core:g}", later)
-    if memory_gb is not None and memory_gb < config.min_memory_available_gb:
-        return GateResult(False, "hardware",
-                          f"{memory_gb:.2f} GiB memory available, below {config.min_memory_available_gb:g} GiB",
-                          later)
-    return GateResult(True, carbon_mode=mode)
-
-
-def energy_budget(state: EvolutionState, config: EvolutionConfig) -> tuple[float | None, timedelta]:
-    """The budget (Wh) and its rolling window: configured here, else the energy service's."""
-    if config.energy_budget_wh is not None:
-        return float(config.energy_budget_wh), config.energy_window
-    budget = state.budget or {}
-    if budget.get("budget_wh") is None:
-        return None, config.energy_window
-    window = timedelta(seconds=budget["window_s"]) if budget.get("window_s") else config.energy_window
-    return float(budget["budget_wh"]), window
-
-
-def _energy_retry_at(state: EvolutionState, now: datetime, window: timedelta, budget_wh: float,
-                     estimate_wh: float, retry_after: timedelta) -> datetime:
-    # The earliest moment enough measured energy has left the window for this
-    # cycle to fit; when even an empty window would not fit it, check again
-    # later (the budget or the estimate may change).
-    samples = sorted((at, wh) for at, wh in state.energy_samples if now - window < at <= now)
-    used = sum(wh for _, wh in samples)
-    if estimate_wh > budget_wh:
-        return now + retry_after
-    for at, wh in samples:
-        used -= wh
-        if used + estimate_wh <= budget_wh:
-            return at + window + timedelta(seconds=1)
-    return now + retry_after
-
-
-def pending_approvals(state: EvolutionState) -> set[str]:
-    """Approval requests still waiting, including proposals approval has not seen yet."""
-    own = {c.request_id for c in state.cycles.values() if c.status == PROPOSED}
-    return set(state.pending_approvals) | own
-
-
-def hardware_load(profile: Mapping[str, Any] | None) -> tuple[float | None, float | None]:
-    """``(load average per core, memory available in GiB)`` from a ``hardware.profiled`` payload.
-
-    Reads the 1-minute ``load_avg[0]`` over ``cores`` (the energy service's
-    profile), or ``load_per_core`` when given; memory from
-    ``memory_available_bytes`` (or ``memory_available_gb``).
-    """
-    if not profile:
-        return None, None
-    load = _number(profile.get("load_per_core"))
-    if load is None:
-        raw = profile.get("load_avg", profile.get("load_avg_1m"))
-        if isinstance(raw, (list, tuple)) and raw:
-            raw = raw[0]
-        cores = next((_number(profile.get(k)) for k in ("cores", "cpu_count_logical", "cpu_count")
-                      if _number(profile.get(k))), None)
-        if _number(raw) is not None and cores:
-            load = _number(raw) / cores
-    memory = _number(profile.get("memory_available_gb"))
-    if memory is None:
-        raw_bytes = _number(profile.get("memory_available_bytes"))
-        memory = raw_bytes / 2**30 if raw_bytes is not None else None
-    return load, memory
-
-
-# --- verifying approvals ------------------------------------------------------------
-
-
-def verify_grant(payload: Mapping[str, Any], cycle: Cycle, *, keyring: Keyring,
-                 policies: PolicySet, used_nonces: Iterable[str] = ()) -> VerificationResult:
-    """Whether an ``approval.granted`` payload really approves ``cycle``'s proposal.
-
-    Operator grants: the signed decision verifies against ``keyring`` with the
-    approver role at the grant's time, it is a "grant" for this cycle's request,
-    its operator is the actor, and not the requester. Policy grants: the named
-    policy exists in ``policies`` and is the one that auto-approves this
-    proposal.
-    """
-
-    def refuse(reason: str, detail: str) -> VerificationResult:
-        return VerificationResult(False, reason, detail)
-
-    if payload.get("request_id") != cycle.request_id:
-        return refuse("request_mismatch", f"the grant is for {payload.get('request_id')!r}")
-    if cycle.proposal is None:
-        return refuse("not_proposed", "the cycle has not been proposed")
-    actor = payload.get("actor") or ""
-    if actor.startswith("policy:"):
-        name = actor.removeprefix("policy:")
-        if policies.get(name) is None:
-            return refuse("unknown_policy", f"no policy named {name!r}")
-        kind = "research" if cycle.kind == "rl" else "cycle"
-        request = request_view(kind, proposal_subject(cycle.proposal), cycle.requested_by)
-        if not authorises(policies, name, request):
-            return refuse("policy_does_not_apply", f"policy {name!r} does not auto-approve this proposal")
-        return VerificationResult(True)
-    if actor.startswith("operator:"):
-        signed = payload.get("decision")
-        try:
-            at = parse_time(payload.get("granted_at") or "")
-        except (TypeError, ValueError):
-            return refuse("malformed", "the grant carries no granted_at")
-        verified = verify_decision(signed, keyring, now=at, required_role="approver")
-        if not verified:
-            return verified
-        bound = check_binding(signed, decisions="grant", request_id=cycle.request_id,
-                              requested_by=cycle.requested_by, used_nonces=used_nonces)
-        if not bound:
-            return bound
-        if actor != f"operator:{signed['operator_id']}":
-            return refuse("actor_mismatch", f"{actor!r} did not sign this decision")
-        return verified
-    return refuse("unknown_actor", f"{actor!r} is neither a policy nor an operator")
-
-
-# --- decide ------------------------------------------------------------------------
-
-
-def decide(message: Any, state: EvolutionState, config: EvolutionConfig) -> list[NewEvent]:
-    """The events ``message`` leads to; an incoming event must already be folded into ``state``."""
-    if isinstance(message, Tick):
-        return _on_tick(parse_time(message.now), state, config)
-    if isinstance(message, RequestCycle):
-        return _on_request_cycle(message, state, config)
-    if isinstance(message, RequestResearch):
-        return _on_request_research(message, state, config)
-    event_type = getattr(message, "type", None)
-    if event_type == "dataset.registered":
-        return _on_dataset(message, state, config)
-    if event_type == "approval.granted":
-        return _on_granted(message, state, config)
-    if event_type in ("approval.rejected", "approval.expired"):
-        return _on_not_approved(message, state)
-    if event_type in ("training.completed", "training.failed", "validation.completed"):
-        if event_type == "validation.completed" and validation_facts(message)["purpose"] != "candidate":
-            return []  # a drift soak of production is no cycle's result
-        cycle = _cycle_for(state, message)
-        return _evaluate_if_ready(cycle, _occurred_at(message)) if cycle else []
-    if event_type == "adapter.promoted":
-        return _on_promoted(message, state)
-    return []
-
-
-def _digest(text: str) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()[:12]
+# --- decide: triggers -----------------------------------------------------------------
 
 
 def _new_cycle(kind: str, trigger: Mapping[str, Any], requested_by: str, key: str) -> Cycle:
+    """A cycle not yet gated; its id is a digest of what triggered it, so a trigger makes one cycle."""
     prefix = "res" if kind == "rl" else "cyc"
-    return Cycle(f"{prefix}-{_digest(key)}", kind, DEFERRED, dict(trigger), requested_by)
+    digest = hashlib.sha256(key.encode()).hexdigest()[:12]
+    return Cycle(f"{prefix}-{digest}", kind, DEFERRED, dict(trigger), requested_by)
 
 
-def _on_tick(now: datetime, state: EvolutionState, config: EvolutionConfig) -> list[NewEvent]:
+def _on_tick(tick: Tick, state: EvolutionState, config: EvolutionConfig) -> list[NewEvent]:
+    now = parse_time(tick.now)
     events: list[NewEvent] = []
-    due = sorted((c for c in state.cycles.values() if c.status == DEFERRED and c.retry_at and c.retry_at <= now),
-                 key=lambda c: (c.retry_at, c.cycle_id))
-    for cycle in due:
+    for cycle in retries_due(state, now):
         # Fold each outcome before the next: a proposal counts against the approvals gate of those after it.
         new = _attempt(state.cycles[cycle.cycle_id], state, config, now)
-        state = _fold(state, new)
+        state = _fold_all(state, new)
         events += new
     slot = schedule_slot_due(state, config, now)
     if slot is not None and state.latest_dataset_id is not None:
@@ -475,35 +275,6 @@ def _on_tick(now: datetime, state: EvolutionState, config: EvolutionConfig) -> l
         if cycle.cycle_id not in state.cycles:
             events += _attempt(cycle, state, config, now)
     return events
-
-
-def schedule_due_at(slot: int, config: EvolutionConfig) -> datetime:
-    """When the schedule's ``slot`` fires: the slot's start plus a jitter fixed by the seed."""
-    interval = config.schedule_interval.total_seconds()
-    jitter = random.Random(f"{config.search.seed}:schedule:{slot}").uniform(
-        0.0, config.schedule_jitter.total_seconds())
-    return datetime.fromtimestamp(slot * interval + jitter, tz=timezone.utc)
-
-
-def schedule_slot_due(state: EvolutionState, config: EvolutionConfig, now: datetime) -> int | None:
-    """The schedule slot that should fire at ``now``, if any. Missed slots are not caught up."""
-    if config.schedule_interval is None:
-        return None
-    slot = math.floor(now.timestamp() / config.schedule_interval.total_seconds())
-    if state.last_schedule_slot is not None and state.last_schedule_slot >= slot:
-        return None
-    return slot if now >= schedule_due_at(slot, config) else None
-
-
-def next_due(state: EvolutionState, config: EvolutionConfig, now: datetime) -> datetime | None:
-    """When a ``Tick`` has something to do next: a deferred retry or the schedule."""
-    times = [c.retry_at for c in state.cycles.values() if c.status == DEFERRED and c.retry_at]
-    if config.schedule_interval is not None:
-        slot = math.floor(now.timestamp() / config.schedule_interval.total_seconds())
-        if state.last_schedule_slot is not None and state.last_schedule_slot >= slot:
-            slot += 1
-        times.append(schedule_due_at(slot, config))
-    return min(times, default=None)
 
 
 def _on_dataset(event: Any, state: EvolutionState, config: EvolutionConfig) -> list[NewEvent]:
@@ -530,13 +301,7 @@ def _on_request_cycle(cmd: RequestCycle, state: EvolutionState, config: Evolutio
     unknown = set(cmd.config or {}) - set(config.search.space.names())
     if unknown:
         raise CommandRejected(f"unknown settings {sorted(unknown)}; searchable: {config.search.space.names()}")
-    command_id = cmd.command_id or f"{cmd.operator_id}:{iso(parse_time(cmd.requested_at))}"
-    trigger = {"type": "operator", "command_id": command_id, "dataset_id": cmd.dataset_id,
-               "config": dict(cmd.config or {}), "warm_start": cmd.warm_start}
-    cycle = _new_cycle("mntp", trigger, cmd.operator_id, f"operator:{command_id}")
-    if cycle.cycle_id in state.cycles:
-        return []
-    return _attempt(cycle, state, config, parse_time(cmd.requested_at))
+    return _operator_cycle("mntp", "operator", cmd, cmd.warm_start, state, config)
 
 
 def _on_request_research(cmd: RequestResearch, state: EvolutionState, config: EvolutionConfig) -> list[NewEvent]:
@@ -545,10 +310,16 @@ def _on_request_research(cmd: RequestResearch, state: EvolutionState, config: Ev
         raise CommandRejected("research needs an adapter: none given and none promoted yet")
     if cmd.dataset_id is not None and _usable_dataset(state, cmd.dataset_id) is None:
         raise CommandRejected(f"dataset {cmd.dataset_id!r} is unknown or quarantined")
+    return _operator_cycle("rl", "research", cmd, adapter, state, config)
+
+
+def _operator_cycle(kind: str, key: str, cmd: RequestCycle | RequestResearch, warm_start: str | None,
+                    state: EvolutionState, config: EvolutionConfig) -> list[NewEvent]:
+    """The cycle an operator's command asks for, once (a retried command finds it already there)."""
     command_id = cmd.command_id or f"{cmd.operator_id}:{iso(parse_time(cmd.requested_at))}"
     trigger = {"type": "operator", "command_id": command_id, "dataset_id": cmd.dataset_id,
-               "config": dict(cmd.config or {}), "warm_start": adapter}
-    cycle = _new_cycle("rl", trigger, cmd.operator_id, f"research:{command_id}")
+               "config": dict(cmd.config or {}), "warm_start": warm_start}
+    cycle = _new_cycle(kind, trigger, cmd.operator_id, f"{key}:{command_id}")
     if cycle.cycle_id in state.cycles:
         return []
     return _attempt(cycle, state, config, parse_time(cmd.requested_at))
@@ -556,91 +327,16 @@ def _on_request_research(cmd: RequestResearch, state: EvolutionState, config: Ev
 
 def _attempt(cycle: Cycle, state: EvolutionState, config: EvolutionConfig, now: datetime) -> list[NewEvent]:
     """Gate ``cycle`` at ``now``: propose it, defer it, or abandon it when its dataset is gone."""
-    trigger = cycle.trigger
-    dataset = _usable_dataset(state, trigger.get("dataset_id"))
-    if dataset is None and (cycle.kind == "mntp" or trigger.get("dataset_id")):
+    dataset = _usable_dataset(state, cycle.trigger.get("dataset_id"))
+    if dataset is None and (cycle.kind == "mntp" or cycle.trigger.get("dataset_id")):
         return [_completed(cycle, "abandoned", now, reason="its dataset is unknown or quarantined")]
-
-    individual: Individual | None = None
-    if cycle.kind == "mntp":
-        individual = next_individual(state.population, config.search)
-        settings = config.search.space.clamp({**individual.config, **(trigger.get("config") or {})})
-    else:
-        settings = {**config.research_config, **(trigger.get("config") or {})}
-    estimate = estimate_energy_wh(settings, state.population, config.default_wh_per_sample_step)
-    gate = evaluate_gates(state, config, now, estimate)
-    if gate.open and gate.carbon_mode == "caution":
-        # Fewer steps rather than no cycle: the grid is dirty, not forbidding.
-        steps = max(1, int(settings.get("steps", 1) * config.caution_steps_factor))
-        settings = config.search.space.clamp({**settings, "steps": steps}) if cycle.kind == "mntp" else \
-            {**settings, "steps": steps}
-        estimate = estimate_energy_wh(settings, state.population, config.default_wh_per_sample_step)
-        gate = evaluate_gates(state, config, now, estimate)
-    if not gate.open:
-        return [NewEvent("cycle.deferred", cycle.cycle_id, {
-            "cycle_id": cycle.cycle_id,
-            "kind": cycle.kind,
-            "gate": gate.gate,
-            "reason": gate.reason,
-            "retry_at": iso(gate.retry_at),
-            "deferred_at": iso(now),
-            "attempt": cycle.attempts + 1,
-            "trigger": dict(trigger),
-            "requested_by": cycle.requested_by,
-        }, correlation_id=cycle.cycle_id)]
-
-    load, memory_gb = hardware_load(state.hardware)
-    payload = {
-        "cycle_id": cycle.cycle_id,
-        "kind": cycle.kind,
-        "trigger": dict(trigger),
-        "model": config.model,
-        "dataset": ({"dataset_id": dataset["dataset_id"], "sha256": dataset["sha256"], "uri": dataset["uri"]}
-                    if dataset else None),
-        "config": settings,
-        "warm_start": trigger.get("warm_start") or state.promoted_adapter,
-        "energy_estimate_wh": estimate,
-        "carbon_mode": gate.carbon_mode,
-        "carbon_intensity_g_per_kwh": carbon_intensity(state, config),
-        "hardware": {"load_per_core": load, "memory_available_gb": memory_gb},
-        "requested_by": cycle.requested_by,
-        "proposed_at": iso(now),
-    }
-    if cycle.kind == "mntp":
-        payload["generation"] = individual.generation
-        payload["individual"] = {"individual_id": individual.individual_id, "generation": individual.generation,
-                                 "parents": list(individual.parents)}
-        return [NewEvent("cycle.proposed", cycle.cycle_id, payload, correlation_id=cycle.cycle_id)]
-    return [NewEvent("research.proposed", cycle.cycle_id, payload, correlation_id=cycle.cycle_id)]
+    return [gate_cycle(cycle, dataset, state, config, now)]
 
 
-def _on_granted(event: Any, state: EvolutionState, config: EvolutionConfig) -> list[NewEvent]:
-    payload = event.payload
-    if payload.get("kind") not in ("cycle", "research"):
-        return []
-    cycle = state.cycles.get(payload.get("cycle_id") or (payload.get("subject") or {}).get("cycle_id") or "")
-    if cycle is None or cycle.status != PROPOSED:
-        return []  # not ours, or already acted on (a redelivered grant)
-    if not verify_grant(payload, cycle, keyring=config.keyring, policies=config.policies):
-        return []
-    proposal = cycle.proposal
-    job_id = f"job-{cycle.cycle_id}"
-    return [NewEvent("training.requested", job_id, {
-        "job_id": job_id,
-        "cycle_id": cycle.cycle_id,
-        "kind": cycle.kind,
-        "model": proposal["model"],
-        "dataset": proposal.get("dataset"),
-        "config": dict(proposal["config"]),
-        "warm_start": proposal.get("warm_start"),
-        "hardware_plan": dict(state.scaling) if state.scaling else None,
-        "requested_by": cycle.requested_by,
-        "approval": {"request_id": payload["request_id"], "actor": payload["actor"]},
-        "energy_estimate_wh": proposal.get("energy_estimate_wh"),
-    })]
+# --- decide: refusals, results and the end of a cycle ---------------------------------
 
 
-def _on_not_approved(event: Any, state: EvolutionState) -> list[NewEvent]:
+def _on_not_approved(event: Any, state: EvolutionState, config: EvolutionConfig) -> list[NewEvent]:
     # Rejections and expiries only ever stop work, so they are taken as they come.
     payload = event.payload
     outcome = "rejected" if event.type == "approval.rejected" else "expired"
@@ -656,7 +352,15 @@ def _on_not_approved(event: Any, state: EvolutionState) -> list[NewEvent]:
     return []
 
 
-def _on_promoted(event: Any, state: EvolutionState) -> list[NewEvent]:
+def _on_result(event: Any, state: EvolutionState, config: EvolutionConfig) -> list[NewEvent]:
+    """A training result or a verdict: the cycle is scored once it has both."""
+    if event.type == "validation.completed" and validation_facts(event)["purpose"] != "candidate":
+        return []  # a drift soak of production is no cycle's result
+    cycle = _cycle_for(state, event)
+    return _evaluate_if_ready(cycle, _occurred_at(event)) if cycle else []
+
+
+def _on_promoted(event: Any, state: EvolutionState, config: EvolutionConfig) -> list[NewEvent]:
     sha = _adapter_sha(event.payload)
     cycle = state.cycles.get(event.payload.get("cycle_id") or "") or next(
         (c for c in state.cycles.values() if sha and (c.training or {}).get("adapter_sha256") == sha), None)
@@ -718,92 +422,40 @@ def _completed(cycle: Cycle, outcome: str, now: datetime, *, reason: str | None 
     }, correlation_id=cycle.cycle_id)
 
 
-# --- evolve ---------------------------------------------------------------------------
+# --- decide ---------------------------------------------------------------------------
 
 
-def evolve(state: EvolutionState, event: Any) -> EvolutionState:
-    """Fold one event (evolution's own, or a fact from another service) into the state."""
-    etype, payload = event.type, event.payload
-    if etype in ("cycle.deferred", "cycle.proposed", "research.proposed"):
-        return _evolve_cycle_event(state, event)
-    if etype == "training.requested":
-        cycle = state.cycles.get(payload.get("cycle_id") or "")
-        if cycle is None or cycle.status != PROPOSED:
-            return state
-        pending = {k: v for k, v in state.pending_approvals.items() if k != cycle.request_id}
-        return _put(replace(state, pending_approvals=pending),
-                    replace(cycle, status=APPROVED, job_id=payload["job_id"]))
-    if etype == "cycle.evaluated":
-        cycle = state.cycles.get(payload["cycle_id"])
-        state = replace(state, population=state.population.apply(event))
-        if cycle is None or cycle.fitness is not None:
-            return state
-        return _put(state, replace(cycle, status=EVALUATED, fitness=payload["fitness"]))
-    if etype == "cycle.completed":
-        cycle = state.cycles.get(payload["cycle_id"])
-        state = replace(state, population=state.population.apply(event))
-        if cycle is None or cycle.status == COMPLETED:
-            return state
-        return _put(state, replace(cycle, status=COMPLETED, outcome=payload["outcome"],
-                                   fitness=payload.get("fitness", cycle.fitness)))
-    if etype in ("training.completed", "training.failed"):
-        cycle = _cycle_for(state, event)
-        if cycle is None or cycle.training is not None:
-            return state
-        return _put(state, replace(cycle, training=training_facts(event)))
-    if etype == "validation.completed":
-        facts = validation_facts(event)
-        if facts["purpose"] == "drift":
-            # Production drifting is an incident: no new cycle until a drift soak passes again.
-            incident = f"drift-{facts['adapter_sha256']}"
-            if facts["verdict"] == "fail":
-                return replace(state, open_incidents=state.open_incidents | {incident})
-            if facts["verdict"] == "pass":
-                return replace(state, open_incidents=state.open_incidents - {incident})
-            return state
-        cycle = _cycle_for(state, event)
-        if cycle is None or cycle.validation is not None:
-            return state
-        return _put(state, replace(cycle, validation=validation_facts(event)))
-    if etype == "approval.requested":
-        entry = {"kind": payload.get("kind"), "cycle_id": payload.get("cycle_id"),
-                 "adapter_sha256": (payload.get("subject") or {}).get("adapter_sha256")}
-        done = state.cycles.get(payload.get("cycle_id") or "")
-        if payload.get("kind") in ("cycle", "research") and done is not None and done.status not in (PROPOSED,):
-            return state  # already acted on: it is no longer waiting for anyone
-        return replace(state, pending_approvals={**state.pending_approvals, payload["request_id"]: entry})
-    if etype in ("approval.rejected", "approval.expired"):
-        pending = {k: v for k, v in state.pending_approvals.items() if k != payload.get("request_id")}
-        return replace(state, pending_approvals=pending)
-    if etype == "adapter.promoted":
-        sha = _adapter_sha(payload)
-        pending = {k: v for k, v in state.pending_approvals.items()
-                   if not (v.get("kind") == "promotion" and sha and v.get("adapter_sha256") == sha)}
-        return replace(state, promoted_adapter=sha or state.promoted_adapter, pending_approvals=pending)
-    if etype == "dataset.registered":
-        dataset = {"dataset_id": payload["dataset_id"], "sha256": payload["sha256"], "uri": payload["uri"],
-                   "name": payload.get("name"), "quarantined": bool(payload.get("quarantined", False))}
-        datasets = {**state.datasets, dataset["dataset_id"]: dataset}
-        latest = state.latest_dataset_id
-        if not dataset["quarantined"]:
-            latest = dataset["dataset_id"]
-        elif latest == dataset["dataset_id"]:
-            latest = None  # quarantined after the fact: never train on it again
-        return replace(state, datasets=datasets, latest_dataset_id=latest)
-    if etype == "hardware.profiled":
-        return replace(state, hardware=dict(payload))
-    if etype == "scaling.recommended":
-        return replace(state, scaling=dict(payload))
-    if etype.startswith("energy."):
-        return _evolve_energy(state, event)
-    if etype.endswith("incident_opened") or etype == "incident.opened":
-        return replace(state, open_incidents=state.open_incidents | {_incident_id(event)})
-    if etype.endswith(("incident_resolved", "incident_closed")) or etype in ("incident.resolved", "incident.closed"):
-        return replace(state, open_incidents=state.open_incidents - {_incident_id(event)})
-    return state
+Reaction = Callable[[Any, EvolutionState, EvolutionConfig], list[NewEvent]]
+
+_COMMANDS: Mapping[type, Reaction] = {
+    Tick: _on_tick,
+    RequestCycle: _on_request_cycle,
+    RequestResearch: _on_request_research,
+}
+
+_REACTIONS: Mapping[str, Reaction] = {
+    "dataset.registered": _on_dataset,
+    "approval.granted": request_training,
+    "approval.rejected": _on_not_approved,
+    "approval.expired": _on_not_approved,
+    "training.completed": _on_result,
+    "training.failed": _on_result,
+    "validation.completed": _on_result,
+    "adapter.promoted": _on_promoted,
+}
 
 
-def _evolve_cycle_event(state: EvolutionState, event: Any) -> EvolutionState:
+def decide(message: Any, state: EvolutionState, config: EvolutionConfig) -> list[NewEvent]:
+    """The events ``message`` leads to; an incoming event must already be folded into ``state``."""
+    react = _COMMANDS.get(type(message)) or _REACTIONS.get(getattr(message, "type", None))
+    return react(message, state, config) if react else []
+
+
+# --- evolve: evolution's own events ---------------------------------------------------
+
+
+def _fold_gated(state: EvolutionState, event: Any) -> EvolutionState:
+    """``cycle.deferred``, ``cycle.proposed`` or ``research.proposed``: the gates' answer for a cycle."""
     payload = event.payload
     cycle = state.cycles.get(payload["cycle_id"])
     if cycle is not None and cycle.status != DEFERRED:
@@ -823,62 +475,51 @@ def _evolve_cycle_event(state: EvolutionState, event: Any) -> EvolutionState:
     return _put(state, cycle)
 
 
-def _evolve_energy(state: EvolutionState, event: Any) -> EvolutionState:
-    payload, at = event.payload, _occurred_at(event)
-    if event.type == "energy.reported":
-        # Counted when the job ended, as the energy service counts it.
-        ended = (payload.get("window") or {}).get("ended_at")
-        at = parse_time(ended) if ended else at
-        wh = _energy_wh(payload)
-        if wh is not None:
-            samples = tuple(s for s in state.energy_samples if s[0] > at - ENERGY_HISTORY) + ((at, wh),)
-            state = replace(state, energy_samples=tuple(sorted(samples)))
-    if event.type == "energy.budget_exceeded":
-        until = parse_time(payload["until"]) if payload.get("until") else None
-        previous = state.budget or {}
-        if previous.get("exceeded") and previous.get("until") and until and previous["until"] > until:
-            until = previous["until"]  # another window stays over for longer
-        state = replace(state, budget={**previous, "at": at, "exceeded": True, "until": until,
-                                       **_budget_figures(payload)})
-    elif payload.get("budget_wh") is not None and payload.get("used_wh") is not None:
-        # A status under budget lifts a standing budget_exceeded.
-        exceeded = float(payload["used_wh"]) > float(payload["budget_wh"])
-        state = replace(state, budget={"at": at, "exceeded": exceeded, "until": None, **_budget_figures(payload)})
-    for key in ("carbon_intensity", "carbon_intensity_g_per_kwh"):
-        if _number(payload.get(key)) is not None:
-            state = replace(state, carbon={"g_per_kwh": float(payload[key]), "at": iso(at)})
-            break
-    return state
+def _fold_training_requested(state: EvolutionState, event: Any) -> EvolutionState:
+    cycle = state.cycles.get(event.payload.get("cycle_id") or "")
+    if cycle is None or cycle.status != PROPOSED:
+        return state
+    pending = {k: v for k, v in state.pending_approvals.items() if k != cycle.request_id}
+    return _put(replace(state, pending_approvals=pending),
+                replace(cycle, status=APPROVED, job_id=event.payload["job_id"]))
 
 
-def _budget_figures(payload: Mapping[str, Any]) -> dict[str, Any]:
-    return {k: float(payload[k]) for k in ("used_wh", "budget_wh", "window_s") if _number(payload.get(k)) is not None}
+def _fold_evaluated(state: EvolutionState, event: Any) -> EvolutionState:
+    cycle = state.cycles.get(event.payload["cycle_id"])
+    state = replace(state, population=state.population.apply(event))
+    if cycle is None or cycle.fitness is not None:
+        return state
+    return _put(state, replace(cycle, status=EVALUATED, fitness=event.payload["fitness"]))
 
 
-def _put(state: EvolutionState, cycle: Cycle) -> EvolutionState:
-    return replace(state, cycles={**state.cycles, cycle.cycle_id: cycle})
+def _fold_completed(state: EvolutionState, event: Any) -> EvolutionState:
+    payload = event.payload
+    cycle = state.cycles.get(payload["cycle_id"])
+    state = replace(state, population=state.population.apply(event))
+    if cycle is None or cycle.status == COMPLETED:
+        return state
+    return _put(state, replace(cycle, status=COMPLETED, outcome=payload["outcome"],
+                               fitness=payload.get("fitness", cycle.fitness)))
 
 
-def _fold(state: EvolutionState, events: Iterable[Any]) -> EvolutionState:
-    for event in events:
-        state = evolve(state, event)
-    return state
+# --- evolve: facts from other services ------------------------------------------------
 
 
-def handle(message: Any, state: EvolutionState, config: EvolutionConfig) -> tuple[EvolutionState, list[NewEvent]]:
-    """Fold ``message`` (if it is an event), decide, and fold what was decided."""
-    if hasattr(message, "type"):
-        state = evolve(state, message)
-    events = decide(message, state, config)
-    return _fold(state, events), events
+def _fold_training_result(state: EvolutionState, event: Any) -> EvolutionState:
+    cycle = _cycle_for(state, event)
+    if cycle is None or cycle.training is not None:
+        return state
+    return _put(state, replace(cycle, training=training_facts(event)))
 
 
-def replay(events: Iterable[Any], state: EvolutionState | None = None) -> EvolutionState:
-    """The state after ``events`` in log order (evolution's own and the facts it reads)."""
-    return _fold(state if state is not None else initial_state(), events)
-
-
-# --- reading other services' events ----------------------------------------------------
+def _fold_verdict(state: EvolutionState, event: Any) -> EvolutionState:
+    facts = validation_facts(event)
+    if facts["purpose"] == "drift":
+        return fold_drift_verdict(state, facts)
+    cycle = _cycle_for(state, event)
+    if cycle is None or cycle.validation is not None:
+        return state
+    return _put(state, replace(cycle, validation=facts))
 
 
 def _cycle_for(state: EvolutionState, event: Any) -> Cycle | None:
@@ -897,5 +538,57 @@ def _cycle_for(state: EvolutionState, event: Any) -> Cycle | None:
     return None
 
 
-def _incident_id(event: Any) -> str:
-    return event.payload.get("incident_id") or event.aggregate_id
+def _put(state: EvolutionState, cycle: Cycle) -> EvolutionState:
+    return replace(state, cycles={**state.cycles, cycle.cycle_id: cycle})
+
+
+# --- evolve ---------------------------------------------------------------------------
+
+
+Fold = Callable[[EvolutionState, Any], EvolutionState]
+
+_FOLDS: Mapping[str, Fold] = {
+    "cycle.deferred": _fold_gated,
+    "cycle.proposed": _fold_gated,
+    "research.proposed": _fold_gated,
+    "training.requested": _fold_training_requested,
+    "cycle.evaluated": _fold_evaluated,
+    "cycle.completed": _fold_completed,
+    "training.completed": _fold_training_result,
+    "training.failed": _fold_training_result,
+    "validation.completed": _fold_verdict,
+    "approval.requested": fold_approval_requested,
+    "approval.rejected": fold_approval_closed,
+    "approval.expired": fold_approval_closed,
+    "adapter.promoted": fold_promoted,
+    "dataset.registered": fold_dataset,
+    "hardware.profiled": fold_hardware_profile,
+    "scaling.recommended": fold_scaling,
+    "energy.reported": fold_energy_reported,
+    "energy.budget_exceeded": fold_budget_exceeded,
+}
+
+
+def evolve(state: EvolutionState, event: Any) -> EvolutionState:
+    """Fold one event (evolution's own, or a fact from another service) into the state; others change nothing."""
+    fold = _FOLDS.get(event.type)
+    return fold(state, event) if fold else state
+
+
+def _fold_all(state: EvolutionState, events: Iterable[Any]) -> EvolutionState:
+    for event in events:
+        state = evolve(state, event)
+    return state
+
+
+def handle(message: Any, state: EvolutionState, config: EvolutionConfig) -> tuple[EvolutionState, list[NewEvent]]:
+    """Fold ``message`` (if it is an event), decide, and fold what was decided."""
+    if hasattr(message, "type"):
+        state = evolve(state, message)
+    events = decide(message, state, config)
+    return _fold_all(state, events), events
+
+
+def replay(events: Iterable[Any], state: EvolutionState | None = None) -> EvolutionState:
+    """The state after ``events`` in log order (evolution's own and the facts it reads)."""
+    return _fold_all(state if state is not None else initial_state(), events)

@@ -13,6 +13,11 @@ give the same next configuration, on any node, after any restart. The
 population is never kept in a side file; ``population_from_events`` rebuilds
 it from the ``cycle.proposed`` / ``cycle.evaluated`` / ``cycle.completed``
 events that evolution itself wrote.
+
+``cycle_settings`` gives the settings a cycle runs with (the next individual,
+or the research defaults for RL, with an operator's overrides on top);
+``with_fewer_steps`` shortens them when the grid's carbon intensity calls
+for caution; ``estimate_energy_wh`` prices them from what has been measured.
 """
 
 from __future__ import annotations
@@ -274,6 +279,25 @@ def next_individual(population: Population, settings: SearchSettings = SearchSet
         canonical({"n": len(population.individuals), "config": config, "parents": parents}).encode()
     ).hexdigest()[:12]
     return Individual(individual_id, generation, config, parents)
+
+
+def cycle_settings(kind: str, overrides: Mapping[str, Any] | None, population: Population, settings: SearchSettings,
+                   research_config: Mapping[str, Any]) -> tuple[Individual | None, dict[str, Any]]:
+    """The settings a cycle runs with, and the individual they come from (MNTP only).
+
+    MNTP: the search's next individual; RL: ``research_config``. An operator's
+    ``overrides`` go on top; searched settings stay inside their bounds.
+    """
+    if kind != "mntp":
+        return None, {**research_config, **(overrides or {})}
+    individual = next_individual(population, settings)
+    return individual, settings.space.clamp({**individual.config, **(overrides or {})})
+
+
+def with_fewer_steps(kind: str, config: Mapping[str, Any], factor: float, space: SearchSpace) -> dict[str, Any]:
+    """``config`` with its steps scaled by ``factor`` (at least one); kept inside the search bounds (MNTP)."""
+    steps = max(1, int(config.get("steps", 1) * factor))
+    return space.clamp({**config, "steps": steps}) if kind == "mntp" else {**config, "steps": steps}
 
 
 def _child(mother: Mapping[str, Any], father: Mapping[str, Any], space: SearchSpace,

@@ -10,6 +10,7 @@ from __future__ import annotations
 from services.registry import domain
 from services.registry.projections import all_projections
 from shared.archive import archive
+from shared.decider import Decider, from_document
 from shared.service import HandlerContext, Service
 from shared.contracts.trust import Keyring, KeyringError
 from shared.topics import AGGREGATE_TYPES
@@ -17,22 +18,19 @@ from shared.keys import load_keyring
 
 service = Service("registry", reads=AGGREGATE_TYPES)
 PROJECTIONS = all_projections()
-STATE = ("decisions", "registry")  # (kind, key) in the state store
+# one row per adapter, channel, profile and promotion request; a database from before kept one document
+decisions = Decider(domain, from_rows=domain.RegistryState.from_rows,
+                    upgrade=from_document("decisions", "registry", domain.RegistryState.from_dict))
 
 
 @service.handles("*")
 def on_event(event, ctx: HandlerContext):
     if not archive(ctx.session, event):
-        return []
+        return
     for projection in PROJECTIONS:
         projection.apply(ctx.session, event)
-    if event.type not in domain.RELEVANT or event.producer.service == service.name:
-        return []
-    state = domain.RegistryState.from_dict(ctx.state.get(*STATE))
-    config = domain.RegistryConfig(keyring=_keyring(ctx))
-    state, decided = domain.handle(event, state, config)
-    ctx.state.put(*STATE, state.to_dict())
-    return decided
+    if event.type in domain.RELEVANT and event.producer.service != service.name:
+        decisions.run(ctx, event, domain.RegistryConfig(keyring=_keyring(ctx)))
 
 
 def _keyring(ctx: HandlerContext) -> Keyring:

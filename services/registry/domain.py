@@ -144,6 +144,30 @@ class RegistryState:
             used_nonces=frozenset(data.get("used_nonces") or ()),
         )
 
+    def to_rows(self) -> dict[str, dict[str, Any]]:
+        """One row per adapter, channel, profile, promotion request, waiting grant, answered request and nonce."""
+        data = self.to_dict()
+        rows = {f"{prefix}:{key}": record for prefix, group in _ROW_GROUPS.items() for key, record in data[group].items()}
+        rows.update({f"acted_on:{request_id}": {} for request_id in self.acted_on})
+        rows.update({f"nonce:{nonce}": {} for nonce in self.used_nonces})
+        return rows
+
+    @classmethod
+    def from_rows(cls, rows: Mapping[str, Mapping[str, Any]]) -> "RegistryState":
+        data: dict[str, Any] = {group: {} for group in _ROW_GROUPS.values()}
+        data.update(acted_on=[], used_nonces=[])
+        for key, record in rows.items():
+            prefix, name = key.split(":", 1)
+            if prefix in _ROW_GROUPS:
+                data[_ROW_GROUPS[prefix]][name] = record
+            else:
+                data["acted_on" if prefix == "acted_on" else "used_nonces"].append(name)
+        return cls.from_dict(data)
+
+
+_ROW_GROUPS = {"adapter": "adapters", "channel": "channels", "profile": "profiles", "request": "requests",
+               "parked": "parked"}  # row key prefix -> the part of the state it holds
+
 
 def initial_state() -> RegistryState:
     return RegistryState()
@@ -188,6 +212,12 @@ def evolve(state: RegistryState, event: Any) -> RegistryState:
         facts = replace(facts, uri=facts.uri or p.get("adapter_uri"), kind=p.get("kind") or facts.kind,
                         cycle_id=facts.cycle_id or p.get("cycle_id"), fallback=fallback)
         return replace(state, adapters={**state.adapters, sha: facts})
+    if etype == "approval.granted" and p.get("kind") == "promotion":
+        if p["request_id"] in state.acted_on:
+            return state
+        # it waits here until a promotion or a refusal answers it (``_release_parked``)
+        parked = (dict(p), iso(_granted_at(event)), getattr(event, "event_id", None))
+        return replace(state, parked={**state.parked, p["request_id"]: parked})
     if etype == "approval.requested" and p.get("kind") == "promotion":
         subject = p.get("subject") or {}
         request = PromotionRequest(p["request_id"], subject.get("adapter_sha256"), p.get("requested_by"),
@@ -254,13 +284,9 @@ def decide(event: Any, state: RegistryState, config: RegistryConfig) -> list[New
 def handle(event: Any, state: RegistryState, config: RegistryConfig) -> tuple[RegistryState, list[NewEvent]]:
     """Fold ``event``, decide, and fold what was decided (so the next event sees it at once)."""
     state = evolve(state, event)
-    decided: list[NewEvent] = []
-    for new in decide(event, state, config):
+    decided = decide(event, state, config)
+    for new in decided:
         state = evolve(state, new)
-        decided.append(new)
-    if _waits_for_validation(event, state, decided):
-        parked = (dict(event.payload), iso(_granted_at(event)), getattr(event, "event_id", None))
-        state = replace(state, parked={**state.parked, event.payload["request_id"]: parked})
     return state, decided
 
 
@@ -355,12 +381,6 @@ def _release_parked(sha: str | None, state: RegistryState, config: RegistryConfi
             state = evolve(state, new)
         events += decided
     return events
-
-
-def _waits_for_validation(event: Any, state: RegistryState, decided: list[NewEvent]) -> bool:
-    """A promotion grant that led to nothing and was not acted on is waiting for its validation."""
-    return (event.type == "approval.granted" and event.payload.get("kind") == "promotion" and not decided
-            and event.payload["request_id"] not in state.acted_on)
 
 
 # --- rollback ---------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """Trainer wiring: a training request becomes a job in a worker process; its lines become events.
 
-The job document (status, config, checkpoint) lives in the trainer's state
-store in the same transaction as the events that change it, so a redelivered
+The jobs (status, config, checkpoint) are rows of the trainer's state, saved
+in the same transaction as the events that change them, so a redelivered
 request never trains twice and a job completes once. A trainer killed
 mid-job resumes on restart from the job's last checkpoint.
 """
@@ -16,6 +16,7 @@ from pathlib import Path
 
 from services.trainer import domain
 from shared.artefacts import SharedArtefacts
+from shared.decider import Decider
 from shared.service import HandlerContext, Service
 from shared.tracing import continued, current_traceparent
 
@@ -24,58 +25,45 @@ service = Service("trainer", reads=["training", "dataset"])
 running: dict[str, asyncio.subprocess.Process] = {}
 
 
-def _state(ctx: HandlerContext) -> domain.TrainerState:
-    return domain.TrainerState(jobs=ctx.state.all("jobs"), datasets=ctx.state.all("datasets"))
+def _from_rows_of_before(ctx: HandlerContext) -> domain.TrainerState | None:
+    # before the decider's rows, jobs and datasets were rows of kinds "jobs" and "datasets", a job's trace in it
+    jobs, datasets = ctx.state.all("jobs"), ctx.state.all("datasets")
+    if not jobs and not datasets:
+        return None
+    for job_id, job in jobs.items():
+        if job.get("traceparent"):
+            ctx.state.put("traces", job_id, job.pop("traceparent"))
+        ctx.state.delete("jobs", job_id)
+    for dataset_id in datasets:
+        ctx.state.delete("datasets", dataset_id)
+    return domain.TrainerState(jobs=jobs, datasets=datasets)
 
 
-def _save(ctx: HandlerContext, state: domain.TrainerState, *job_ids: str) -> None:
-    for job_id in job_ids:
-        if job_id in state.jobs:
-            ctx.state.put("jobs", job_id, state.jobs[job_id])
-
-
-def _apply(ctx: HandlerContext, message, *, correlation_id: str | None = None, traceparent: str | None = None):
-    """Decide, stage the events, fold them into the job document: one transaction."""
-    state = _state(ctx)
-    sealed = service.stage(ctx, domain.decide(message, state), correlation_id=correlation_id)
-    if hasattr(message, "type"):
-        state = domain.evolve(state, message)
-    for event in sealed:
-        state = domain.evolve(state, event)
-    job_id = getattr(message, "job_id", None) or (message.payload.get("job_id") if hasattr(message, "payload") else None)
-    if job_id and job_id in state.jobs:
-        if traceparent:
-            state.jobs[job_id]["traceparent"] = traceparent
-        _save(ctx, state, job_id)
-    return sealed
+# one row per job and one per dataset
+trainer = Decider(domain, from_rows=domain.TrainerState.from_rows, upgrade=_from_rows_of_before)
 
 
 @service.handles("dataset.registered")
 def on_dataset(event, ctx: HandlerContext):
-    state = domain.evolve(_state(ctx), event)
-    ctx.state.put("datasets", event.payload["dataset_id"], state.datasets[event.payload["dataset_id"]])
-    return []
+    trainer.run(ctx, event)
 
 
 @service.handles("training.requested")
 def on_requested(event, ctx: HandlerContext):
-    sealed = _apply(ctx, event, traceparent=current_traceparent())
-    if any(e.type == "training.started" for e in sealed):
-        job_id = event.payload["job_id"]
+    job_id = event.payload["job_id"]
+    if any(e.type == "training.started" for e in trainer.run(ctx, event)):
+        ctx.state.put("traces", job_id, current_traceparent())  # the job's events continue the request's trace
         ctx.later(lambda: _run_job(job_id))
-    return []
 
 
 @service.on_start
 async def resume_jobs(svc: Service) -> None:
     with svc.transaction() as ctx:
-        jobs = ctx.state.all("jobs")
-        resumed = []
-        for job_id, job in jobs.items():
-            if job["status"] == domain.RUNNING:
-                step = _checkpoint_step(_job_dir(job_id))
-                _apply(ctx, domain.ResumeJob(job_id, step), correlation_id=job["cycle_id"])
-                resumed.append(job_id)
+        state = trainer.state(ctx)
+        resumed = domain.jobs_to_resume(state)
+        for job_id in resumed:
+            step = _checkpoint_step(_job_dir(job_id))
+            trainer.run(ctx, domain.ResumeJob(job_id, step), correlation_id=state.jobs[job_id]["cycle_id"])
     await svc.flush_outbox()
     for job_id in resumed:
         svc.log.info("resuming job %s", job_id)
@@ -99,16 +87,16 @@ def _checkpoint_step(job_dir: Path) -> int | None:
 
 async def _emit(job_id: str, message) -> list:
     with service.transaction() as ctx:
-        job = ctx.state.get("jobs", job_id)
-        with continued(job.get("traceparent")):
-            sealed = _apply(ctx, message, correlation_id=job["cycle_id"])
+        job = trainer.state(ctx).jobs[job_id]
+        with continued(ctx.state.get("traces", job_id)):
+            sealed = trainer.run(ctx, message, correlation_id=job["cycle_id"])
     await service.flush_outbox()
     return sealed
 
 
 async def _run_job(job_id: str) -> None:
     with service.transaction() as ctx:
-        job = ctx.state.get("jobs", job_id)
+        job = trainer.state(ctx).jobs[job_id]
     job_dir = _job_dir(job_id)
     job_dir.mkdir(parents=True, exist_ok=True)
     artefacts = SharedArtefacts.for_settings(service.settings)

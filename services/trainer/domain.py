@@ -113,6 +113,20 @@ class TrainerState:
     def from_dict(cls, data: Mapping[str, Any]) -> "TrainerState":
         return cls(jobs=dict(data.get("jobs") or {}), datasets=dict(data.get("datasets") or {}))
 
+    def to_rows(self) -> dict[str, dict[str, Any]]:
+        """One row per job and one per dataset."""
+        rows = {f"job:{job_id}": job for job_id, job in self.jobs.items()}
+        rows.update({f"dataset:{dataset_id}": registration for dataset_id, registration in self.datasets.items()})
+        return rows
+
+    @classmethod
+    def from_rows(cls, rows: Mapping[str, Mapping[str, Any]]) -> "TrainerState":
+        parts: dict[str, dict[str, Any]] = {"job": {}, "dataset": {}}
+        for key, record in rows.items():
+            prefix, _, name = key.partition(":")
+            parts[prefix][name] = dict(record)
+        return cls(jobs=parts["job"], datasets=parts["dataset"])
+
 
 def initial_state() -> TrainerState:
     return TrainerState()
@@ -138,8 +152,8 @@ def apply_hardware_plan(config: Mapping[str, Any], plan: Mapping[str, Any] | Non
 # --- decide -------------------------------------------------------------------
 
 
-def decide(message: Any, state: TrainerState) -> list[NewEvent]:
-    """The events ``message`` (a runner command or a consumed event) leads to."""
+def decide(message: Any, state: TrainerState, config: Any = None) -> list[NewEvent]:
+    """The events ``message`` (a runner command or a consumed event) leads to; the trainer has no configuration."""
     if isinstance(message, RequestTraining):
         return _request(message, state)
     if isinstance(message, JobProgressed):
@@ -300,11 +314,11 @@ def evolve(state: TrainerState, event: Any) -> TrainerState:
     return replace(state, jobs={**state.jobs, job_id: job})
 
 
-def handle(message: Any, state: TrainerState) -> tuple[TrainerState, list[NewEvent]]:
+def handle(message: Any, state: TrainerState, config: Any = None) -> tuple[TrainerState, list[NewEvent]]:
     """Fold an incoming event in, decide, and fold the decided events too."""
     if hasattr(message, "type") and hasattr(message, "payload"):
         state = evolve(state, message)
-    events = decide(message, state)
+    events = decide(message, state, config)
     for event in events:
         state = evolve(state, event)
     return state, events

@@ -1,10 +1,14 @@
 """Validator wiring: every trained candidate is soaked against production; production is re-soaked for drift.
 
-The run state is a fold of this service's own events (rebuilt from its
-outbox at start-up) plus the adapter in production per kind, kept as a
-document updated by ``adapter.promoted``. A run that was in flight when the
-service stopped is closed as inconclusive on restart, so it never blocks a
-later run; the candidate can be soaked again by re-requesting it.
+The run state (``domain``) is a fold of this service's own events plus the
+adapter in production per kind (``adapter.promoted``, ``adapter.rolled_back``)
+and the plan as last sized by ``scaling.recommended``, kept as rows in the
+transaction of each change (a database from before the rows has it rebuilt
+from the outbox once). A run that was in flight
+when the service stopped goes on from its last finished cycle on restart (the
+finished cycles are kept as they complete); one whose start is missing from
+the log is closed as inconclusive, so it never blocks a later run. The soak
+itself runs in ``soak``.
 """
 
 from __future__ import annotations
@@ -17,9 +21,12 @@ from pathlib import Path
 
 from services.validator import domain
 from services.validator.soak import run_soak
+from services.validator.soak_plan import SoakPlan, next_drift_soak
+from services.validator.threshold_file import load_thresholds
 from services.validator.thresholds import Thresholds
 from shared.artefacts import ArtefactStore
 from shared.contracts.envelope import NewEvent, utcnow
+from shared.decider import Decider
 from shared.service import HandlerContext, Service
 from shared.tracing import continued, current_traceparent
 
@@ -29,51 +36,44 @@ def _env(name: str, default: float) -> float:
     return float(raw) if raw not in (None, "") else default
 
 
-PLAN = domain.SoakPlan(replicas=int(_env("NEURONS_SOAK_REPLICAS", 2)), cycles=int(_env("NEURONS_SOAK_CYCLES", 2)),
-                       episodes=int(_env("NEURONS_SOAK_EPISODES", 5)))
+PLAN = SoakPlan(replicas=int(_env("NEURONS_SOAK_REPLICAS", 2)), cycles=int(_env("NEURONS_SOAK_CYCLES", 2)),
+                episodes=int(_env("NEURONS_SOAK_EPISODES", 5)))
 COOLDOWN_S = _env("NEURONS_SOAK_COOLDOWN_S", 0.0)
 DRIFT_EVERY_S = _env("NEURONS_DRIFT_SOAK_S", 24 * 3600.0)  # 0 turns drift soaks off
 THRESHOLDS_FILE = os.environ.get("NEURONS_VALIDATION_THRESHOLDS")
 
 service = Service("validator", reads=["training", "adapter", "dataset", "scaling"])
-thresholds = Thresholds.from_file(THRESHOLDS_FILE) if THRESHOLDS_FILE else Thresholds.default()
-state = domain.initial_state(PLAN, thresholds)
+thresholds = load_thresholds(THRESHOLDS_FILE) if THRESHOLDS_FILE else Thresholds.default()
 replica_pids: dict[str, dict[str, int]] = {}
 
 
-def _fold(current, events):
-    return reduce(domain.evolve, events, current)
+def _from_before(ctx: HandlerContext) -> domain.ValidatorState:
+    # before the rows: a fold of the outbox at every start, the adapters in production and the advice as records
+    state = reduce(domain.evolve, ctx.service.own_events(), domain.initial_state(PLAN, thresholds))
+    production = ctx.state.get("validator", "production", {})
+    ctx.state.delete("validator", "production")
+    state = replace(state, production={k: domain.Baseline.from_dict(v) for k, v in production.items()})
+    advice = ctx.state.get("validator", "advice", None)
+    if advice:
+        state = replace(state, plan=PLAN.fitted(advice["validator_replicas"], thresholds.min_samples, advice["event_id"]))
+    return state
 
 
-def _stage(ctx: HandlerContext, events, **kw):
-    sealed = service.stage(ctx, events, **kw)
-
-    def apply() -> None:
-        global state
-        state = _fold(state, sealed)
-
-    ctx.committed(apply)
-    return sealed
+# one row per run and per kind's adapter in production, one for the advice the plan was sized to
+validator = Decider(domain, from_rows=lambda rows: domain.ValidatorState.from_rows(rows, PLAN, thresholds),
+                    upgrade=_from_before)
 
 
 @service.on_start
-async def rebuild(svc: Service) -> None:
-    global state
-    state = _fold(domain.initial_state(PLAN, thresholds), svc.own_events())
+async def resume(svc: Service) -> None:
     with svc.transaction() as ctx:
-        production = ctx.state.get("validator", "production", {})
-        state = replace(state, production={k: domain.Baseline.from_dict(v) for k, v in production.items()})
-        advice = ctx.state.get("validator", "advice", None)  # what on_scaling kept: a plan's sizing()
-        if advice:  # the last advice read before the restart; the next may come much later
-            state = replace(state, plan=PLAN.fitted(advice["validator_replicas"], thresholds.min_samples,
-                                                    advice["event_id"]))
         resume = []
-        for run in state.runs.values():
+        for run in validator.state(ctx).runs.values():
             if run.active:  # its replicas died with the previous process: go on from the last finished cycle
                 started = next((e.payload for e in svc.own_events()
                                 if e.type == "validation.started" and e.aggregate_id == run.validation_id), None)
                 if started is None:
-                    _stage(ctx, domain.decide(domain.AbandonRun(run.validation_id, "its start is not in the log"), state))
+                    validator.run(ctx, domain.AbandonRun(run.validation_id, "its start is not in the log"))
                 else:
                     resume.append(started)
         for started in resume:
@@ -90,40 +90,32 @@ def on_trained(event, ctx: HandlerContext):
     if p.get("adapter_sha256"):
         ctx.state.put("adapters", p["adapter_sha256"], {"dataset_uri": p.get("dataset_uri"), "model": p.get("model"),
                                                         "kind": p.get("kind", "mntp")})
-    for started in _stage(ctx, domain.decide(event, state)):
+    for started in validator.run(ctx, event):
         _launch(ctx, started.payload)
-    return []
 
 
 @service.handles("scaling.recommended")
 def on_scaling(event, ctx: HandlerContext):
     if event.payload.get("node") not in (None, service.settings.node):
-        return []
+        return
     advised = event.payload.get("validator_replicas")
     plan = PLAN.fitted(advised, thresholds.min_samples, event.event_id)
     ctx.state.put("validator", "advice", plan.sizing())
     if advised is not None and 2 * plan.replicas > advised:
         service.log.info("the node has room for %d replica processes; a soak still runs one candidate replica "
                          "and its baseline twin", advised)
-
-    def apply() -> None:
-        global state
-        state = replace(state, plan=plan)
-
-    ctx.committed(apply)
-    return []
+    validator.save(ctx, replace(validator.state(ctx), plan=plan))
 
 
 @service.handles("adapter.promoted", "adapter.rolled_back")
 def on_production(event, ctx: HandlerContext):
-    global state
-    state = domain.evolve(state, event) if event.type == "adapter.promoted" else state
-    if event.type == "adapter.rolled_back":
-        kind = event.payload.get("kind", "mntp")
-        state = replace(state, production={**state.production, kind: domain.Baseline(
-            "production", event.payload["adapter_sha256"], event.payload.get("adapter_uri"))})
-    ctx.state.put("validator", "production", {k: v.to_dict() for k, v in state.production.items()})
-    return []
+    if event.type == "adapter.promoted":
+        validator.run(ctx, event)
+        return
+    state = validator.state(ctx)
+    kind = event.payload.get("kind", "mntp")
+    rolled_back_to = domain.Baseline("production", event.payload["adapter_sha256"], event.payload.get("adapter_uri"))
+    validator.save(ctx, replace(state, production={**state.production, kind: rolled_back_to}))
 
 
 def _launch(ctx: HandlerContext, run: dict) -> None:
@@ -140,8 +132,8 @@ def _launch(ctx: HandlerContext, run: dict) -> None:
             except Exception as exc:  # a failing run never blocks later runs
                 service.log.exception("soak %s failed", run["validation_id"])
                 with service.transaction() as tx:
-                    _stage(tx, domain.decide(domain.AbandonRun(run["validation_id"], f"soak failed: {exc!r}"), state),
-                           correlation_id=correlation)
+                    validator.run(tx, domain.AbandonRun(run["validation_id"], f"soak failed: {exc!r}"),
+                                  correlation_id=correlation)
                 await service.flush_outbox()
 
     ctx.later(soak)
@@ -154,8 +146,8 @@ async def _soak(run: dict, model: str, dataset_path: str, correlation: str) -> N
     async def on_cycle(cycle: int, results: list[dict], raw_cycle: dict) -> bool:
         with service.transaction() as ctx:
             ctx.state.put("soak_cycles", f"{run['validation_id']}:{cycle:04d}", raw_cycle)
-            sealed = _stage(ctx, domain.decide(domain.CycleFinished(run["validation_id"], cycle, results), state),
-                            correlation_id=correlation)
+            sealed = validator.run(ctx, domain.CycleFinished(run["validation_id"], cycle, results),
+                                   correlation_id=correlation)
         await service.flush_outbox()
         return not any(e.payload.get("stop_early") for e in sealed)
 
@@ -174,28 +166,28 @@ async def _soak(run: dict, model: str, dataset_path: str, correlation: str) -> N
         env={**os.environ, "NEURONS_VAR": str(service.settings.var_dir)},
         fault={"latency_jitter_ms": _env("NEURONS_SOAK_FAULT_LATENCY_JITTER_MS", 0.0) or None}, done_cycles=done)
     with service.transaction() as ctx:
-        events = [NewEvent(e.type, e.aggregate_id, {**e.payload, "energy": energy}, e.correlation_id)
-                  for e in domain.decide(domain.RunFinished(run["validation_id"], raw, uri), state)]
-        _stage(ctx, events, correlation_id=correlation)
+        decided = domain.decide(domain.RunFinished(run["validation_id"], raw, uri), validator.state(ctx))
+        # the verdict carries what the soak measured
+        validator.record(ctx, [NewEvent(e.type, e.aggregate_id, {**e.payload, "energy": energy}, e.correlation_id)
+                               for e in decided], correlation_id=correlation)
     await service.flush_outbox()
 
 
 @service.every(60.0, jitter=30.0)
 def drift_tick(ctx: HandlerContext):
     if not DRIFT_EVERY_S:
-        return []
-    now = utcnow()
+        return
+    now, state = utcnow(), validator.state(ctx)
     for kind, baseline in state.production.items():
         if not baseline.adapter_sha256:
             continue
         # the candidate soak that let it into production counts as its first soak
         last = max((r.started_at for r in state.runs.values()
                     if r.adapter_sha256 == baseline.adapter_sha256 and r.started_at), default=None)
-        due = domain.next_drift_soak(now, last, DRIFT_EVERY_S, 0.1, f"{service.settings.node}:{baseline.adapter_sha256}")
+        due = next_drift_soak(now, last, DRIFT_EVERY_S, 0.1, f"{service.settings.node}:{baseline.adapter_sha256}")
         if due > now:
             continue
         command = domain.StartDriftSoak(baseline.adapter_sha256, baseline.adapter_uri or "", kind, now,
                                         baseline=domain.Baseline("base"))
-        for started in _stage(ctx, domain.decide(command, state)):
+        for started in validator.run(ctx, command):
             _launch(ctx, started.payload)
-    return []

@@ -3,7 +3,8 @@
 A replica loads the base model and its adapter through the shared adapter
 runtime (the loader serving uses; the artefact's sha256 is checked), then runs
 ``cycles`` x ``episodes`` evaluation episodes and prints one JSON line per
-cycle: ``{"event": "cycle", "cycle": c, "samples": {metric: [...]}, "load": {...}}``.
+cycle: ``{"event": "cycle", "cycle": c, "replica_id": ..., "side": ...,
+"samples": {metric: [...]}, "load": {...}}``.
 
 Episode metrics: ``mntp_loss`` and ``mntp_accuracy`` (held-out masked-token
 prediction) for MNTP adapters, ``reward`` (a verifiable reward on held-out
@@ -12,13 +13,14 @@ Episode k of every replica uses the same held-out texts and masks, so the two
 sides answer the same questions.
 
 Spec: replica_id, side, model, adapter_sha256, adapter_uri (null: the base model
-alone), kind, cycles, episodes, cooldown_s, dataset_path, eval (mask_ratio,
-max_length, batch_size, eval_fraction, seed, texts_per_episode, reward,
-reward_params), latency_hold_ms and latency_jitter_ms (fault injection, for
-chaos drills: every episode is held ``latency_hold_ms`` longer; with
-``latency_jitter_ms`` the hold moves early and late by turns, by a random half
-to all of the jitter, so the latency spread widens while its median and mean
-stay where an unjittered replica with the same hold has them).
+alone), kind, cycles, first_cycle (the cycles a resumed soak already has),
+episodes, cooldown_s, dataset_path, eval (mask_ratio, max_length, batch_size,
+eval_fraction, seed, texts_per_episode, reward, reward_params), latency_hold_ms
+and latency_jitter_ms (fault injection, for chaos drills: every episode is held
+``latency_hold_ms`` longer; with ``latency_jitter_ms`` the hold moves early and
+late by turns, by a random half to all of the jitter, so the latency spread
+widens while its median and mean stay where an unjittered replica with the same
+hold has them).
 """
 
 from __future__ import annotations

@@ -4,8 +4,10 @@ The validator's app hands a started run to ``run_soak``; it launches R
 candidate and R baseline replicas (services/validator/replica.py), collects
 each cycle from every replica still alive, and reports it through
 ``on_cycle``. A replica that dies is an incident in the cycle it died in; the
-others go on. The raw data (every sample of every replica) is written to the
-artefact store and its URI returned with it.
+others go on. A soak resumed after a restart starts from the first cycle not
+yet finished. The raw data (every sample of every replica; format in
+``samples``) is written to the artefact store and returned with its URI and
+the energy the soak took.
 """
 
 from __future__ import annotations

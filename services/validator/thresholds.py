@@ -2,7 +2,7 @@
 
 A ``Thresholds`` value is data, stored in every verdict, so a verdict can be
 re-judged later on the same raw samples with the same (or stricter) settings.
-It loads from JSON or YAML; a file only names what it changes, everything else
+It is read from JSON or YAML (``threshold_file.load_thresholds``); a file only names what it changes, everything else
 keeps the defaults below::
 
     pass_score: 0.6
@@ -29,9 +29,7 @@ Per metric:
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field, fields, replace
-from pathlib import Path
 from typing import Any, Mapping
 
 DIRECTIONS = ("lower", "higher")
@@ -182,17 +180,3 @@ class Thresholds:
     def restore(cls, data: Mapping[str, Any]) -> "Thresholds":
         """Exactly the thresholds stored in a verdict, without today's defaults."""
         return cls.from_dict(data, base=cls(metrics={}, groups={}))
-
-    @classmethod
-    def from_file(cls, path: str | Path) -> "Thresholds":
-        path = Path(path)
-        text = path.read_text()
-        if path.suffix.lower() in (".yaml", ".yml"):
-            import yaml
-
-            data = yaml.safe_load(text) or {}
-        else:
-            data = json.loads(text)
-        if not isinstance(data, dict):
-            raise ValueError(f"{path}: thresholds must be a mapping")
-        return cls.from_dict(data)

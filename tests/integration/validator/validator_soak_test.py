@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 import pytest_asyncio
 
-from services.validator.domain import rejudge
+from services.validator.judgement import rejudge
 from services.validator.soak import run_soak
 from services.validator.thresholds import Thresholds
 from shared.artefacts import ADAPTER_CONFIG, ADAPTER_WEIGHTS, ArtefactStore, StoredArtefact

@@ -8,7 +8,7 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from services.evolution import domain
+from services.evolution import domain, gates
 from services.evolution.domain import CommandRejected, RequestCycle, RequestResearch, Tick
 from services.evolution.search import FAIL_FITNESS
 from shared.contracts.envelope import iso
@@ -52,7 +52,7 @@ def test_the_schedule_fires_once_per_slot_after_its_jitter(run, keyring, dataset
                                     schedule_jitter=timedelta(minutes=30))
     state = domain.replay([dataset_registered("ds-1")])
     slot_start = datetime(2025, 3, 4, 12, 0, tzinfo=timezone.utc)
-    due = domain.schedule_due_at(int(slot_start.timestamp() // 21600), config)
+    due = gates.schedule_due_at(int(slot_start.timestamp() // 21600), config)
     assert slot_start <= due < slot_start + timedelta(minutes=30)
 
     _, early = run(config, [Tick(due - timedelta(seconds=1))], state)
@@ -66,7 +66,7 @@ def test_the_schedule_fires_once_per_slot_after_its_jitter(run, keyring, dataset
     assert again == []
     assert [e.type for e in next_slot] == ["cycle.proposed"]
     assert next_slot[0].payload["cycle_id"] != fired[0].payload["cycle_id"]
-    assert domain.next_due(state, config, due) > due
+    assert gates.next_due(state, config, due) > due
 
 
 def test_the_schedule_waits_for_a_dataset(run, keyring):
@@ -261,3 +261,11 @@ def test_replaying_the_log_gives_the_state_that_handling_it_built(config, datase
     assert [e.type for e in log if e.type.startswith("cycle.")] == ["cycle.deferred", "cycle.deferred",
                                                                     "cycle.proposed"]
     assert domain.replay(log) == state
+
+
+def test_an_event_type_evolution_does_not_read_changes_nothing(approved, config, event):
+    state, _ = approved
+    for unread in (event("incident.opened", "inc-1", {"incident_id": "inc-1"}),
+                   event("training.progressed", "job-1", {"job_id": "job-1", "step": 3})):
+        assert domain.evolve(state, unread) == state
+        assert domain.decide(unread, state, config) == []

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import replace
 from datetime import timedelta
 
-from services.evolution import domain
+from services.evolution import domain, gates
 from services.evolution.domain import Tick
 from shared.contracts.trust import parse_time
 
@@ -173,7 +173,7 @@ def test_a_deferred_cycle_whose_dataset_was_quarantined_is_abandoned(run, config
 def test_next_due_names_the_earliest_retry(run, config, dataset_registered, facts, now):
     state, deferred = deferred_then(run, config, [facts.hardware(3.8)], dataset_registered, now)
 
-    assert domain.next_due(state, config, now) == parse_time(deferred.payload["retry_at"])
+    assert gates.next_due(state, config, now) == parse_time(deferred.payload["retry_at"])
 
 
 def test_after_a_budget_crossing_the_energy_services_budget_still_holds(run, config, dataset_registered, facts, now):

@@ -9,13 +9,12 @@ from services.validator.domain import (
     Baseline,
     CycleFinished,
     RunFinished,
-    SoakPlan,
     StartDriftSoak,
-    blocking_drift_run,
     decide,
     evolve,
     initial_state,
 )
+from services.validator.soak_plan import SoakPlan, blocking_drift_run
 from shared.contracts.schemas import validate_payload
 
 SHA = "c" * 64

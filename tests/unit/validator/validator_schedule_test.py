@@ -2,7 +2,7 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from services.validator.domain import next_drift_soak
+from services.validator.soak_plan import next_drift_soak
 
 DAY = 86400.0
 NOW = datetime(2025, 3, 4, 12, 0, tzinfo=timezone.utc)

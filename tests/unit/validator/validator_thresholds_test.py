@@ -2,6 +2,7 @@ import json
 
 import pytest
 
+from services.validator.threshold_file import load_thresholds
 from services.validator.thresholds import MetricSpec, Thresholds
 
 
@@ -26,7 +27,7 @@ def test_yaml_file_overrides_only_what_it_names(tmp_path):
         "  latency_ms: {min_effect: 0.02}\n"
         "  tokens_per_s: {direction: higher, group: performance, kinds: [rl]}\n"
     )
-    t = Thresholds.from_file(path)
+    t = load_thresholds(path)
     assert t.pass_score == 0.7 and t.consecutive_failures == 5
     assert t.metrics["latency_ms"].min_effect == 0.02
     assert t.metrics["latency_ms"].shape_check  # kept from the defaults
@@ -37,7 +38,7 @@ def test_yaml_file_overrides_only_what_it_names(tmp_path):
 def test_json_file_and_round_trip(tmp_path):
     path = tmp_path / "thresholds.json"
     path.write_text(json.dumps({"min_samples": 30, "groups": {"quality": 0.8}}))
-    t = Thresholds.from_file(path)
+    t = load_thresholds(path)
     assert t.min_samples == 30 and t.groups["quality"] == 0.8
     assert Thresholds.restore(json.loads(json.dumps(t.to_dict()))) == t
 

@@ -4,16 +4,15 @@ import json
 import numpy as np
 import pytest
 
-from services.validator.domain import (
+from services.validator.judgement import (
     VERDICT_ORDER,
-    CycleSamples,
-    ReplicaResult,
     judge_cycle,
     judge_metric,
     judge_run,
     longest_failing_streak,
     rejudge,
 )
+from services.validator.samples import CycleSamples, ReplicaResult
 from services.validator.thresholds import Thresholds
 
 SHA = "a" * 64
