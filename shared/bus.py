@@ -71,6 +71,8 @@ def decode(raw: bytes | None) -> Envelope:
             raise MalformedEvent(f"unknown event type {envelope.type!r}", "unknown_type")
         validate(envelope, from_json=True)
         version, payload = schemas.upcast(envelope.type, envelope.schema_version, envelope.payload)
+        if version != envelope.schema_version:
+            schemas.validate_payload(envelope.type, version, payload)
     except schemas.SchemaError as exc:
         raise MalformedEvent(str(exc), "schema_violation") from None
     if version != envelope.schema_version:

@@ -199,6 +199,8 @@ class Service:
         parent = ctx.event
         traceparent = current_traceparent()
         for new in events or ():
+            if not isinstance(new, NewEvent):  # an Envelope is already sealed and staged (Decider.run returns those)
+                raise TypeError(f"a handler returns NewEvents to stage, not {type(new).__name__}")
             corr = new.correlation_id or correlation_id or (parent.correlation_id if parent else new.aggregate_id)
             envelope = seal(
                 new,

@@ -171,7 +171,7 @@ class EnergyState:
             prefix, _, name = key.partition(":")
             parts.setdefault(prefix, {})[name] = record
         usage = sorted((Usage(time_or_none(u["at"]), u["wh"], u["job_key"]) for u in parts.get("usage", {}).values()),
-                       key=lambda u: (u.at, u.job_key))
+                       key=_usage_order)
         return cls(budgets=budgets, usage=tuple(usage), reported=frozenset(parts.get("reported", {})),
                    recent_wh={kind: tuple(r["wh"]) for kind, r in parts.get("recent", {}).items()},
                    crossings={window: dict(r) for window, r in parts.get("crossing", {}).items()},
@@ -189,7 +189,7 @@ def evolve(state: EnergyState, event: Any) -> EnergyState:
         key = _job_key(kind, payload["job_id"])
         wh = payload.get("wh")
         at = _accounting_time(payload, event.occurred_at)
-        usage = _prune(state.usage + (Usage(at, wh, key),), at, state.horizon)
+        usage = _prune(tuple(sorted(state.usage + (Usage(at, wh, key),), key=_usage_order)), at, state.horizon)
         recent = dict(state.recent_wh)
         if wh is not None:
             recent[kind] = (recent.get(kind, ()) + (float(wh),))[-RECENT_JOBS_KEPT:]
@@ -199,6 +199,11 @@ def evolve(state: EnergyState, event: Any) -> EnergyState:
     if event.type == HARDWARE_PROFILED:
         return replace(state, hardware={**state.hardware, event.aggregate_id: dict(payload)})
     return state
+
+
+def _usage_order(usage: Usage) -> tuple[datetime, str]:
+    """Usage is kept by time, then job: the same order whether it was folded live or read back from rows."""
+    return usage.at, usage.job_key
 
 
 def _prune(usage: tuple[Usage, ...], now: datetime, horizon: timedelta) -> tuple[Usage, ...]:

@@ -464,8 +464,10 @@ def _fold_gated(state: EvolutionState, event: Any) -> EvolutionState:
         cycle = Cycle(payload["cycle_id"], payload["kind"], DEFERRED, dict(payload.get("trigger") or {}),
                       payload.get("requested_by") or SERVICE_REQUESTER)
     if event.type == "cycle.deferred":
-        cycle = replace(cycle, gate=payload["gate"], retry_at=parse_time(payload["retry_at"]),
-                        attempts=int(payload.get("attempt", cycle.attempts + 1)))
+        attempt = int(payload.get("attempt", cycle.attempts + 1))
+        if attempt <= cycle.attempts and cycle.retry_at is not None:
+            return state  # an earlier deferral read late: the later one already holds
+        cycle = replace(cycle, gate=payload["gate"], retry_at=parse_time(payload["retry_at"]), attempts=attempt)
     else:
         cycle = replace(cycle, status=PROPOSED, proposal=dict(payload), retry_at=None)
         state = replace(state, population=state.population.apply(event))

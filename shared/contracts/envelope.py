@@ -112,7 +112,10 @@ class Envelope(BaseModel):
     def _utc(cls, value: datetime) -> datetime:
         if value.tzinfo is None:
             raise ValueError("occurred_at must carry a timezone (UTC)")
-        return value.astimezone(timezone.utc)
+        try:
+            return value.astimezone(timezone.utc)
+        except OverflowError:
+            raise ValueError("occurred_at is outside the years 1 to 9999 in UTC") from None
 
     @field_validator("type")
     @classmethod

@@ -16,9 +16,13 @@ Upcaster = Callable[[dict], dict]
 def dataset_registered_v1_to_v2(payload: dict) -> dict:
     # v1 called the record count `records` and had no quarantine flag: every
     # dataset registered before v2 was curated by hand and never quarantined.
+    # v1 allowed any extra property; one named like a field v2 added is not that
+    # field (no v1 producer wrote them), so it does not carry over.
+    for added in ("quarantined", "quarantine_reason", "source", "registered_by", "auto_cycle"):
+        payload.pop(added, None)
     payload["record_count"] = payload.pop("records")
-    payload.setdefault("quarantined", False)
-    payload.setdefault("quarantine_reason", None)
+    payload["quarantined"] = False
+    payload["quarantine_reason"] = None
     return payload
 
 

@@ -38,8 +38,11 @@ class Approval:
         settings = Settings.from_env().with_(var_dir=var_dir, database_url=None, trace_file=None, otlp_endpoint=None)
         self.service = Service("approval", reads=["cycle"], settings=settings)
         self.runner = runner or approvals()
-        self.service.handles("cycle.proposed")(lambda event, ctx: self.runner.run(ctx, event, domain.ApprovalConfig()))
+        self.service.handles("cycle.proposed")(self.on_proposed)
         self.service.every(5.0)(self.tick)
+
+    def on_proposed(self, event, ctx):
+        self.runner.run(ctx, event, domain.ApprovalConfig())  # stages its events itself
 
     def tick(self, ctx):
         self.runner.run(ctx, domain.Tick(now=ctx.now), domain.ApprovalConfig())
