@@ -367,3 +367,19 @@ def redelivery_is_absorbed(runtime: Runtime, script: Iterable[Any], config: Any,
         assert (runtime.state().to_rows() == state.to_rows()) if restart else (runtime.state() == state)
     finally:
         runtime.close()
+
+
+def assert_redelivery_changes_nothing(journal, step, candidates, pick: int, watched: Iterable[str] | None = None) -> None:
+    """Delivering one of ``candidates`` again (``pick`` chooses) decides nothing (of ``watched``) and keeps the state."""
+    if not candidates:
+        return
+    state, events = step(candidates[pick % len(candidates)], journal.state)
+    assert [e for e in events if watched is None or e.type in watched] == []
+    assert state == journal.state
+
+
+def assert_replay_gives_live_state(journal, replay) -> None:
+    """Folding the log gives the state built live: at the end, and at every point on the way."""
+    assert replay(journal.log) == journal.state
+    for state, size in zip(journal.states, journal.log_sizes):
+        assert replay(journal.log[:size]) == state

@@ -11,6 +11,8 @@ from hypothesis import strategies as st
 from services.approval import domain
 from shared.contracts.policies import default_policies
 from tests.unit.laws.law_support import (
+    assert_redelivery_changes_nothing,
+    assert_replay_gives_live_state,
     Ids,
     Runtime,
     drive,
@@ -123,24 +125,13 @@ def run(script):
 @given(scripts, st.integers(min_value=0))
 def test_a_redelivered_subject_decides_nothing_and_changes_nothing(script, pick):
     journal = run(script)
-    if not journal.consumed:
-        return
-    again = journal.consumed[pick % len(journal.consumed)]
-
-    state, events = step(again, journal.state)
-
-    assert events == []
-    assert state == journal.state
+    assert_redelivery_changes_nothing(journal, step, journal.consumed, pick)
 
 
 @laws(30)
 @given(scripts)
 def test_replaying_the_log_gives_the_state_built_live(script):
-    journal = run(script)
-    assert replay(journal.log) == journal.state
-    # and at every point on the way, not only at the end
-    for state, size in zip(journal.states, journal.log_sizes):
-        assert replay(journal.log[:size]) == state
+    assert_replay_gives_live_state(run(script), replay)
 
 
 @laws(30)

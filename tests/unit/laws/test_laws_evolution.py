@@ -20,6 +20,8 @@ from services.evolution import domain
 from shared.contracts.envelope import iso
 from shared.contracts.policies import default_policies
 from tests.unit.laws.law_support import (
+    assert_redelivery_changes_nothing,
+    assert_replay_gives_live_state,
     Ids,
     Runtime,
     artefact_uri,
@@ -285,14 +287,7 @@ def run(script):
 @given(scripts(), st.integers(min_value=0))
 def test_its_own_event_coming_back_from_the_log_decides_nothing_and_changes_nothing(script, pick):
     journal = run(script)
-    if not journal.own:
-        return
-    again = journal.own[pick % len(journal.own)]
-
-    state, events = step(again, journal.state)
-
-    assert events == []
-    assert state == journal.state
+    assert_redelivery_changes_nothing(journal, step, journal.own, pick)
 
 
 def test_the_first_of_two_deferrals_coming_back_from_the_log_changes_nothing():
@@ -312,24 +307,13 @@ def test_the_first_of_two_deferrals_coming_back_from_the_log_changes_nothing():
 @given(scripts(), st.integers(min_value=0))
 def test_a_redelivered_grant_starts_no_second_training_and_changes_nothing(script, pick):
     journal = run(script)
-    grants = [e for e in journal.consumed if e.type == "approval.granted"]
-    if not grants:
-        return
-    again = grants[pick % len(grants)]
-
-    state, events = step(again, journal.state)
-
-    assert events == []
-    assert state == journal.state
+    assert_redelivery_changes_nothing(journal, step, [e for e in journal.consumed if e.type == "approval.granted"], pick)
 
 
 @laws(30)
 @given(scripts())
 def test_replaying_the_log_gives_the_state_built_live(script):
-    journal = run(script)
-    assert replay(journal.log) == journal.state
-    for state, size in zip(journal.states, journal.log_sizes):
-        assert replay(journal.log[:size]) == state
+    assert_replay_gives_live_state(run(script), replay)
 
 
 @laws(30)

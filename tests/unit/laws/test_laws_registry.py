@@ -15,6 +15,8 @@ from hypothesis import strategies as st
 from services.registry import domain
 from shared.topics import AGGREGATE_TYPES
 from tests.unit.laws.law_support import (
+    assert_redelivery_changes_nothing,
+    assert_replay_gives_live_state,
     Ids,
     Runtime,
     drive,
@@ -196,24 +198,14 @@ def run(script):
 @given(scripts(), st.integers(min_value=0))
 def test_a_replayed_grant_promotes_nothing_and_changes_nothing(script, pick):
     journal = run(script)
-    grants = [e for e in journal.consumed if e.type == "approval.granted"]
-    if not grants:
-        return
-    again = grants[pick % len(grants)]
-
-    state, events = step(again, journal.state)
-
-    assert [e for e in events if e.type in ("adapter.promoted", "profile.adapter_updated")] == []
-    assert state == journal.state
+    assert_redelivery_changes_nothing(journal, step, [e for e in journal.consumed if e.type == "approval.granted"], pick,
+                                      watched=("adapter.promoted", "profile.adapter_updated"))
 
 
 @laws(30)
 @given(scripts())
 def test_replaying_the_log_gives_the_state_built_live(script):
-    journal = run(script)
-    assert replay(journal.log) == journal.state
-    for state, size in zip(journal.states, journal.log_sizes):
-        assert replay(journal.log[:size]) == state
+    assert_replay_gives_live_state(run(script), replay)
 
 
 @laws(30)

@@ -16,6 +16,8 @@ from hypothesis import strategies as st
 
 from services.trainer import domain
 from tests.unit.laws.law_support import (
+    assert_redelivery_changes_nothing,
+    assert_replay_gives_live_state,
     Ids,
     Runtime,
     drive,
@@ -141,24 +143,13 @@ def run(script):
 @given(scripts(), st.integers(min_value=0))
 def test_a_redelivered_request_starts_nothing_and_changes_nothing(script, pick):
     journal = run(script)
-    requests = [e for e in journal.consumed if e.type == "training.requested"]
-    if not requests:
-        return
-    again = requests[pick % len(requests)]
-
-    state, events = step(again, journal.state)
-
-    assert events == []
-    assert state == journal.state
+    assert_redelivery_changes_nothing(journal, step, [e for e in journal.consumed if e.type == "training.requested"], pick)
 
 
 @laws(30)
 @given(scripts())
 def test_replaying_the_log_gives_the_state_built_live(script):
-    journal = run(script)
-    assert replay(journal.log) == journal.state
-    for state, size in zip(journal.states, journal.log_sizes):
-        assert replay(journal.log[:size]) == state
+    assert_replay_gives_live_state(run(script), replay)
 
 
 @laws(30)

@@ -18,6 +18,8 @@ from hypothesis import strategies as st
 from services.validator import domain
 from shared.contracts.envelope import iso
 from tests.unit.laws.law_support import (
+    assert_redelivery_changes_nothing,
+    assert_replay_gives_live_state,
     T0,
     Ev,
     Ids,
@@ -194,24 +196,13 @@ def run(script):
 @given(scripts(), st.integers(min_value=0))
 def test_a_redelivered_training_result_starts_no_second_run_and_changes_nothing(script, pick):
     journal = run(script)
-    results = [e for e in journal.consumed if e.type == "training.completed"]
-    if not results:
-        return
-    again = results[pick % len(results)]
-
-    state, events = step(again, journal.state)
-
-    assert events == []
-    assert state == journal.state
+    assert_redelivery_changes_nothing(journal, step, [e for e in journal.consumed if e.type == "training.completed"], pick)
 
 
 @laws(30)
 @given(scripts())
 def test_replaying_the_log_gives_the_state_built_live(script):
-    journal = run(script)
-    assert replay(journal.log) == journal.state
-    for state, size in zip(journal.states, journal.log_sizes):
-        assert replay(journal.log[:size]) == state
+    assert_replay_gives_live_state(run(script), replay)
 
 
 @laws(30)
