@@ -7,6 +7,9 @@ so a database written by an earlier version keeps working after an upgrade.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+from typing import Iterator
+
 from sqlalchemy import MetaData, event, inspect
 from sqlalchemy.engine import Dialect, Engine
 from sqlalchemy.exc import DBAPIError
@@ -38,10 +41,35 @@ def engine_for(url: str) -> Engine:
     else:
         url = url.replace("postgresql://", "postgresql+psycopg://", 1) if url.startswith("postgresql://") else url
         engine = create_engine(url, pool_pre_ping=True)
-    SQLModel.metadata.create_all(engine)
-    add_missing_columns(engine, SQLModel.metadata)
+    with schema_lock(engine):
+        SQLModel.metadata.create_all(engine)
+        add_missing_columns(engine, SQLModel.metadata)
     _ENGINES[url] = engine
     return engine
+
+
+# Any fixed number: every process that creates or upgrades tables takes this advisory lock first.
+_SCHEMA_LOCK = 0x6E6575726F6E73  # "neurons"
+
+
+@contextmanager
+def schema_lock(engine: Engine) -> Iterator[None]:
+    """One process at a time creates or upgrades the tables of a shared PostgreSQL database.
+
+    Concurrent ``CREATE TABLE`` of the same table races in PostgreSQL's catalogue
+    (``pg_type_typname_nsp_index``), which crashed services starting together on
+    one database. SQLite databases are one per service, and SQLite locks the file.
+    """
+    if engine.dialect.name != "postgresql":
+        yield
+        return
+    with engine.connect() as connection:
+        connection.exec_driver_sql(f"SELECT pg_advisory_lock({_SCHEMA_LOCK})")
+        try:
+            yield
+        finally:
+            connection.exec_driver_sql(f"SELECT pg_advisory_unlock({_SCHEMA_LOCK})")
+            connection.commit()
 
 
 def add_missing_columns(engine: Engine, metadata: MetaData) -> list[str]:
