@@ -113,7 +113,7 @@ class Reporter:
                 score = p.get("score")
                 self.say(f"soak      cycle {p['cycle']}: {p['outcome']}" + (f" (score {score:.2f})" if score is not None else ""))
         elif event.type == "validation.completed":
-            self.say(f"verdict   {p['verdict']}: {p.get('explanation', '')}")
+            self.say(f"verdict   {p.get('explanation') or p['verdict']}")  # the explanation begins with the verdict
         elif event.type == "adapter.promoted":
             self.say(f"promoted  {p['adapter_sha256'][:12]} to {p['channel']}")
         elif event.type == "profile.adapter_updated":

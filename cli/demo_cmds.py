@@ -62,7 +62,6 @@ DEMO_ENV = {
     "NEURONS_MIN_STEPS": "1",
     "NEURONS_EVOLUTION_TICK_S": "2",
     "NEURONS_MAX_LOAD_PER_CORE": "4",       # a 2-core machine is busy with the services starting up
-    "NEURONS_CARBON_CAUTION_G_PER_KWH": "450",  # the default grid figure (400) then trains the steps asked
 }
 
 
@@ -172,7 +171,7 @@ def _print_summary(summary: dict, settings: Settings, as_json: bool) -> None:
     metrics = summary.get("metrics") or {}
     rows = [
         ("in production", f"{promotion.get('adapter_sha256', '-')} ({promotion.get('channel', '-')}, approved by {promotion.get('approver', '-')})"),
-        ("verdict", f"{summary.get('verdict')}: {summary.get('verdict_explanation') or ''}"),
+        ("verdict", summary.get('verdict_explanation') or summary.get('verdict')),  # it begins with the verdict
         ("trained on", summary_line(summary.get("placement"))),
         ("held-out loss", f"{metrics.get('loss_before', float('nan')):.4f} -> {metrics.get('loss_after', float('nan')):.4f}" if metrics.get("loss_before") is not None else "-"),
         ("energy", f"{energy.get('wh') or 0:.3f} Wh, {energy.get('gco2e') or 0:.3f} gCO2e ({', '.join(sorted({j['method'] or 'unmeasured' for j in energy.get('jobs', [])})) or '-'})"),

@@ -57,7 +57,7 @@ def config() -> domain.EvolutionConfig:
         carbon_intensity_g_per_kwh=service.settings.carbon_intensity_g_per_kwh,
         energy_budget_wh=float(budget) if budget else None,
         max_load_per_core=_float("NEURONS_MAX_LOAD_PER_CORE", 0.85),
-        carbon_caution_g_per_kwh=_float("NEURONS_CARBON_CAUTION_G_PER_KWH", 300.0),
+        carbon_caution_g_per_kwh=_float("NEURONS_CARBON_CAUTION_G_PER_KWH", 450.0),
         carbon_pause_g_per_kwh=_float("NEURONS_CARBON_PAUSE_G_PER_KWH", 500.0),
         max_pending_approvals=int(_float("NEURONS_MAX_PENDING_APPROVALS", 3)),
         retry_after=_seconds("NEURONS_GATE_RETRY_S", 1800) or timedelta(minutes=30),

@@ -75,7 +75,8 @@ class EvolutionConfig:
     energy_budget_wh: float | None = None  # None: the budget from the energy service's status
     default_wh_per_sample_step: float = 0.005  # until a cycle has been measured
     carbon_intensity_g_per_kwh: float | None = None  # when no energy event has reported one
-    carbon_caution_g_per_kwh: float = 300.0
+    # above the default grid figure (NEURONS_CARBON_INTENSITY, 400), so a site that sets none trains what it asks
+    carbon_caution_g_per_kwh: float = 450.0
     carbon_pause_g_per_kwh: float = 500.0
     caution_steps_factor: float = 0.5
     max_pending_approvals: int = 3

@@ -8,7 +8,7 @@ SERVICES = ("trainer", "evolution", "approval", "validator", "energy", "registry
 # A tiny model learns measurably in 30 steps at this rate; the soak stays short.
 TINY = {"NEURONS_MODEL": "tiny", "NEURONS_MODEL_PARAMS": "3000000", "NEURONS_SCHEDULE_INTERVAL_S": "0",
         "NEURONS_DRIFT_SOAK_S": "0", "NEURONS_EVOLUTION_TICK_S": "1", "NEURONS_MIN_STEPS": "1",
-        "NEURONS_MAX_LOAD_PER_CORE": "1000", "NEURONS_CARBON_CAUTION_G_PER_KWH": "450",
+        "NEURONS_MAX_LOAD_PER_CORE": "1000",
         "NEURONS_SOAK_REPLICAS": "2", "NEURONS_SOAK_CYCLES": "2", "NEURONS_SOAK_EPISODES": "5",
         "NEURONS_CHECKPOINT_EVERY": "10"}
 CYCLE = ("cycle", "run", "--model", "tiny", "--steps", "30", "--set", "learning_rate=0.001", "--operator", "ops",

@@ -118,7 +118,7 @@ def test_carbon_intensity_at_the_pause_threshold_defers(run, config, dataset_reg
 
 def test_carbon_intensity_at_caution_proposes_a_smaller_cycle(run, config, dataset_registered, facts,
                                                               assert_valid, now):
-    caution = facts.energy_reported(1.0, now - timedelta(hours=1), carbon=350.0)
+    caution = facts.energy_reported(1.0, now - timedelta(hours=1), carbon=460.0)
 
     _, events = run(config, [caution, dataset_registered("ds-1")])
 
@@ -188,3 +188,14 @@ def test_after_a_budget_crossing_the_energy_services_budget_still_holds(run, con
 
     _, events = run(config, [Tick(retry_at)], state)
     assert [e.type for e in events] == ["cycle.proposed"]
+
+
+def test_the_default_grid_figure_trains_the_steps_asked(run, dataset_registered, facts, now):
+    default_grid = 400.0  # NEURONS_CARBON_INTENSITY when a site sets none (shared/settings.py)
+    config = domain.EvolutionConfig(carbon_intensity_g_per_kwh=default_grid, schedule_interval=None)
+    grid = facts.energy_reported(1.0, now - timedelta(hours=1), carbon=default_grid)
+
+    _, events = run(config, [grid, dataset_registered("ds-1")])
+
+    assert [e.type for e in events] == ["cycle.proposed"]
+    assert events[0].payload["carbon_mode"] == "normal"
