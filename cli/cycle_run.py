@@ -188,8 +188,9 @@ async def follow_cycle(
                     view.outcome = "training failed"
                 elif event.type == "validation.completed" and p["verdict"] != "pass":
                     view.outcome = f"not promoted: verdict {p['verdict']}"
-                elif event.type == "cycle.completed" and p.get("outcome") not in ("promoted", None):
-                    view.outcome = view.outcome or f"cycle ended: {p['outcome']}"
+                elif event.type == "cycle.completed":  # the cycle's last event, whether or not a profile follows
+                    promoted = p.get("outcome") in ("promoted", None)
+                    view.outcome = view.outcome or ("promoted" if promoted else f"cycle ended: {p['outcome']}")
                 elif event.type in TERMINAL or (event.type == "adapter.promoted" and not operator):
                     view.outcome = "promoted"
         if view.outcome is None:
