@@ -1,39 +1,89 @@
 """Events as the services publish them, built for the benchmarks: a registered dataset, one
-self-training cycle told end to end, and the events a promotion rests on."""
+self-training cycle told end to end, and the events a promotion rests on.
+
+Each envelope names its rightful producer, the one the contract allows
+(``x-producers``): a service (``trainer``, ``validator``, ...) or an operator
+(``operator:<id>``) for operators' commands. ``signed`` signs a list of them,
+each with the key of the producer it names, as those producers would.
+"""
 
 from __future__ import annotations
 
 import hashlib
+from collections import defaultdict
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from shared.contracts import schemas
 from shared.contracts.envelope import Envelope, NewEvent, Producer, iso, seal, utcnow
-from shared.contracts.trust import sign_decision
-from shared.keys import load_private_key
+from shared.contracts.signing import Signer
+from shared.contracts.trust import decision_subject, sign_decision
+from shared.keys import load_private_key, operator_signer, require_service_signer
 
 THRESHOLDS = {"metrics": {}, "groups": {}, "pass_score": 0.6, "marginal_score": 0.4, "consecutive_failures": 2,
               "min_samples": 5}
 
 
+BENCH_OPERATOR = "bench"  # the operator the benches' operator commands come from unless told otherwise
+
+
+def rightful_producer(event_type: str, operator: str = BENCH_OPERATOR) -> str:
+    """The producer the contract allows for ``event_type``: its first service, else ``operator:<operator>``."""
+    allowed = schemas.producers()[event_type]
+    services = [entry.split(":", 1)[1] for entry in allowed if entry.startswith("service:")]
+    return services[0] if services else f"operator:{operator}"
+
+
 def make_event(event_type: str, aggregate_id: str, payload: dict[str, Any], *, sequence: int = 1,
-               correlation_id: str = "bench", service: str = "bench") -> Envelope:
+               correlation_id: str = "bench", service: str | None = None) -> Envelope:
+    """An unsigned envelope from ``service`` (a service name or ``operator:<id>``; by default the
+    contract's producer of ``event_type``, see ``rightful_producer``)."""
     return seal(NewEvent(event_type, aggregate_id, payload), sequence=sequence,
-                producer=Producer(service=service, node="bench-node"), correlation_id=correlation_id,
-                causation_id=None, schema_version=schemas.current_version(event_type))
+                producer=Producer(service=service or rightful_producer(event_type), node="bench-node"),
+                correlation_id=correlation_id, causation_id=None,
+                schema_version=schemas.current_version(event_type))
+
+
+def signer_of(settings, producer: str) -> Signer:
+    """The key the producer an envelope names signs with: a service's, or an operator's (``operator:<id>``)."""
+    if producer.startswith("operator:"):
+        return operator_signer(settings, producer.split(":", 1)[1])
+    return require_service_signer(settings, producer)
+
+
+def signed(settings, envelopes: Sequence[Envelope]) -> list[bytes]:
+    """Each envelope's bytes as its producer publishes them: signed with the key of the producer it names,
+    in Merkle batches per producer (``shared.bus.signed_values``), in the order given."""
+    from shared.bus import signed_values
+
+    values: list[bytes | None] = [None] * len(envelopes)
+    by_producer: dict[str, list[int]] = defaultdict(list)
+    for index, envelope in enumerate(envelopes):
+        by_producer[envelope.producer.service].append(index)
+    for producer, indexes in by_producer.items():
+        group = [envelopes[i] for i in indexes]
+        for index, value in zip(indexes, signed_values(signer_of(settings, producer), group, [None] * len(group))):
+            values[index] = value
+    return values  # type: ignore[return-value]  # every index was filled
+
+
+def signed_envelopes(settings, envelopes: Sequence[Envelope]) -> list[Envelope]:
+    """``signed``, as envelopes carrying their signature block (a publisher sends them as they are)."""
+    return [Envelope.from_json(value) for value in signed(settings, envelopes)]
 
 
 def sha_of(label: str) -> str:
     return hashlib.sha256(label.encode()).hexdigest()
 
 
-def dataset_registered(index: int) -> Envelope:
+def dataset_registered(index: int, operator: str = BENCH_OPERATOR) -> Envelope:
+    """An operator's registration of a dataset (``neurons data add``), from ``operator:<operator>``."""
     dataset_id = f"ds-bench-{index:06d}"
     return make_event("dataset.registered", dataset_id, {
         "dataset_id": dataset_id, "name": f"bench corpus {index}", "sha256": sha_of(dataset_id),
         "uri": f"file:///data/{dataset_id}.jsonl", "record_count": 1000 + index, "quarantined": False,
-        "source": "bench", "registered_by": "bench"}, service="cli")
+        "source": "bench", "registered_by": operator}, service=f"operator:{operator}")
 
 
 def cycle_events(label: str) -> list[Envelope]:
@@ -45,7 +95,7 @@ def cycle_events(label: str) -> list[Envelope]:
     config = {"learning_rate": 0.0002, "lora_rank": 8, "steps": 4}
     now = utcnow()
 
-    def event(event_type: str, aggregate_id: str, payload: dict, sequence: int = 1, service: str = "bench") -> Envelope:
+    def event(event_type: str, aggregate_id: str, payload: dict, sequence: int = 1, service: str | None = None) -> Envelope:
         return make_event(event_type, aggregate_id, payload, sequence=sequence, service=service, correlation_id=cycle)
 
     replica = {"replica_id": "c-1", "side": "candidate", "episodes": 10, "rss_mb": 200.0, "cpu_percent": 40.0,
@@ -124,20 +174,24 @@ def promotion_requested(sha: str, cycle: str) -> Envelope:
         service="approval", correlation_id=cycle)
 
 
-def promotion_granted(sha: str, cycle: str, operator: str, key_dir: Path) -> Envelope:
-    """The grant an operator signs with their own key; the registry checks it against its keyring."""
+def promotion_granted(sha: str, cycle: str, operator: str, key_dir: Path, channel: str = "production") -> Envelope:
+    """The approval service's grant carrying the decision an operator signed with their own key, bound to
+    the adapter, the validation that passed it and the channel; the registry checks it against the
+    operators the log enrolled."""
     request_id, validation, now = promotion_request_id(sha), f"val-{sha[:16]}", utcnow()
-    signed = sign_decision(request_id, "grant", operator, load_private_key(key_dir / f"{operator}.pem"),
-                           issued_at=now, expires_at=now + timedelta(minutes=10))
+    subject = decision_subject("promotion", {"adapter_sha256": sha, "validation_id": validation, "channel": channel})
+    decision = sign_decision(request_id, "grant", operator, load_private_key(key_dir / f"{operator}.pem"),
+                             issued_at=now, expires_at=now + timedelta(minutes=10), subject=subject)
     return make_event("approval.granted", request_id, {
         "request_id": request_id, "kind": "promotion", "subject_id": validation,
         "subject": {"validation_id": validation, "adapter_sha256": sha}, "cycle_id": cycle,
         "requested_by": "validator", "actor": f"operator:{operator}", "operator_id": operator, "policy": None,
-        "decision": signed, "granted_at": iso(now)}, sequence=2, service="approval", correlation_id=cycle)
+        "decision": decision, "granted_at": iso(now)}, sequence=2, service="approval", correlation_id=cycle)
 
 
-def profile_create_requested(profile_id: str, channel: str) -> Envelope:
+def profile_create_requested(profile_id: str, channel: str, operator: str = BENCH_OPERATOR) -> Envelope:
+    """An enrolled operator's command to create a profile (``neurons profiles create``)."""
     return make_event("profile.create_requested", f"pcmd-{profile_id}", {
         "profile_id": profile_id, "traits": {"tone": "warm"}, "interaction_style": "concise",
-        "context_preferences": {}, "channel": channel, "requested_by": "bench"},
-        service="cli", correlation_id=f"profile-{profile_id}")
+        "context_preferences": {}, "channel": channel, "requested_by": operator},
+        service=f"operator:{operator}", correlation_id=f"profile-{profile_id}")

@@ -1,15 +1,24 @@
 """Latency from a signed promotion grant to the profile following the new adapter.
 
 The registry runs as its own process (a faust worker, as in production) on
-the private broker. An approver is created in the keyring it reads, and one
-profile follows the ``production`` channel. For each promotion, the events it
-rests on (training completed, validation passed, promotion requested) are
-published and archived first; then the clock starts, the operator's signed
-``approval.granted`` is published, and the clock stops when a consumer on the
-profile topic sees the registry's ``profile.adapter_updated`` for that adapter.
-The path measured: publish, the worker's fetch, signature and rule checks,
-archive and projections in one SQL transaction, the outbox publish, and the
-measuring consumer's fetch (its wait is short, ``MEASURE_FETCH_WAIT_MS``).
+the private broker. Before it starts, the scratch platform gets its trust as
+a deployment does: the services' keys and the adapter-signing key
+(``ensure_service_keys``), a first admin anchored in the trust file
+(``init_admin``), and an approver the admin enrols on the log
+(``operator.enrolled``, signed by the admin). One profile follows the
+``production`` channel (created by the approver's signed command). For each
+promotion a small real adapter folder is stored in the artefact store, signed
+as the trainer signs it (OpenSSF model-signing), and the events it rests on
+(training completed, validation passed, promotion requested), each signed by
+its rightful producer, are published and archived first; then the clock
+starts, the approval service's ``approval.granted`` carrying the operator's
+decision (bound to the adapter, the validation and the channel) is published,
+and the clock stops when a consumer on the profile topic sees the registry's
+``profile.adapter_updated`` for that adapter. The path measured: publish, the
+worker's fetch, envelope signature, decision and rule checks, the adapter's
+files verified against their signature, archive and projections in one SQL
+transaction, the outbox publish, and the measuring consumer's fetch (its wait
+is short, ``MEASURE_FETCH_WAIT_MS``).
 
 The latency is split at the moment the registry's handler took the grant
 (the archive row is stamped in its transaction), and the baseline is the
@@ -20,35 +29,43 @@ with the fetch wait the worker's consumer uses, at the same random pauses.
 from __future__ import annotations
 
 import asyncio
+import json
+import os
 import random
+import tempfile
 import time
-import uuid
 from datetime import datetime, timezone
+from pathlib import Path
+from typing import Sequence
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from sqlmodel import Session, func, select
 
 from bench.events import (
+    make_event,
     profile_create_requested,
     promotion_granted,
     promotion_requested,
-    sha_of,
+    signed,
+    signed_envelopes,
     training_completed,
     validation_completed,
 )
 from bench.figure import Figure, percentile
+from shared.adapter_signing import sign_adapter
 from shared.archive import ArchivedEvent
+from shared.artefacts import ADAPTER_CONFIG, ADAPTER_WEIGHTS, ArtefactStore
 from shared.bus import Publisher, decode_batch
+from shared.contracts.envelope import Envelope, utcnow
 from shared.db import engine_for
-from shared.contracts.envelope import utcnow
+from shared.keys import ensure_service_keys, init_admin, model_signing_key_path, new_operator_key
 from shared.settings import Settings
-
 from shared.topics import dlq_topic, topic_for
-from shared.keys import generate_operator
 
 NAME = "promotion"
 TARGET_P99_MS = 250.0
-OPERATOR = "bench-approver"
+ADMIN = "bench-admin"  # the scratch platform's first admin, anchored in its trust file
+OPERATOR = "bench-approver"  # enrolled by the admin on the log, role approver
 CHANNEL = "production"
 PROFILE = "bench-assistant"
 SERVICES = ("registry",)
@@ -63,11 +80,38 @@ PAUSE_S = (0.2, 1.8)
 WORKER_FETCH_WAIT_MS = 1500
 # The measuring consumer's fetch wait: short, so the clock stops soon after the answer is there.
 MEASURE_FETCH_WAIT_MS = 100
+ADAPTER_BYTES = 4096  # each promoted adapter's weights file: small, random, so every sha is new
 
 
 def prepare(settings: Settings) -> None:
-    """What must exist before the registry starts: the approver in its keyring."""
-    generate_operator(OPERATOR, ["approver"], settings.keyring_path, settings.operator_key_dir)
+    """What must exist before the registry starts: the services' keys and the adapter-signing key
+    anchored in the trust file, a first admin anchored there too, and the approver enrolled on the
+    log by the admin (the registry learns the operators from the log)."""
+    ensure_service_keys(settings)
+    init_admin(settings, ADMIN, "bench admin of a scratch platform")
+    approver = new_operator_key(settings, OPERATOR)
+    enrolment = make_event("operator.enrolled", OPERATOR, {
+        "operator_id": OPERATOR, "public_key": approver.public_key, "key_id": approver.key_id,
+        "roles": ["approver"], "label": "bench"}, service=f"operator:{ADMIN}", correlation_id=OPERATOR)
+    asyncio.run(_publish_signed(settings, [enrolment]))
+
+
+async def _publish_signed(settings: Settings, envelopes: Sequence[Envelope]) -> None:
+    """Publish ``envelopes``, each signed by the key of the producer it names."""
+    async with Publisher(settings, "bench", signer=None) as publisher:
+        await publisher.publish_many(envelopes, values=signed(settings, envelopes))
+
+
+def store_adapter(settings: Settings) -> str:
+    """A small adapter folder with random weights, stored in the artefact store and signed with the
+    anchored adapter-signing key, as the trainer leaves one; returns its sha256 (of the weights)."""
+    with tempfile.TemporaryDirectory(prefix="bench-adapter-", dir=settings.var_dir) as scratch:
+        folder = Path(scratch)
+        (folder / ADAPTER_WEIGHTS).write_bytes(os.urandom(ADAPTER_BYTES))
+        (folder / ADAPTER_CONFIG).write_text(json.dumps({"r": 8, "lora_alpha": 16, "peft_type": "LORA"}))
+        stored = ArtefactStore(settings.artefact_dir).put_adapter(
+            folder, sign=lambda f: sign_adapter(f, model_signing_key_path(settings)))
+    return stored.sha256
 
 
 def measure(settings: Settings, promotions: int = 30, warmup: int = 2, probes: int = 20) -> Figure:
@@ -137,11 +181,12 @@ async def _delivery(settings: Settings, probes: int) -> list[float]:
 
 async def _promote(settings: Settings, promotions: int, warmup: int) -> list[dict[str, float | None]]:
     total = promotions + warmup
-    adapters = [sha_of(f"promotion-{uuid.uuid4().hex}") for _ in range(total)]
+    adapters = [store_adapter(settings) for _ in range(total)]  # real signed folders: the registry verifies them
     consumer = AIOKafkaConsumer(bootstrap_servers=settings.bootstrap(), group_id=None, enable_auto_commit=False,
                                 client_id="neurons-bench-profiles", fetch_max_wait_ms=MEASURE_FETCH_WAIT_MS)
     await consumer.start()
-    publisher = Publisher(settings, "bench")
+    # every event is signed beforehand by its own producer's key: the publisher sends them as they are
+    publisher = Publisher(settings, "bench", signer=None)
     await publisher.start()
     try:
         await consumer._client.force_metadata_update()
@@ -152,7 +197,7 @@ async def _promote(settings: Settings, promotions: int, warmup: int) -> list[dic
         for tp, offset in (await consumer.end_offsets(partitions)).items():
             consumer.seek(tp, offset)
 
-        await publisher.publish(profile_create_requested(PROFILE, CHANNEL))
+        await publisher.publish(signed_envelopes(settings, [profile_create_requested(PROFILE, CHANNEL, OPERATOR)])[0])
         await _wait_for(consumer, lambda e: e.type == "profile.created" and e.payload["profile_id"] == PROFILE, 60)
 
         # Everything each promotion rests on, archived by the registry before any grant.
@@ -162,14 +207,15 @@ async def _promote(settings: Settings, promotions: int, warmup: int) -> list[dic
             cycle = f"cyc-{sha[:12]}"
             rests_on += [training_completed(sha, cycle), validation_completed(sha, cycle),
                          promotion_requested(sha, cycle)]
-        await publisher.publish_many(rests_on)
+        await publisher.publish_many(rests_on, values=signed(settings, rests_on))
         await _until(lambda: _archived(settings) >= before + len(rests_on), 120, "the registry to archive "
                      f"{len(rests_on)} events")
 
         pauses = random.Random(0)
         measured = []
         for index, sha in enumerate(adapters):
-            grant = promotion_granted(sha, f"cyc-{sha[:12]}", OPERATOR, settings.operator_key_dir)
+            grant = signed_envelopes(settings, [promotion_granted(sha, f"cyc-{sha[:12]}", OPERATOR,
+                                                                  settings.operator_key_dir, CHANNEL)])[0]
             await asyncio.sleep(pauses.uniform(*PAUSE_S))
             published_at = utcnow()
             started = time.perf_counter()

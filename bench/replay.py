@@ -1,8 +1,10 @@
 """Events/s rebuilding every registry projection, from the archive and from the log, against raw
 consumption of the same events.
 
-Set-up: ``cycles`` self-training cycles (15 events of 10 types each) are
-published through the platform's publisher, read back from the log, and
+Set-up: ``cycles`` self-training cycles (15 events of 10 types each), each
+event signed by its rightful producer's key (the scratch platform's service
+keys, ``ensure_service_keys``), are published through the platform's
+publisher, read back from the log, and
 archived by the registry's own handler running in this process, exactly as
 the registry worker would. Then, in alternating rounds:
 
@@ -27,10 +29,11 @@ import time
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from sqlmodel import Session, func, select
 
-from bench.events import cycle_events
+from bench.events import cycle_events, signed
 from bench.figure import Figure, ratio
 from shared.archive import ArchivedEvent
 from shared.bus import Publisher
+from shared.keys import ensure_service_keys
 from shared.settings import Settings
 from shared.topics import AGGREGATE_TYPES, topic_for
 
@@ -39,6 +42,7 @@ TARGET = 0.5
 
 
 def measure(settings: Settings, cycles: int = 150, rounds: int = 7) -> list[Figure]:
+    ensure_service_keys(settings)  # the keys the events' producers sign with, anchored
     events = [e for i in range(cycles) for e in cycle_events(f"replay-{i}")]
     asyncio.run(_publish(settings, events))
     archived = _archive_from_log(settings)
@@ -133,8 +137,10 @@ def _breakdown(settings: Settings) -> dict[str, float]:
 
 
 async def _publish(settings: Settings, events) -> None:
-    async with Publisher(settings, "bench") as publisher:
-        await publisher.publish_many(events)
+    """Publish ``events``, each signed by the key of the producer it names (sent as they are)."""
+    values = signed(settings, events)
+    async with Publisher(settings, "bench", signer=None) as publisher:
+        await publisher.publish_many(events, values=values)
 
 
 def _archive_from_log(settings: Settings) -> int:

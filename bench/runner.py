@@ -1,6 +1,6 @@
 """Run the figures side by side in one process and write ``var/bench/latest.json``.
 
-Every figure runs on a scratch platform (``bench.scratch``): a private
+Every figure that needs a broker runs on a scratch platform (``bench.scratch``): a private
 embedded broker in a temporary folder and, per figure, its own var folder and
 topic namespace. The user's platform, broker and databases are never touched;
 only the report and the model cache (``var/models``, shared with training, so
@@ -24,13 +24,15 @@ from shared.contracts.envelope import iso, utcnow
 from shared.settings import Settings
 
 # In the order they run: broker figures first, then the CPU-heavy training ones.
-FIGURES = ("bus", "replay", "promotion", "trainer", "energy")
+FIGURES = ("bus", "signing", "replay", "promotion", "trainer", "energy")
 
 
 @dataclass(frozen=True)
 class Sizes:
     bus_events: int
     bus_rounds: int
+    signing_batches: int  # 64 events each
+    signing_rounds: int
     replay_cycles: int  # 15 events each
     replay_rounds: int
     promotions: int
@@ -45,12 +47,12 @@ class Sizes:
     gpu_seq_len: int
 
 
-DEFAULT = Sizes(bus_events=5000, bus_rounds=5, replay_cycles=150, replay_rounds=7, promotions=60,
-                promotion_warmup=2, delivery_probes=30, trainer_steps=100, trainer_repeats=3, energy_steps=50,
-                gpu_model="smollm2", gpu_steps=30, gpu_batch=16, gpu_seq_len=512)
-QUICK = Sizes(bus_events=200, bus_rounds=2, replay_cycles=6, replay_rounds=1, promotions=4, promotion_warmup=1,
-              delivery_probes=3, trainer_steps=4, trainer_repeats=1, energy_steps=5, gpu_model="tiny", gpu_steps=5,
-              gpu_batch=4, gpu_seq_len=64)
+DEFAULT = Sizes(bus_events=5000, bus_rounds=5, signing_batches=50, signing_rounds=5, replay_cycles=150,
+                replay_rounds=7, promotions=60, promotion_warmup=2, delivery_probes=30, trainer_steps=100,
+                trainer_repeats=3, energy_steps=50, gpu_model="smollm2", gpu_steps=30, gpu_batch=16, gpu_seq_len=512)
+QUICK = Sizes(bus_events=200, bus_rounds=2, signing_batches=2, signing_rounds=1, replay_cycles=6, replay_rounds=1,
+              promotions=4, promotion_warmup=1, delivery_probes=3, trainer_steps=4, trainer_repeats=1, energy_steps=5,
+              gpu_model="tiny", gpu_steps=5, gpu_batch=4, gpu_seq_len=64)
 
 
 def selected(only: Sequence[str] | None) -> list[str]:
@@ -111,11 +113,16 @@ def run(only: Sequence[str] | None = None, *, quick: bool = False, gpu: bool = F
 
 def _measure(name: str, scratch: Scratch, sizes: Sizes, model_cache: Path, gpu: bool) -> list[Figure]:
     """One figure (or its variants); what cannot be measured is reported as such, never skipped."""
-    from bench import bus, energy, promotion, replay, trainer
+    from bench import bus, energy, promotion, replay, signing, trainer
 
     if name == "bus":
         return [_guard(bus.NAME, "events/s", f"ratio >= {bus.TARGET}", lambda: _on(
             scratch, "bus", lambda s: bus.measure(s, sizes.bus_events, sizes.bus_rounds)))]
+    if name == "signing":
+        try:
+            return signing.measure(sizes.signing_batches, sizes.signing_rounds)
+        except Exception as exc:
+            return [Figure.failed(n, signing.UNIT, signing.TARGETS[n], exc) for n in signing.NAMES]
     if name == "replay":
         try:
             with scratch.platform("replay") as settings:

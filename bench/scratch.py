@@ -31,6 +31,7 @@ UNSET = (
     "NEURONS_ARTEFACT_REMOTE",
     "NEURONS_VALIDATION_THRESHOLDS",
     "NEURONS_ENERGY_BUDGETS",
+    "NEURONS_SERVICE_KEY",  # one service's own key: each scratch service signs with its scratch key
 )
 
 
@@ -74,7 +75,9 @@ class Scratch:
     def platform(self, figure: str, services: tuple[str, ...] = (),
                  prepare: Callable[[Settings], None] | None = None) -> Iterator[Settings]:
         """Environment and settings of an isolated platform; ``services`` run as processes in it,
-        started after ``prepare`` (keys, say) and stopped on the way out."""
+        started after ``prepare`` (keys, say) and stopped on the way out. Its trust anchors, services'
+        keys and operators' keys live in its own var folder (``NEURONS_TRUST``, ``NEURONS_SERVICE_KEYS``,
+        ``NEURONS_OPERATOR_KEYS``), never the user's."""
         bootstrap = self.start_broker()
         var = self.root / figure
         env: dict[str, str | None] = {name: None for name in UNSET}
@@ -82,7 +85,9 @@ class Scratch:
             "NEURONS_VAR": str(var),
             "KAFKA_BOOTSTRAP_SERVERS": bootstrap,
             "NEURONS_TOPIC_PREFIX": f"bench{self.run_id}.{figure}.neurons.",
-            "NEURONS_KEYRING": str(var / "keys" / "keyring.json"),
+            # the scratch platform's own trust: anchors, services' keys, operators' keys
+            "NEURONS_TRUST": str(var / "keys" / "trust.json"),
+            "NEURONS_SERVICE_KEYS": str(var / "keys" / "services"),
             "NEURONS_OPERATOR_KEYS": str(var / "keys" / "operators"),
             "NEURONS_API_PORT": "0",
             "NEURONS_SESSION_TIMEOUT_S": "6",

@@ -11,7 +11,7 @@ import typer
 from services.registry import audit
 from shared.settings import Settings
 
-app = typer.Typer(no_args_is_help=True, help="Export, replay, republish and verify the event history.")
+app = typer.Typer(no_args_is_help=True, help="Export, replay, republish and verify the event history; show whose keys were trusted when.")
 
 
 @app.command()
@@ -42,16 +42,82 @@ def republish(force: bool = typer.Option(False, "--force", help="publish even if
 
 @app.command()
 def verify(as_json: bool = typer.Option(False, "--json")) -> None:
-    """Rebuild every projection into a scratch database and compare it with the live one."""
+    """Rebuild every projection into a scratch database and compare it with the live one, and check every
+    archived event's signature and producer as of the time it occurred."""
     report = audit.verify(Settings.from_env())
     if as_json:
         typer.echo(json.dumps(report, indent=2))
     else:
         for name, table in report["tables"].items():
             typer.echo(f"{name:<28} {'same' if table['same'] else 'DIFFERS'}  rows live {table['live_rows']} rebuilt {table['rebuilt_rows']}")
-        typer.echo("no difference" if report["ok"] else f"differs: {', '.join(report['differs'])}")
+        typer.echo("no difference" if report["projections_ok"] else f"differs: {', '.join(report['differs'])}")
         if not report["settled"]:
             typer.echo(f"events kept arriving while checking ({report['archived_meanwhile']} in the last try): "
                        "a difference may be one of them; run it again when the platform is quiet")
+        _echo_signatures(report["signatures"])
     if not report["ok"]:
         raise typer.Exit(1)
+
+
+def _echo_signatures(report: dict) -> None:
+    counts = report["counts"]
+    typer.echo(f"signatures of {report['events']} archived events, each checked as of when it occurred "
+               f"(trust anchors {report['trust_path']}):")
+    for kind, count in counts.items():
+        if kind == audit.SIGNED or count:
+            label = {audit.SIGNED: "signed and authorised",
+                     audit.UPCAST: "upcast before archiving (not verifiable)"}.get(kind, kind)
+            typer.echo(f"  {label:<42} {count}")
+    for entry in report["failures"]:
+        typer.echo(f"  FAILED {entry['outcome']}: archive row {entry['archive_id']} "
+                   f"{entry.get('type', '?')} {entry.get('event_id', '')} at {entry.get('occurred_at', '?')}: "
+                   f"{entry['detail']}")
+    for entry in report["upcast"]:
+        typer.echo(f"  upcast: {entry['type']} {entry['event_id']} (archived as v{entry['schema_version']}, "
+                   f"signed by {entry['signed_by']} in an older version)")
+    hidden = report["failed"] - len(report["failures"])
+    if hidden > 0:
+        typer.echo(f"  ... and {hidden} more failures (--json lists the first {len(report['failures'])})")
+    typer.echo("every event signed and authorised" if report["ok"] else f"{report['failed']} events FAILED")
+
+
+@app.command()
+def trust(as_json: bool = typer.Option(False, "--json")) -> None:
+    """Whose keys were trusted when (the anchors, operators enrolled and revoked on the log), and who may write what."""
+    report = audit.trust_history(Settings.from_env())
+    if as_json:
+        typer.echo(json.dumps(report, indent=2))
+        return
+    typer.echo(f"trust anchors ({report['trust_path']}):")
+    for name, entry in report["anchors"]["services"].items():
+        typer.echo(f"  service:{name:<24} key {entry['key_id']}")
+    for name, entry in report["anchors"]["admins"].items():
+        label = f"  ({entry['label']})" if entry["label"] else ""
+        typer.echo(f"  operator:{name:<23} key {entry['key_id']}  admin{label}")
+    typer.echo("operator keys on the log (from the archive, in the order they occurred):")
+    for entry in report["history"]:
+        typer.echo("  " + _history_line(entry))
+    if not report["history"]:
+        typer.echo("  none")
+    typer.echo("operator keys enrolled on the log, as they stand:")
+    for key in report["operator_keys"]:
+        state = f"revoked at {key['revoked_at']}" if key["revoked_at"] else "valid"
+        typer.echo(f"  {key['principal']:<32} key {key['key_id']}  {','.join(key['roles']):<24} "
+                   f"since {key['valid_from']}  {state}")
+    typer.echo("who may write what:")
+    for event_type, allowed in report["producers"].items():
+        typer.echo(f"  {event_type:<34} {', '.join(allowed) or '-'}")
+
+
+def _history_line(entry: dict) -> str:
+    if entry["event"] == "operator.enrolled":
+        what = (f"enrolled {entry['operator_id']} key {entry['key_id']} roles {','.join(entry['roles'])} "
+                f"by {entry['by']}")
+    else:
+        why = f" ({entry['reason']})" if entry.get("reason") else ""
+        what = f"revoked  {entry['operator_id']} key {entry['key_id']} by {entry['by']}{why}"
+    if entry.get("refused"):
+        return f"{entry['at']}  REFUSED {what}: {entry['refused']}: {entry['detail']}"
+    if not entry["applied"]:
+        return f"{entry['at']}  {what} (changed nothing: {entry['detail']})"
+    return f"{entry['at']}  {what}"

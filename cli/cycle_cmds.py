@@ -7,7 +7,7 @@ import uuid
 
 import typer
 
-from cli.bus_client import command_event, publish_and_wait, run
+from cli.bus_client import command_event, publish_and_wait, run, signer_for
 from shared.contracts.envelope import NewEvent
 from shared.settings import Settings
 
@@ -31,6 +31,7 @@ def _parse_config(items: list[str]) -> dict:
 def request(kind: str, operator: str, dataset: str | None, settings_: list[str], warm_start: str | None,
             adapter: str | None, timeout: float) -> None:
     settings = Settings.from_env()
+    signer = signer_for(settings, operator)
     command_id = f"req-{uuid.uuid4().hex[:12]}"
     payload = {"operator_id": operator, "dataset_id": dataset, "config": _parse_config(settings_) or None,
                "warm_start": warm_start, "adapter_sha256": adapter}
@@ -43,7 +44,7 @@ def request(kind: str, operator: str, dataset: str | None, settings_: list[str],
         return e.type in (f"{kind}.proposed", "cycle.deferred") and \
             (e.payload.get("trigger") or {}).get("command_id") == command_id
 
-    outcome = run(publish_and_wait(settings, event, [kind, "cycle"], answers, timeout))
+    outcome = run(publish_and_wait(settings, event, [kind, "cycle"], answers, timeout, signer=signer))
     if outcome is None:
         typer.echo("neurons: no answer from the evolution service; is it running (`neurons status`)?", err=True)
         raise typer.Exit(1)
@@ -60,7 +61,8 @@ def request(kind: str, operator: str, dataset: str | None, settings_: list[str],
 
 @cycle_app.command("request")
 def cycle_request(
-    operator: str = typer.Option(..., "--operator", help="who asks (recorded as the requester)"),
+    operator: str = typer.Option(..., "--operator", envvar="NEURONS_OPERATOR",
+                                  help="who asks: the request is signed with this operator's key"),
     dataset: str | None = typer.Option(None, "--dataset", help="dataset id (default: the latest registered)"),
     set_: list[str] = typer.Option([], "--set", help="override a setting: NAME=VALUE (repeatable)"),
     warm_start: str | None = typer.Option(None, "--warm-start", help="adapter sha256 to start from"),
@@ -72,7 +74,7 @@ def cycle_request(
 
 @research_app.command("request")
 def research_request(
-    operator: str = typer.Option(..., "--operator"),
+    operator: str = typer.Option(..., "--operator", envvar="NEURONS_OPERATOR", help="who asks (signs the request)"),
     adapter: str | None = typer.Option(None, "--adapter", help="adapter sha256 (default: the one in production)"),
     dataset: str | None = typer.Option(None, "--dataset"),
     set_: list[str] = typer.Option([], "--set", help="override a setting: NAME=VALUE (repeatable)"),

@@ -142,13 +142,15 @@ async def follow_cycle(
     reporter: Reporter,
     timeout_s: float,
     from_beginning: bool = False,
+    signer=None,
 ) -> CycleView:
     """Publish ``request`` (if any) and follow the cycle whose trigger matches until it ends."""
     from cli.approval_cmds import submit
+    from shared.contracts.trust import decision_subject
 
     await ensure_topics(settings)
     consumer = AIOKafkaConsumer(bootstrap_servers=settings.bootstrap(), group_id=None, enable_auto_commit=False,
-                                client_id=f"neurons-cycle-{uuid.uuid4().hex[:6]}")
+                                client_id=f"neurons-cycle-{uuid.uuid4().hex[:6]}", **settings.kafka_security())
     await consumer.start()
     view = CycleView()
     deadline = time.monotonic() + timeout_s
@@ -156,7 +158,7 @@ async def follow_cycle(
     try:
         await _assign_all(consumer, from_beginning)
         if request is not None:
-            async with Publisher(settings, "cli") as publisher:
+            async with Publisher(settings, "cli", signer=signer) as publisher:
                 await publisher.publish(request)
         while time.monotonic() < deadline and view.outcome is None:
             events = decode_batch(await consumer.getmany(timeout_ms=500))
@@ -181,7 +183,8 @@ async def follow_cycle(
                         and p["request_id"] not in signed_for:
                     signed_for.add(p["request_id"])
                     reporter.say(f"approval  signing promotion {p['request_id']} as {operator}")
-                    answer = await asyncio.to_thread(submit, settings, p["request_id"], "grant", operator, None, None)
+                    answer = await asyncio.to_thread(submit, settings, p["request_id"], "grant", operator, None, None,
+                                                     subject=decision_subject("promotion", p["subject"]))
                     if answer is None or answer.type != "approval.granted":
                         view.outcome = f"promotion not granted: {answer.payload if answer else 'no answer'}"
                 elif event.type == "training.failed":

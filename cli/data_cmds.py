@@ -8,7 +8,7 @@ from pathlib import Path
 
 import typer
 
-from cli.bus_client import command_event, publish_and_wait, run
+from cli.bus_client import command_event, publish_and_wait, run, signer_for
 from shared.contracts.envelope import NewEvent
 from shared.settings import Settings
 
@@ -17,8 +17,8 @@ data_app = typer.Typer(no_args_is_help=True, help="Curated training datasets.")
 
 def register(settings: Settings, path: Path, name: str | None = None, quarantine: bool = False,
              reason: str | None = None, source: str = "operator", wait: bool = True,
-             auto_cycle: bool = True) -> dict:
-    """Copy the dataset into var/datasets under its sha256 and publish dataset.registered."""
+             auto_cycle: bool = True, *, operator: str) -> dict:
+    """Copy the dataset into var/datasets under its sha256 and publish dataset.registered, signed by ``operator``."""
     from shared.ml import DatasetError, inspect_dataset
 
     try:
@@ -35,9 +35,11 @@ def register(settings: Settings, path: Path, name: str | None = None, quarantine
     payload = {"dataset_id": dataset_id, "name": name or Path(path).stem, "sha256": info["sha256"],
                "uri": f"file://{target}", "record_count": info["record_count"], "quarantined": quarantine,
                "quarantine_reason": reason if quarantine else None, "source": source, "auto_cycle": auto_cycle}
-    event = command_event(NewEvent("dataset.registered", dataset_id, payload), correlation_id=dataset_id)
-    if wait:
-        run(publish_and_wait(settings, event, ["dataset"], lambda e: e.event_id == event.event_id, 30))
+    signer = signer_for(settings, operator)
+    event = command_event(NewEvent("dataset.registered", dataset_id, payload), correlation_id=dataset_id,
+                          operator=operator)
+    run(publish_and_wait(settings, event, ["dataset"], lambda e: e.event_id == event.event_id, 30 if wait else 0,
+                         signer=signer))
     return payload
 
 
@@ -49,9 +51,10 @@ def add(
     reason: str | None = typer.Option(None, "--reason", help="why it is quarantined"),
     auto_cycle: bool = typer.Option(True, "--cycle/--no-cycle", help="let evolution start a cycle on it now"),
     as_json: bool = typer.Option(False, "--json"),
+    operator: str = typer.Option(..., "--operator", envvar="NEURONS_OPERATOR", help="who registers it (signs the event)"),
 ) -> None:
     """Register a curated dataset (sha256, record count, quarantine flag)."""
-    payload = register(Settings.from_env(), file, name, quarantine, reason, auto_cycle=auto_cycle)
+    payload = register(Settings.from_env(), file, name, quarantine, reason, auto_cycle=auto_cycle, operator=operator)
     if as_json:
         typer.echo(json.dumps(payload, indent=2))
     else:
@@ -62,7 +65,9 @@ def add(
 @data_app.command("demo")
 def demo(records: int = typer.Option(200, help="paragraphs to take"),
          out: Path | None = typer.Option(None, help="where to write the JSONL (default var/datasets/demo.jsonl)"),
-         register_it: bool = typer.Option(True, "--register/--no-register")) -> None:
+         register_it: bool = typer.Option(True, "--register/--no-register"),
+         operator: str | None = typer.Option(None, "--operator", envvar="NEURONS_OPERATOR",
+                                             help="who registers it (signs the event); needed with --register")) -> None:
     """Build the demo dataset from the installed Python standard library's docstrings."""
     from shared.ml import build_demo_dataset
 
@@ -71,5 +76,8 @@ def demo(records: int = typer.Option(200, help="paragraphs to take"),
     info = build_demo_dataset(out, records=records)
     typer.echo(f"built {out}: {info['record_count']} records, sha256 {info['sha256']}")
     if register_it:
-        payload = register(settings, out, "stdlib-docstrings", source=info["source"])
+        if operator is None:
+            raise typer.BadParameter("registering signs an event: pass --operator NAME (or --no-register)",
+                                     param_hint="--operator")
+        payload = register(settings, out, "stdlib-docstrings", source=info["source"], operator=operator)
         typer.echo(f"registered {payload['dataset_id']}")

@@ -13,9 +13,10 @@ from cli.cycle_run import Reporter, cycle_request, follow_cycle
 from shared.ml import summary_line
 from shared import processes
 from shared.settings import Settings
-from shared.keys import generate_operator, load_keyring
+from cli.bus_client import publish_signed, signer_for
 
 DEMO_OPERATOR = "demo-operator"
+DEMO_REQUESTER = "demo-requester"
 DEMO_PROFILE = "demo-assistant"
 
 
@@ -24,8 +25,9 @@ def cycle_run(
     steps: int = typer.Option(None, "--steps", min=1, help="training steps"),
     set_: list[str] = typer.Option([], "--set", help="override a setting: NAME=VALUE (repeatable)"),
     operator: str = typer.Option(DEMO_OPERATOR, "--operator", help="operator who signs the promotion if the soak passes"),
-    requested_by: str = typer.Option(None, "--requested-by", help="who asks for the cycle (default: your login name); "
-                                     "they may not approve its promotion themselves"),
+    requested_by: str = typer.Option(..., "--requested-by", envvar="NEURONS_OPERATOR",
+                                     help="who asks for the cycle (signs the request); they may not approve "
+                                     "its promotion themselves"),
     wait: bool = typer.Option(True, "--wait/--no-wait", help="follow the cycle to its end"),
     timeout: float = typer.Option(900.0, help="seconds to wait for the whole cycle"),
     as_json: bool = typer.Option(False, "--json", help="print only the JSON summary"),
@@ -34,26 +36,18 @@ def cycle_run(
     from cli.cycle_cmds import _parse_config
 
     settings = Settings.from_env()
-    import getpass
-
-    request = cycle_request(requested_by or getpass.getuser(), model, steps, _parse_config(set_))
+    signer = signer_for(settings, requested_by)
+    request = cycle_request(requested_by, model, steps, _parse_config(set_))
     if not wait:
-        asyncio.run(_publish(settings, request))
+        asyncio.run(publish_signed(settings, request, signer))
         typer.echo(json.dumps({"command_id": request.aggregate_id}) if as_json else f"requested {request.aggregate_id}")
         return
     with Reporter(quiet=as_json) as reporter:
         view = asyncio.run(follow_cycle(settings, request=request, match_trigger={"command_id": request.aggregate_id},
-                                        operator=operator, reporter=reporter, timeout_s=timeout))
+                                        operator=operator, reporter=reporter, timeout_s=timeout, signer=signer))
     _print_summary(view.summary, settings, as_json)
     if view.outcome != "promoted":
         raise typer.Exit(1)
-
-
-async def _publish(settings: Settings, envelope) -> None:
-    from shared.bus import Publisher
-
-    async with Publisher(settings, "cli") as publisher:
-        await publisher.publish(envelope)
 
 
 DEMO_ENV = {
@@ -89,10 +83,9 @@ def demo(
     else:
         say("platform already running; using it (stop it with `neurons down`)")
 
-    keyring = load_keyring(settings.keyring_path)
-    if DEMO_OPERATOR not in keyring:
-        path, _ = generate_operator(DEMO_OPERATOR, ["approver"], settings.keyring_path, settings.operator_key_dir)
-        say(f"created the DEMO operator key {path} (demo only: real operators keep their own keys)")
+    from cli.approval_cmds import ensure_demo_operators
+
+    ensure_demo_operators(settings, {DEMO_REQUESTER: ["requester"], DEMO_OPERATOR: ["approver"]}, say)
     _ensure_profile(settings, say)
 
     from cli.data_cmds import register
@@ -103,15 +96,14 @@ def demo(
     say(f"demo dataset {dataset_path}: {info['record_count']} standard-library docstrings, sha256 {info['sha256'][:12]}")
     # The dataset is registered for later cycles too; this run asks for its own cycle, so a second
     # `make run` trains again (warm-starting from the adapter in production) instead of finding nothing to do.
-    import getpass
-
     with Reporter(quiet=as_json) as reporter:
         payload = register(settings, dataset_path, "stdlib-docstrings", source=info["source"], wait=True,
-                           auto_cycle=False)
-        request = cycle_request(getpass.getuser(), model, steps, {"learning_rate": 2e-4, "mask_ratio": 0.2},
+                           auto_cycle=False, operator=DEMO_REQUESTER)
+        request = cycle_request(DEMO_REQUESTER, model, steps, {"learning_rate": 2e-4, "mask_ratio": 0.2},
                                 dataset_id=payload["dataset_id"])
         reporter.say(f"registered {payload['dataset_id']}; asking evolution for a cycle on it ({request.aggregate_id})")
         view = asyncio.run(follow_cycle(settings, request=request, operator=DEMO_OPERATOR, reporter=reporter,
+                                        signer=signer_for(settings, DEMO_REQUESTER),
                                         timeout_s=timeout, match_trigger={"command_id": request.aggregate_id}))
     summary = view.summary
     export = settings.var_dir / "audit" / "events.jsonl"

@@ -13,6 +13,7 @@ import typer
 from typer._click import exceptions as cli_errors
 
 from cli import approval_cmds, audit, bench_cmd, broker_cmd, cycle_cmds, data_cmds, demo_cmds, energy_cmd, registry_cmds, train_cmds, validate_cmds
+from cli import acl_cmd
 from shared import processes
 from shared.settings import Settings
 
@@ -32,6 +33,7 @@ app.command("bench")(bench_cmd.bench)
 app.add_typer(registry_cmds.profiles_app, name="profiles")
 app.add_typer(registry_cmds.adapters_app, name="adapters")
 audit.app.command("at")(registry_cmds.audit_at)
+audit.app.command("acls")(acl_cmd.acls)
 validate_app = typer.Typer(no_args_is_help=True, help="Validation soaks: snapshots and re-judging.")
 validate_app.command("show")(registry_cmds.validate_show)
 validate_app.command("rejudge")(validate_cmds.rejudge)

@@ -7,7 +7,6 @@ reported here as one line on stderr with exit status 1.
 
 from __future__ import annotations
 
-import getpass
 import json
 import secrets
 import uuid
@@ -17,12 +16,12 @@ from typing import Any
 
 import typer
 
-from cli.bus_client import command_event, publish_and_wait, run
+from cli.bus_client import check_may_publish, command_event, publish_and_wait, run, signer_for
 from cli.cycle_run import sizing_note
 from services.registry import queries
 from shared.contracts.envelope import Envelope, NewEvent, utcnow
 from shared.settings import Settings
-from shared.contracts.trust import KeyringError, parse_time, sign_decision
+from shared.contracts.trust import KeyringError, decision_subject, parse_time, sign_decision
 from shared.keys import load_private_key
 
 profiles_app = typer.Typer(no_args_is_help=True, help="Personality profiles and the adapter each one serves.")
@@ -57,9 +56,14 @@ def _pairs(values: list[str], option: str) -> dict[str, Any]:
     return out
 
 
-def _wait_for_answer(settings: Settings, envelope: Envelope, aggregate: str, timeout: float) -> Envelope:
+def _wait_for_answer(settings: Settings, envelope: Envelope, aggregate: str, timeout: float,
+                     key: Path | None = None) -> Envelope:
+    """Publish an operator's command, signed with their key, and wait for the registry's answer."""
+    operator = envelope.producer.service.split(":", 1)[1]
+    signer = signer_for(settings, operator, key)
+    check_may_publish(settings, operator, signer, envelope.type)
     answer = run(publish_and_wait(settings, envelope, [aggregate], lambda e: e.causation_id == envelope.event_id,
-                                  timeout_s=timeout))
+                                  timeout_s=timeout, signer=signer))
     if answer is None:
         _fail(f"no answer from the registry within {timeout:.0f} s; is it running (`neurons status`)?")
     return answer
@@ -99,7 +103,7 @@ def create_profile(
     trait: list[str] = typer.Option([], "--trait", help="KEY=VALUE (repeatable), e.g. tone=warm"),
     style: str = typer.Option("", "--style", help="interaction style, e.g. 'concise, asks before acting'"),
     context: list[str] = typer.Option([], "--context", help="context preference KEY=VALUE (repeatable)"),
-    by: str = typer.Option(None, "--by", help="who asks (default: the login name)"),
+    by: str = typer.Option(..., "--operator", "--by", envvar="NEURONS_OPERATOR", help="who asks (signs the request)"),
     timeout: float = typer.Option(60.0, "--timeout", help="seconds to wait for the registry"),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
@@ -108,7 +112,7 @@ def create_profile(
     event = command_event(NewEvent("profile.create_requested", f"pcmd-{uuid.uuid4().hex[:16]}", {
         "profile_id": profile_id, "traits": _pairs(trait, "--trait"), "interaction_style": style,
         "context_preferences": _pairs(context, "--context"), "channel": channel,
-        "requested_by": by or getpass.getuser()}), correlation_id=f"profile-{profile_id}", operator=by)
+        "requested_by": by}), correlation_id=f"profile-{profile_id}", operator=by)
     _profile_outcome(_wait_for_answer(settings, event, "profile", timeout), as_json)
 
 
@@ -122,7 +126,7 @@ def update_profile(
     style: str = typer.Option(None, "--style"),
     context: list[str] = typer.Option([], "--context", help="context preference KEY=VALUE (repeatable)"),
     channel: str = typer.Option(None, "--channel", help="move the profile to another channel"),
-    by: str = typer.Option(None, "--by"),
+    by: str = typer.Option(..., "--operator", "--by", envvar="NEURONS_OPERATOR", help="who asks (signs the request)"),
     timeout: float = typer.Option(60.0, "--timeout"),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
@@ -151,7 +155,7 @@ def update_profile(
         raise typer.BadParameter("nothing to change: give --trait, --drop-trait, --style, --context or --channel")
     event = command_event(NewEvent("profile.update_requested", f"pcmd-{uuid.uuid4().hex[:16]}", {
         "profile_id": profile_id, "expected_version": expected_version, "changes": changes,
-        "requested_by": by or getpass.getuser()}), correlation_id=f"profile-{profile_id}", operator=by)
+        "requested_by": by}), correlation_id=f"profile-{profile_id}", operator=by)
     _profile_outcome(_wait_for_answer(settings, event, "profile", timeout), as_json)
 
 
@@ -252,7 +256,7 @@ def _operator_key(settings: Settings, operator: str, key: Path | None) -> Path:
 def rollback(
     channel: str = typer.Argument(..., help="channel to roll back, e.g. production"),
     to: str = typer.Option(..., "--to", help="sha256 (or unique prefix) of an adapter that served the channel before"),
-    operator: str = typer.Option(..., "--operator", help="an operator with the admin role"),
+    operator: str = typer.Option(..., "--operator", envvar="NEURONS_OPERATOR", help="an operator with the admin role"),
     key: Path = typer.Option(None, "--key", help="private key file (default: the operator's key)"),
     reason: str = typer.Option(None, "--reason", help="why; kept in the audit trail"),
     timeout: float = typer.Option(60.0, "--timeout"),
@@ -270,13 +274,14 @@ def rollback(
         signed = sign_decision(f"rollback-{channel}-{nonce[:12]}", "rollback", operator,
                                load_private_key(_operator_key(settings, operator, key)), issued_at=now,
                                expires_at=now + timedelta(minutes=10), nonce=nonce, reason=reason,
-                               extra={"channel": channel, "adapter_sha256": sha})
+                               extra={"channel": channel, "adapter_sha256": sha},
+                               subject=decision_subject("rollback", {"channel": channel, "adapter_sha256": sha}))
     except KeyringError as exc:
         _fail(str(exc), 2)
     event = command_event(NewEvent("adapter.rollback_requested", f"rb-{nonce}", {
         "channel": channel, "adapter_sha256": sha, "signed": signed, "submitted_via": "cli"}),
         correlation_id=signed["request_id"], operator=operator)
-    answer = _wait_for_answer(settings, event, "adapter", timeout)
+    answer = _wait_for_answer(settings, event, "adapter", timeout, key)
     p = answer.payload
     if answer.type == "adapter.rollback_refused":
         _fail(f"rollback of {channel} refused: {p['reason']}: {p['detail']}")

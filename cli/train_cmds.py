@@ -53,7 +53,12 @@ def train(
         result = _train_here(kind, config, texts, sha, job_dir, settings, _bar_progress(bar, task, window))
         bar.update(task, completed=steps)
     energy = window.reading.to_dict() if window.reading else None
-    stored = ArtefactStore(settings.artefact_dir).put_adapter(result.adapter_dir, {"energy": energy})
+    from shared.adapter_signing import sign_adapter
+    from shared.keys import model_signing_key_path
+
+    key = model_signing_key_path(settings)  # signed like the trainer's when this platform has its key
+    stored = ArtefactStore(settings.artefact_dir).put_adapter(
+        result.adapter_dir, {"energy": energy}, sign=(lambda folder: sign_adapter(folder, key)) if key.exists() else None)
     summary = {"artefact_dir": str(stored.path), "adapter_sha256": stored.sha256, "adapter_uri": stored.uri,
                "status": result.status, "fallback_reason": result.fallback_reason,
                "metrics": {"before": result.metrics.get("before"), "after": result.metrics.get("after")},

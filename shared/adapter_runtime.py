@@ -4,8 +4,10 @@
 (``shared.ml.models.load_model``) and switches adapters with peft
 (``load_adapter`` + ``set_adapter``; no merge, so switching back is instant and
 exact). An adapter is only ever loaded from bytes whose sha256 was checked
-against its name (``shared.artefacts``): a node that lacks it fetches it from
-the shared store first.
+against its name (``shared.artefacts``) and whose folder passed its signature
+check against the anchored adapter-signing key (``shared.adapter_signing``): a
+node that lacks it fetches it from the shared store first. An adapter that
+fails either check is not loaded; what served keeps serving.
 
 ``follow`` keeps a runtime on what the log says should serve: on start it
 reads the topic from the beginning to find the adapter currently in service,
@@ -30,9 +32,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Awaitable, Callable
 
+from shared.adapter_signing import verify_adapter
+from shared.contracts.chain import verify_service_decision
 from shared.artefacts import ADAPTER_WEIGHTS, ArtefactCorrupted, SharedArtefacts, file_sha256
 from shared.contracts.envelope import Envelope
+from shared.keys import model_signing_public_pem
 from shared.settings import Settings
+from shared.trust_view import TrustView
 
 log = logging.getLogger("neurons.adapter_runtime")
 
@@ -63,9 +69,44 @@ def target_of(event: Envelope, *, channel: str | None = None, profile: str | Non
     return None
 
 
+class ApprovedAdapters:
+    """The adapters an operator's signed decision put in service, checked here (``shared.contracts.chain``).
+
+    The registry checked each decision before promoting; the runtime checks
+    it again, so an event signed with a stolen service key alone cannot make
+    it load an adapter nobody approved.
+    """
+
+    CHAIN = ("adapter.promoted", "adapter.rolled_back", "profile.adapter_updated")
+
+    def __init__(self, trust: TrustView) -> None:
+        self.trust = trust
+        self.approved: set[str] = set()
+
+    def admits(self, event: Envelope, target: Target | None) -> bool:
+        """Whether ``event`` may make the runtime serve ``target``; adapters approved on the way are remembered."""
+        if event.type in self.CHAIN:
+            cause = event.payload.get("cause") if event.type == "profile.adapter_updated" else event.type
+            verified = verify_service_decision(event.payload, self.trust.keyring(), cause=cause or "")
+            if not verified:
+                log.error("refused %s %s: %s: %s", event.type, event.event_id, verified.reason, verified.detail)
+                return False
+            self.approved.add(event.payload["adapter_sha256"])
+            return True
+        if target is None or target.sha256 is None:
+            return True
+        if target.sha256 not in self.approved:  # a profile naming an adapter no verified decision put in service
+            log.error("refused %s %s: adapter %s carries no verified decision", event.type, event.event_id, target.sha256)
+            return False
+        return True
+
+
 class AdapterRuntime:
-    def __init__(self, model: Any, tokenizer: Any, artefacts: SharedArtefacts, info: dict | None = None) -> None:
+    def __init__(self, model: Any, tokenizer: Any, artefacts: SharedArtefacts, info: dict | None = None,
+                 signing_key: Callable[[], bytes | None] | None = None) -> None:
         self.base = model
+        # the anchored adapter-signing public key (PEM), read at each load; none anchored refuses every adapter
+        self.signing_key = signing_key or (lambda: None)
         self.tokenizer = tokenizer
         self.info = info or {}
         self.artefacts = artefacts
@@ -82,7 +123,8 @@ class AdapterRuntime:
         from shared.ml import load_model
 
         loaded = load_model(model_spec or settings.model, settings.model_cache_dir)
-        return cls(loaded.model, loaded.tokenizer, SharedArtefacts.for_settings(settings), loaded.info)
+        return cls(loaded.model, loaded.tokenizer, SharedArtefacts.for_settings(settings), loaded.info,
+                   signing_key=lambda: model_signing_public_pem(settings))
 
     # --- swapping -------------------------------------------------------------
 
@@ -114,6 +156,7 @@ class AdapterRuntime:
         # The store checked the digest; checked again here because these are the bytes that will serve.
         if file_sha256(folder / ADAPTER_WEIGHTS) != sha256:
             raise ArtefactCorrupted(f"adapter {sha256}: {folder / ADAPTER_WEIGHTS} does not hash to its name")
+        verify_adapter(folder, self.signing_key())  # AdapterSignatureError names the file that failed
         import warnings
 
         from peft import PeftModel
@@ -173,21 +216,29 @@ class AdapterRuntime:
         from aiokafka import AIOKafkaConsumer, TopicPartition
 
         from shared.bus import MalformedEvent, decode
+        from shared.contracts.signing import Refused
         from shared.topics import ensure_topics, topic_for
 
         if (channel is None) == (profile is None):
             raise ValueError("follow a channel or a profile")
         await ensure_topics(settings)
-        topic = topic_for("adapter" if channel is not None else "profile")
+        trust = TrustView(settings)
+        await trust.catch_up()
+        approved = ApprovedAdapters(trust)
+        # a profile's adapters are approved on the adapter topic: read both
+        topics = [topic_for("adapter")] if channel is not None else [topic_for("adapter"), topic_for("profile")]
         consumer = AIOKafkaConsumer(bootstrap_servers=settings.bootstrap(), group_id=None, enable_auto_commit=False,
-                                    auto_offset_reset="earliest", client_id=f"neurons-runtime-{uuid.uuid4().hex[:6]}")
+                                    auto_offset_reset="earliest", client_id=f"neurons-runtime-{uuid.uuid4().hex[:6]}",
+                                    **settings.kafka_security())
         await consumer.start()
         try:
-            parts = consumer.partitions_for_topic(topic)
-            if not parts:
-                await consumer._client.force_metadata_update()
-                parts = consumer.partitions_for_topic(topic) or set()
-            partitions = [TopicPartition(topic, p) for p in sorted(parts)]
+            partitions = []
+            for topic in topics:
+                parts = consumer.partitions_for_topic(topic)
+                if not parts:
+                    await consumer._client.force_metadata_update()
+                    parts = consumer.partitions_for_topic(topic) or set()
+                partitions += [TopicPartition(topic, p) for p in sorted(parts)]
             consumer.assign(partitions)
             await consumer.seek_to_beginning(*partitions)
             ends = await consumer.end_offsets(partitions)
@@ -203,11 +254,13 @@ class AdapterRuntime:
                         if record.offset + 1 >= ends.get(tp, 0):
                             behind.discard(tp)
                         try:
-                            event = decode(record.value)
-                        except MalformedEvent:
+                            event = decode(record.value, admit=trust.admit)  # signed, by whom may write it
+                        except (MalformedEvent, Refused):
                             continue
                         target = target_of(event, channel=channel, profile=profile)
-                        if target is not None:
+                        if event.type in ApprovedAdapters.CHAIN:
+                            await trust.catch_up()  # an approver enrolled since: one offsets request when none was
+                        if approved.admits(event, target) and target is not None:
                             latest = target
                 if not caught_up and not behind:
                     caught_up = True  # history read: serve its last word, without loading every adapter on the way
@@ -218,15 +271,16 @@ class AdapterRuntime:
                     latest = None
         finally:
             await consumer.stop()
+            await trust.close()
 
     async def _settle(self, target: Target | None, on_swap, ready: asyncio.Event | None) -> None:
         changed = False
         if target is not None:
             try:
                 changed = await asyncio.to_thread(self.activate, target)
-            except Exception as exc:  # a missing or corrupt artefact: keep serving what serves
-                log.error("could not switch to %s: %r; %s keeps serving", target.sha256, exc,
-                          self.active or "the base model")
+            except Exception as exc:  # a missing, corrupt or unsigned artefact: keep serving what serves
+                log.error("could not switch to %s: %s: %s; %s keeps serving", target.sha256, exc.__class__.__name__,
+                          exc, self.active or "the base model")
         first = ready is not None and not ready.is_set()
         if on_swap is not None and (changed or first):
             result = on_swap(self)

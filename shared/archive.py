@@ -58,8 +58,13 @@ class ArchivedEvent(SQLModel, table=True):
 
 
 def archive(session: Session, envelope: Envelope, topic: str | None = None,
-            partition: int | None = None, offset: int | None = None) -> bool:
-    """Store ``envelope`` once; False when it is already archived."""
+            partition: int | None = None, offset: int | None = None, raw: bytes | None = None) -> bool:
+    """Store ``envelope`` once; False when it is already archived.
+
+    ``raw`` is the record's value as it was published, kept as it is: an event
+    upcast on reading still verifies against its signature (reading the
+    archive upcasts it again, ``iter_archive``).
+    """
     existing = session.exec(select(ArchivedEvent.id).where(ArchivedEvent.event_id == envelope.event_id)).first()
     if existing is not None:
         return False
@@ -75,13 +80,24 @@ def archive(session: Session, envelope: Envelope, topic: str | None = None,
             correlation_id=envelope.correlation_id,
             causation_id=envelope.causation_id,
             producer_service=envelope.producer.service,
-            envelope_json=envelope.to_json().decode(),
+            envelope_json=_as_published(envelope, raw),
             topic=topic,
             partition=partition,
             offset=offset,
         )
     )
     return True
+
+
+def _as_published(envelope: Envelope, raw: bytes | None) -> str:
+    if raw is not None and envelope.signature is not None:
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            text = ""
+        if text and "\n" not in text and "\r" not in text:  # an export holds one event a line
+            return text
+    return envelope.to_json().decode()
 
 
 def iter_archive(session: Session, until: datetime | None = None, batch: int = 5000) -> Iterator[Envelope]:

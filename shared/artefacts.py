@@ -8,6 +8,9 @@ Layout under the store's root (the same keys on every backend)::
         training_summary.json      config, dataset sha256, base model + checksum,
                                    metrics before/after, loss curve, energy,
                                    software versions, status (trained | fallback)
+        model.sig                  the trainer's signature over the three files
+                                   (OpenSSF model-signing; shared.adapter_signing),
+                                   stored before the weights
     blobs/<sha256>/<name>          any other file (raw validation data, reports)
 
 An artefact is named by the URI ``artefact://sha256/<hex>``, which says what
@@ -31,13 +34,16 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
+
+from shared.paths import UnsafePath, contained
 
 URI_PREFIX = "artefact://sha256/"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 SUMMARY = "training_summary.json"
 ADAPTER_FILES = (ADAPTER_WEIGHTS, ADAPTER_CONFIG, SUMMARY)
+ADAPTER_SIGNATURE = "model.sig"  # shared.adapter_signing.SIGNATURE_NAME
 BLOBS = "blobs"
 _HEX = re.compile(r"^[0-9a-f]{64}$")
 
@@ -84,11 +90,15 @@ class LocalBackend:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
 
+    def _path(self, key: str) -> Path:
+        contained(self.root, key)  # UnsafePath (a ValueError) for a key that would leave the store
+        return self.root / key
+
     def exists(self, key: str) -> bool:
-        return (self.root / key).is_file()
+        return self._path(key).is_file()
 
     def put_file(self, key: str, source: Path) -> None:
-        target = self.root / key
+        target = self._path(key)
         target.parent.mkdir(parents=True, exist_ok=True)
         fd, staging = tempfile.mkstemp(prefix=".incoming-", dir=target.parent)
         os.close(fd)
@@ -101,13 +111,13 @@ class LocalBackend:
                 os.unlink(staging)
 
     def local_path(self, key: str) -> Path:
-        path = self.root / key
+        path = self._path(key)
         if not path.is_file():
             raise ArtefactNotFound(key)
         return path
 
     def list(self, prefix: str) -> list[str]:
-        folder = self.root / prefix
+        folder = self._path(prefix)
         if not folder.is_dir():
             return []
         return sorted(p.name for p in folder.iterdir() if not p.name.startswith("."))
@@ -138,26 +148,54 @@ class ArtefactStore:
 
     # --- adapters ------------------------------------------------------------
 
-    def put_adapter(self, src_dir: Path, summary_updates: dict[str, Any] | None = None) -> StoredArtefact:
-        """Store an adapter folder; ``summary_updates`` (e.g. the measured energy) are merged into its summary."""
+    def put_adapter(self, src_dir: Path, summary_updates: dict[str, Any] | None = None,
+                    sign: Callable[[Path], Path] | None = None) -> StoredArtefact:
+        """Store an adapter folder; ``summary_updates`` (e.g. the measured energy) are merged into its summary.
+
+        ``sign`` signs a folder holding the files exactly as they are stored
+        and returns the signature file it wrote there (``ADAPTER_SIGNATURE``);
+        the signature is stored before the weights, so an adapter is complete
+        only once signed. An adapter stored before without a signature gets one."""
         src_dir = Path(src_dir)
         missing = [name for name in ADAPTER_FILES if not (src_dir / name).is_file()]
         if missing and missing != [SUMMARY]:
             raise ArtefactError(f"{src_dir} is not an adapter folder: missing {', '.join(missing)}")
         sha256 = file_sha256(src_dir / ADAPTER_WEIGHTS)
         if self.backend.exists(f"{sha256}/{ADAPTER_WEIGHTS}"):
+            if sign is not None and not self.backend.exists(f"{sha256}/{ADAPTER_SIGNATURE}"):
+                self._sign_stored(sha256, sign)
             return StoredArtefact(sha256, uri_for(sha256), self.get(sha256))
 
         summary = json.loads((src_dir / SUMMARY).read_text()) if (src_dir / SUMMARY).is_file() else {}
         summary.update(summary_updates or {})
         summary["adapter_sha256"] = sha256
         with tempfile.TemporaryDirectory(prefix="artefact-") as scratch:
-            summary_path = Path(scratch) / SUMMARY
-            summary_path.write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
-            self.backend.put_file(f"{sha256}/{SUMMARY}", summary_path)
-            self.backend.put_file(f"{sha256}/{ADAPTER_CONFIG}", src_dir / ADAPTER_CONFIG)
-            self.backend.put_file(f"{sha256}/{ADAPTER_WEIGHTS}", src_dir / ADAPTER_WEIGHTS)
+            folder = Path(scratch) / sha256  # the adapter as it will be stored
+            folder.mkdir()
+            (folder / SUMMARY).write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+            shutil.copyfile(src_dir / ADAPTER_CONFIG, folder / ADAPTER_CONFIG)
+            shutil.copyfile(src_dir / ADAPTER_WEIGHTS, folder / ADAPTER_WEIGHTS)
+            if file_sha256(folder / ADAPTER_WEIGHTS) != sha256:
+                raise ArtefactError(f"{src_dir / ADAPTER_WEIGHTS} changed while it was being stored")
+            signature = sign(folder) if sign is not None else None
+            self.backend.put_file(f"{sha256}/{SUMMARY}", folder / SUMMARY)
+            self.backend.put_file(f"{sha256}/{ADAPTER_CONFIG}", folder / ADAPTER_CONFIG)
+            if signature is not None:
+                self.backend.put_file(f"{sha256}/{ADAPTER_SIGNATURE}", signature)
+            self.backend.put_file(f"{sha256}/{ADAPTER_WEIGHTS}", folder / ADAPTER_WEIGHTS)
         return StoredArtefact(sha256, uri_for(sha256), self.get(sha256))
+
+    def _sign_stored(self, sha256: str, sign: Callable[[Path], Path]) -> None:
+        """Sign an adapter already stored (unsigned) from a copy of its files, the weights checked first."""
+        with tempfile.TemporaryDirectory(prefix="artefact-") as scratch:
+            folder = Path(scratch) / sha256
+            folder.mkdir()
+            for name in ADAPTER_FILES:
+                if self.backend.exists(f"{sha256}/{name}"):
+                    shutil.copyfile(self.backend.local_path(f"{sha256}/{name}"), folder / name)
+            if file_sha256(folder / ADAPTER_WEIGHTS) != sha256:
+                raise ArtefactCorrupted(f"artefact {sha256}: stored bytes hash to something else")
+            self.backend.put_file(f"{sha256}/{ADAPTER_SIGNATURE}", sign(folder))
 
     def summary(self, sha256: str) -> dict[str, Any]:
         return json.loads(self.backend.local_path(f"{_check_hex(sha256)}/{SUMMARY}").read_text())
@@ -246,6 +284,8 @@ class FsspecBackend:
         self._stage = protocol in ("file", "local")
 
     def _path(self, key: str) -> str:
+        if key.startswith("/") or ".." in key.split("/"):
+            raise UnsafePath(f"artefact key {key!r} would leave the store at {self.url}")
         return f"{self.root}/{key}" if self.root else key
 
     def exists(self, key: str) -> bool:
@@ -267,6 +307,7 @@ class FsspecBackend:
                 self.fs.rm(staging)
 
     def local_path(self, key: str) -> Path:
+        contained(self.cache_dir, key)  # UnsafePath for a key that would leave the cache
         cached = self.cache_dir / key
         if cached.is_file():
             return cached
@@ -319,6 +360,8 @@ class SharedArtefacts:
     def get(self, sha256_or_uri: str) -> Path:
         sha256 = ArtefactStore._sha(sha256_or_uri)
         if self.local.exists(sha256):
+            if self.remote is not None:  # an adapter fetched before it was signed: its signature now
+                _copy_signature(self.remote, self.local, sha256)
             return self.local.get(sha256)  # raises ArtefactCorrupted rather than fetch over bad bytes
         if self.remote is None:
             raise ArtefactNotFound(f"artefact {sha256} is not on this node and no shared store is configured "
@@ -333,6 +376,8 @@ class SharedArtefacts:
             raise ArtefactError("no shared store is configured (NEURONS_ARTEFACT_REMOTE)")
         if not self.remote.exists(sha256):
             _copy(self.local, self.remote, sha256)
+        else:
+            _copy_signature(self.local, self.remote, sha256)
         return uri_for(sha256)
 
 
@@ -344,9 +389,18 @@ def _copy(source: ArtefactStore, target: ArtefactStore, sha256: str) -> None:
         raise ArtefactCorrupted(f"artefact {sha256} at {source.root}: stored bytes hash to something else")
     if key.endswith(ADAPTER_WEIGHTS):
         # the weights last: their presence is what marks the adapter complete
-        for name in (SUMMARY, ADAPTER_CONFIG):
+        for name in (SUMMARY, ADAPTER_CONFIG, ADAPTER_SIGNATURE):
             if source.backend.exists(f"{sha256}/{name}"):
                 target.backend.put_file(f"{sha256}/{name}", source.backend.local_path(f"{sha256}/{name}"))
     target.backend.put_file(key, path)
     if not target.verify(sha256):
         raise ArtefactCorrupted(f"artefact {sha256}: the copy at {target.root} does not hash to its name")
+
+
+def _copy_signature(source: ArtefactStore, target: ArtefactStore, sha256: str) -> None:
+    """Give an adapter the target holds unsigned the signature the source has for it."""
+    key = f"{sha256}/{ADAPTER_SIGNATURE}"
+    if target.backend.exists(key) or not target.backend.exists(f"{sha256}/{ADAPTER_WEIGHTS}"):
+        return
+    if source.backend.exists(key):
+        target.backend.put_file(key, source.backend.local_path(key))

@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import struct
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import MessageSizeTooLargeError
@@ -30,7 +30,8 @@ from opentelemetry.trace import Status, StatusCode
 from pydantic import ValidationError
 
 from shared.contracts import schemas
-from shared.contracts.envelope import Envelope, loads, read_canonical
+from shared.contracts.envelope import Envelope, loads, orjson_compact, read_canonical
+from shared.contracts.signing import MAX_BATCH, Signer, sign_batch
 from shared.settings import Settings
 from shared.topics import dlq_topic, topic_for
 from shared.tracing import inject_headers, span_headers
@@ -59,8 +60,12 @@ def validate(envelope: Envelope, *, from_json: bool = False) -> None:
     schemas.validate_payload(envelope.type, envelope.schema_version, envelope.payload, from_json=from_json)
 
 
-def decode(raw: bytes | None) -> Envelope:
-    """Parse, validate and upcast one record value."""
+def decode(raw: bytes | None, admit: Callable[[Envelope], None] | None = None) -> Envelope:
+    """Parse, validate and upcast one record value.
+
+    ``admit`` (a consumer's trust check) sees the envelope as it was signed,
+    before its payload is checked or upcast, and raises to refuse it.
+    """
     if raw is None:
         raise MalformedEvent("empty record value", "bad_json")
     envelope = read_canonical(raw)  # an envelope as services publish them, read in one pass
@@ -69,6 +74,8 @@ def decode(raw: bytes | None) -> Envelope:
     try:
         if envelope.type not in schemas.current_versions():
             raise MalformedEvent(f"unknown event type {envelope.type!r}", "unknown_type")
+        if admit is not None:
+            admit(envelope)
         validate(envelope, from_json=True)
         version, payload = schemas.upcast(envelope.type, envelope.schema_version, envelope.payload)
         if version != envelope.schema_version:
@@ -181,12 +188,50 @@ class _SpanGroup:
         self.span.end()
 
 
-class Publisher:
-    """An aiokafka producer that only ever writes valid, traced events."""
+_SIGNATURE_AT = b',"type":"'  # the signature block's key sorts just before the last key, "type"
 
-    def __init__(self, settings: Settings, service: str, tracer_provider=None) -> None:
+
+def with_signature(value: bytes, block: dict) -> bytes:
+    """``value`` (an unsigned envelope as ``to_json`` writes it) with ``block`` as its signature,
+    byte for byte what ``to_json`` writes for the signed envelope."""
+    at = value.rfind(_SIGNATURE_AT) + 1
+    return value[:at] + b'"signature":' + (orjson_compact(block) or json.dumps(block, sort_keys=True, separators=(",", ":")).encode()) + b"," + value[at:]
+
+
+def signed_values(signer: Signer | None, envelopes: Sequence[Envelope],
+                  values: Sequence[bytes | None]) -> list[bytes]:
+    """Each envelope's bytes as published: those already signed as they are, the others signed by
+    ``signer`` in Merkle batches of up to ``MAX_BATCH`` (unsigned when there is no signer)."""
+    out = [value if value is not None else envelope.to_json() for envelope, value in zip(envelopes, values, strict=True)]
+    if signer is None:
+        return out
+    pending = [i for i, envelope in enumerate(envelopes) if envelope.signature is None]
+    for start in range(0, len(pending), MAX_BATCH):
+        chunk = pending[start:start + MAX_BATCH]
+        for i, block in zip(chunk, sign_batch(signer, [out[i] for i in chunk])):
+            out[i] = with_signature(out[i], block)
+    return out
+
+
+_OWN_KEY = object()
+
+
+class Publisher:
+    """An aiokafka producer that only ever writes valid, traced, signed events.
+
+    ``signer`` signs every envelope that is not signed yet; by default it is
+    the key of the service named ``service`` (``shared.keys.service_signer``),
+    and with no key at all events go out unsigned, which every consumer refuses.
+    """
+
+    def __init__(self, settings: Settings, service: str, tracer_provider=None, signer: Signer | None | object = _OWN_KEY) -> None:
         self.settings = settings
         self.service = service
+        if signer is _OWN_KEY:
+            from shared.keys import service_signer
+
+            signer = service_signer(settings, service)
+        self.signer: Signer | None = signer
         self._producer: AIOKafkaProducer | None = None
         if tracer_provider is None:
             from shared.tracing import setup_tracing
@@ -205,6 +250,7 @@ class Publisher:
             enable_idempotence=False,
             linger_ms=0,
             max_request_size=MAX_REQUEST_SIZE,
+            **self.settings.kafka_security(),
         )
         await self._producer.start()
 
@@ -250,7 +296,7 @@ class Publisher:
         try:
             future = await self.producer.send(
                 topic,
-                value=envelope.to_json(),
+                value=signed_values(self.signer, [envelope], [None])[0],
                 key=envelope.aggregate_id.encode(),
                 headers=event_headers(envelope, span_headers(span)),
             )
@@ -283,8 +329,7 @@ class Publisher:
         producer = self.producer
         if contexts is None:
             contexts = [None] * len(envelopes)
-        if values is None:
-            values = [None] * len(envelopes)
+        values = signed_values(self.signer, envelopes, values if values is not None else [None] * len(envelopes))
         topics: dict[str, str] = {}
         partitions: dict[str, list[int]] = {}
         batches: dict[tuple[str, int], BatchBuilder] = {}
@@ -310,8 +355,6 @@ class Publisher:
                     group = groups[group_key] = _SpanGroup(self._span(envelope, topic, context, one_event=False), envelope)
                 group.envelopes.append(envelope)
                 key = envelope.aggregate_id.encode()
-                if value is None:
-                    value = envelope.to_json()
                 headers = [*group.headers, ("event_id", envelope.event_id.encode())]  # as event_headers
                 # headers are a few hundred bytes: only a large value can take a record past the limit
                 if len(value) + len(key) > MAX_REQUEST_SIZE // 2 and (

@@ -104,9 +104,11 @@ def up(settings: Settings, services: tuple[str, ...] = SERVICES) -> dict:
     info = broker.start(settings)
     import asyncio
 
+    from shared.keys import ensure_service_keys
     from shared.topics import ensure_topics
 
     asyncio.run(ensure_topics(settings))
+    ensure_service_keys(settings)  # the embedded platform's service keys, anchored in the trust file
     pids = {name: start_service(settings, name) for name in services}
     return {"broker": info.bootstrap_servers, "services": pids}
 

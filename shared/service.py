@@ -9,8 +9,10 @@ A service declares the aggregate types it reads and the handlers it runs::
     def on_proposed(event, ctx):
         approvals.run(ctx, event, config)  # decides, stages the events, saves the state's rows
 
-Each record is decoded (a malformed one goes to ``neurons.dlq`` with its
-reason and the worker keeps consuming), then its handler runs inside one SQL
+Each record is decoded and its signature and producer checked against the
+contract of who may write what (``shared.trust_view``); a malformed or
+unauthorised one goes to ``neurons.dlq`` with its reason and the worker keeps
+consuming. Then its handler runs inside one SQL
 transaction that also records (consumer, event_id), stores the emitted
 events in the outbox (those the handler returns, or those its decider staged)
 and the state they lead to. After the commit the outbox is published. A handler that
@@ -39,6 +41,8 @@ from shared.contracts import schemas
 from shared.bus import MalformedEvent, Publisher, decode, validate
 from shared.db import engine_for
 from shared.contracts.envelope import Envelope, NewEvent, Producer, seal, utcnow
+from shared.contracts.signing import Refused
+from shared.trust_view import TrustView
 from shared.settings import Settings
 from shared.store import (
     OutboxEvent,
@@ -73,6 +77,16 @@ def _short_fetch_wait(wait_ms: int) -> None:
     driver.aiokafka = shim
 
 
+def _faust_credentials(security: dict):
+    """The same login as every other client of this process, in faust's terms (None: no login)."""
+    if "sasl_mechanism" in security:
+        return faust.SASLCredentials(username=security["sasl_plain_username"], password=security["sasl_plain_password"],
+                                     mechanism=security["sasl_mechanism"], ssl_context=security.get("ssl_context"))
+    if "ssl_context" in security:
+        return faust.SSLCredentials(security["ssl_context"])
+    return None
+
+
 Handler = Callable[[Envelope, "HandlerContext"], Iterable[NewEvent] | None]
 TimerFn = Callable[["HandlerContext"], Iterable[NewEvent] | None]
 
@@ -89,6 +103,8 @@ class HandlerContext:
     on_commit: list[Callable[[], None]] = field(default_factory=list)
     # what each decider (shared.decider) saved in this transaction, until the commit makes it the state
     staged: dict[Any, Any] = field(default_factory=dict)
+    # the record's value as it was published (and signed), before any upcasting; None outside a record
+    raw: bytes | None = None
 
     @property
     def state(self) -> StateStore:
@@ -117,8 +133,10 @@ class Service:
         tracer_provider=None,
     ) -> None:
         self.name = name
-        self.reads = list(reads)
+        # every service follows the operators' enrolments: they decide whose signatures count
+        self.reads = list(dict.fromkeys([*reads, "operator"]))
         self.settings = settings or Settings.from_env()
+        self.trust = TrustView(self.settings)
         self.consumer = group_id(name)
         self.log = logging.getLogger(f"neurons.{name}")
         self._handlers: dict[str, Handler] = {}
@@ -169,7 +187,10 @@ class Service:
             self._publisher_lock = asyncio.Lock()
         async with self._publisher_lock:
             if self._publisher is None:
-                publisher = Publisher(self.settings, self.name, self.tracer_provider)
+                from shared.keys import require_service_signer
+
+                publisher = Publisher(self.settings, self.name, self.tracer_provider,
+                                      signer=require_service_signer(self.settings, self.name))
                 await publisher.start()
                 self._publisher = publisher
         return self._publisher
@@ -180,6 +201,7 @@ class Service:
         if self._publisher is not None:
             await self._publisher.stop()
             self._publisher = None
+        await self.trust.close()
         self.tracer_provider.force_flush()
 
     # --- transactions ------------------------------------------------------
@@ -270,9 +292,10 @@ class Service:
         return [Envelope.from_json(row.envelope_json) for row in rows]
 
     # --- consuming ---------------------------------------------------------
-    def _apply(self, envelope: Envelope) -> list[Callable[[], Awaitable[None]]]:
+    def _apply(self, envelope: Envelope, raw: bytes | None = None) -> list[Callable[[], Awaitable[None]]]:
         handler = self._handlers.get(envelope.type) or self._any_handler
         with self.transaction(envelope) as ctx:
+            ctx.raw = raw
             if already_processed(ctx.session, self.consumer, envelope.event_id):
                 return []
             observe_sequence(ctx.session, self.name, envelope)
@@ -290,13 +313,21 @@ class Service:
                       partition: int, offset: int) -> Envelope | None:
         """Handle one record; returns the event, or None when it was dead-lettered."""
         try:
-            envelope = decode(value)
-        except MalformedEvent as exc:
+            try:
+                envelope = decode(value, admit=self.trust.admit)
+            except Refused as refused:
+                if refused.reason != "unknown_key" or not await self.trust.catch_up():
+                    raise
+                envelope = decode(value, admit=self.trust.admit)  # the log enrolled keys since: once more
+        except (MalformedEvent, Refused) as exc:
+            reason, kind = (exc.reason, exc.kind) if isinstance(exc, MalformedEvent) else (str(exc), exc.reason)
             publisher = await self.publisher()
             await publisher.dead_letter(value=value, key=key, headers=headers, source_topic=topic,
-                                        partition=partition, offset=offset, reason=exc.reason,
-                                        kind=exc.kind, consumer=self.consumer)
+                                        partition=partition, offset=offset, reason=reason,
+                                        kind=kind, consumer=self.consumer)
             return None
+        if envelope.aggregate_type == "operator":
+            self.trust.fold(envelope)
         if envelope.type not in self._handlers and self._any_handler is None:
             return envelope
         parent = extract_context(headers)
@@ -310,7 +341,7 @@ class Service:
             error: Exception | None = None
             for attempt in range(self.settings.handler_retries):
                 try:
-                    callbacks = self._apply(envelope)
+                    callbacks = self._apply(envelope, value)
                     error = None
                     break
                 except Exception as exc:  # a handler bug or a transient store error
@@ -373,6 +404,7 @@ class Service:
             broker_commit_interval=1.0,
             stream_wait_empty=False,
             producer_acks=-1,
+            broker_credentials=_faust_credentials(s.kafka_security()),
         )
         channel = app.topic(*[topic_for(a) for a in self.reads], value_type=bytes, key_type=bytes,
                             value_serializer="raw", key_serializer="raw")
@@ -386,6 +418,10 @@ class Service:
         app.agent(channel, name=f"{self.name}.consume")(consume)
 
         async def startup() -> None:
+            try:
+                await self.trust.catch_up()  # the operators the log has enrolled so far
+            except Exception:  # an unknown key makes the service read the topic again
+                self.log.exception("could not read the operators' enrolments at start-up")
             await self.flush_outbox()  # what a crash left unpublished
             for fn in self._startup:
                 await fn(self)

@@ -12,12 +12,19 @@ from __future__ import annotations
 import json
 import os
 import socket
+import ssl
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 ENV_VARS: dict[str, str] = {
     "NEURONS_VAR": "folder for state, logs, artefacts (default ./var)",
     "KAFKA_BOOTSTRAP_SERVERS": "external Kafka; unset means the embedded broker",
+    "KAFKA_SECURITY_PROTOCOL": "PLAINTEXT, SASL_PLAINTEXT, SASL_SSL or SSL (default SASL_PLAINTEXT with a user, else PLAINTEXT)",
+    "KAFKA_SASL_MECHANISM": "SASL mechanism (default SCRAM-SHA-512)",
+    "KAFKA_SASL_USERNAME": "this process's Kafka user, e.g. neurons-trainer (see deploy/kafka/README.md)",
+    "KAFKA_SASL_PASSWORD": "that user's password",
+    "KAFKA_SASL_PASSWORD_FILE": "file holding that password (read when KAFKA_SASL_PASSWORD is unset)",
     "NEURONS_DATABASE_URL": "SQLAlchemy URL shared by all services; unset means SQLite per service under var/db",
     "NEURONS_TOPIC_PREFIX": "namespace of topics and consumer groups (default neurons.)",
     "NEURONS_TOPIC_PARTITIONS": "partitions per topic created at start-up",
@@ -25,7 +32,9 @@ ENV_VARS: dict[str, str] = {
     "NEURONS_SESSION_TIMEOUT_S": "consumer group session timeout",
     "NEURONS_FETCH_WAIT_MS": "longest a worker's fetch waits at the broker for new records",
     "NEURONS_HANDLER_RETRIES": "attempts before an event goes to the dead-letter topic",
-    "NEURONS_KEYRING": "operator keyring file",
+    "NEURONS_TRUST": "trust anchors file: services' public keys and the first admins (default var/keys/trust.json)",
+    "NEURONS_SERVICE_KEYS": "folder of services' private keys (default var/keys/services)",
+    "NEURONS_SERVICE_KEY": "this service's private key file (PEM); overrides NEURONS_SERVICE_KEYS/<service>.pem",
     "NEURONS_POLICIES": "approval policy file (YAML or JSON)",
     "NEURONS_APPROVAL_TTL_S": "seconds before an approval request expires (default 24 h)",
     "NEURONS_OPERATOR_KEYS": "folder of operators' private keys used by the CLI (default var/keys/operators)",
@@ -60,6 +69,8 @@ ENV_VARS: dict[str, str] = {
     "NEURONS_CHECKPOINT_EVERY": "training steps between checkpoints a restarted trainer resumes from",
     "NEURONS_MODEL": "base model for cycles: tiny, smollm2 or a local HF folder",
     "NEURONS_API_PORT": "registry HTTP API and dashboard port",
+    "NEURONS_API_HOST": "address the registry API binds to (default 127.0.0.1; any other needs NEURONS_API_TOKEN)",
+    "NEURONS_API_TOKEN": "bearer token every registry API request must carry (required off loopback)",
 }
 
 def _env(name: str, default: str | None = None) -> str | None:
@@ -77,7 +88,13 @@ class Settings:
     session_timeout_s: float = 6.0
     handler_retries: int = 3
     fetch_wait_ms: int = 100
-    keyring_path: Path = Path("var/keys/keyring.json")
+    kafka_security_protocol: str = "PLAINTEXT"
+    kafka_sasl_mechanism: str = "SCRAM-SHA-512"
+    kafka_sasl_username: str | None = None
+    kafka_sasl_password: str | None = field(default=None, repr=False)  # a secret: kept out of reprs and logs
+    trust_path: Path = Path("var/keys/trust.json")
+    service_key_dir: Path = Path("var/keys/services")
+    service_key: Path | None = None
     operator_key_dir: Path = Path("var/keys/operators")
     policies_path: Path | None = None
     node: str = field(default_factory=socket.gethostname)
@@ -89,6 +106,8 @@ class Settings:
     cpu_tdp_w: float | None = None
     model: str = "smollm2"
     api_port: int = 8600
+    api_host: str = "127.0.0.1"
+    api_token: str | None = field(default=None, repr=False)  # a secret: kept out of reprs and logs
 
     @classmethod
     def from_env(cls) -> "Settings":
@@ -96,6 +115,7 @@ class Settings:
         tdp = _env("NEURONS_CPU_TDP_W")
         policies = _env("NEURONS_POLICIES")
         trace_file = _env("NEURONS_TRACE_FILE")
+        sasl_user = _env("KAFKA_SASL_USERNAME")
         return cls(
             var_dir=var_dir,
             bootstrap_servers=_env("KAFKA_BOOTSTRAP_SERVERS"),
@@ -105,7 +125,14 @@ class Settings:
             session_timeout_s=float(_env("NEURONS_SESSION_TIMEOUT_S", "6")),
             handler_retries=int(_env("NEURONS_HANDLER_RETRIES", "3")),
             fetch_wait_ms=int(_env("NEURONS_FETCH_WAIT_MS", "100")),
-            keyring_path=Path(_env("NEURONS_KEYRING", str(var_dir / "keys" / "keyring.json"))),
+            kafka_security_protocol=_env("KAFKA_SECURITY_PROTOCOL", "SASL_PLAINTEXT" if sasl_user else "PLAINTEXT"),
+            kafka_sasl_mechanism=_env("KAFKA_SASL_MECHANISM", "SCRAM-SHA-512"),
+            kafka_sasl_username=sasl_user,
+            kafka_sasl_password=_env("KAFKA_SASL_PASSWORD") or (
+                Path(password_file).read_text().strip() if (password_file := _env("KAFKA_SASL_PASSWORD_FILE")) else None),
+            trust_path=Path(_env("NEURONS_TRUST", str(var_dir / "keys" / "trust.json"))),
+            service_key_dir=Path(_env("NEURONS_SERVICE_KEYS", str(var_dir / "keys" / "services"))),
+            service_key=Path(service_key) if (service_key := _env("NEURONS_SERVICE_KEY")) else None,
             operator_key_dir=Path(_env("NEURONS_OPERATOR_KEYS", str(var_dir / "keys" / "operators"))),
             policies_path=Path(policies) if policies else None,
             node=_env("NEURONS_NODE", socket.gethostname()),
@@ -117,6 +144,8 @@ class Settings:
             cpu_tdp_w=float(tdp) if tdp else None,
             model=_env("NEURONS_MODEL", "smollm2"),
             api_port=int(_env("NEURONS_API_PORT", "8600")),
+            api_host=_env("NEURONS_API_HOST", "127.0.0.1"),
+            api_token=_env("NEURONS_API_TOKEN"),
         )
 
     def with_(self, **changes) -> "Settings":
@@ -154,6 +183,29 @@ class Settings:
             "no Kafka broker: run `neurons broker start` (or `neurons up`), "
             "or set KAFKA_BOOTSTRAP_SERVERS"
         )
+
+    def kafka_security(self) -> dict[str, Any]:
+        """aiokafka's connection keywords for every client (producer, consumer, admin) of this process.
+
+        Empty for PLAINTEXT (the embedded broker); otherwise the protocol and,
+        for SASL, this process's own user: the broker's ACLs are per user
+        (deploy/kafka/README.md).
+        """
+        protocol = self.kafka_security_protocol.upper()
+        if protocol not in ("PLAINTEXT", "SASL_PLAINTEXT", "SASL_SSL", "SSL"):
+            raise ValueError(f"KAFKA_SECURITY_PROTOCOL={protocol}: use PLAINTEXT, SASL_PLAINTEXT, SASL_SSL or SSL")
+        if protocol == "PLAINTEXT":
+            return {}
+        kwargs: dict[str, Any] = {"security_protocol": protocol}
+        if protocol.startswith("SASL_"):
+            if not (self.kafka_sasl_username and self.kafka_sasl_password):
+                raise RuntimeError(f"KAFKA_SECURITY_PROTOCOL={protocol} needs KAFKA_SASL_USERNAME and "
+                                   "KAFKA_SASL_PASSWORD (or KAFKA_SASL_PASSWORD_FILE)")
+            kwargs.update(sasl_mechanism=self.kafka_sasl_mechanism, sasl_plain_username=self.kafka_sasl_username,
+                          sasl_plain_password=self.kafka_sasl_password)
+        if protocol.endswith("SSL"):
+            kwargs["ssl_context"] = ssl.create_default_context()
+        return kwargs
 
     def db_url(self, service: str) -> str:
         """One database per service on SQLite; the shared URL when one is set."""

@@ -17,6 +17,7 @@ import os
 from shared.settings import Settings
 
 log = logging.getLogger("neurons.topics")
+TOPIC_ALREADY_EXISTS = 36  # Kafka error code
 
 AGGREGATE_TYPES = (
     "dataset",
@@ -30,6 +31,7 @@ AGGREGATE_TYPES = (
     "scaling",
     "adapter",
     "profile",
+    "operator",
 )
 SERVICES = ("trainer", "evolution", "approval", "validator", "energy", "registry")
 
@@ -59,7 +61,8 @@ def group_id(service: str) -> str:
 
 async def ensure_topics(settings: Settings) -> list[str]:
     """Create every topic the platform uses; return those that were new."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=settings.bootstrap(), client_id="neurons-admin")
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.bootstrap(), client_id="neurons-admin",
+                                **settings.kafka_security())
     for attempt in range(30):
         try:
             await admin.start()
@@ -81,12 +84,23 @@ async def ensure_topics(settings: Settings) -> list[str]:
             for name, parts in wanted
             if name not in existing
         ]
-        if new:
-            try:
-                await admin.create_topics(new)
-            except TopicAlreadyExistsError:
-                pass
-            log.info("created topics %s", [t.name for t in new])
-        return [t.name for t in new]
+        if not new:
+            return []
+        try:
+            response = await admin.create_topics(new)
+        except TopicAlreadyExistsError:
+            response = None
+        # the answer is per topic: under Kafka ACLs only the administrator creates topics
+        # (deploy/kafka/init.sh), and a refusal here is that, not a failure
+        errors = {topic: code for topic, code, *_ in getattr(response, "topic_errors", None) or ()}
+        created = [t.name for t in new if errors.get(t.name, 0) == 0]
+        refused = sorted(t for t, code in errors.items() if code not in (0, TOPIC_ALREADY_EXISTS))
+        if created:
+            log.info("created topics %s", created)
+        if refused:
+            log.warning("topics %s are missing and were not created (Kafka error codes %s; 29 or 31: this client "
+                        "may not create topics, the cluster's administrator does)", refused,
+                        sorted({errors[t] for t in refused}))
+        return created
     finally:
         await admin.close()

@@ -12,6 +12,45 @@ import uuid
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+ADMIN = "admin"  # every test platform's first admin, anchored in its trust file
+
+
+def signer_of(settings, producer: str):
+    """The key a producer named in an envelope signs with: a service's, or an operator's (``operator:<id>``)."""
+    from shared.keys import operator_signer, require_service_signer
+
+    if producer.startswith("operator:"):
+        return operator_signer(settings, producer.split(":", 1)[1])
+    return require_service_signer(settings, producer)
+
+
+def sign_as_producers(settings, envelopes):
+    """The envelopes signed, each by the key of the producer it names."""
+    from shared.bus import signed_values
+    from shared.contracts.envelope import Envelope
+
+    return [Envelope.from_json(signed_values(signer_of(settings, e.producer.service), [e], [None])[0])
+            for e in envelopes]
+
+
+def _signing_publisher_class():
+    from shared.bus import Publisher
+
+    class _SigningPublisher(Publisher):
+        def __init__(self, settings, **kwargs) -> None:
+            super().__init__(settings, "test", signer=None, **kwargs)
+
+        async def publish(self, envelope, **kwargs) -> None:
+            await super().publish(sign_as_producers(self.settings, [envelope])[0], **kwargs)
+
+        async def publish_many(self, envelopes, **kwargs) -> None:
+            await super().publish_many(sign_as_producers(self.settings, envelopes), **kwargs)
+
+    return _SigningPublisher
+
+
+def SigningPublisher(settings, **kwargs):  # noqa: N802 - a class, made on first use (imports stay lazy)
+    return _signing_publisher_class()(settings, **kwargs)
 
 
 class Platform:
@@ -25,7 +64,6 @@ class Platform:
             "KAFKA_BOOTSTRAP_SERVERS": bootstrap,
             "NEURONS_TOPIC_PREFIX": self.prefix,
             "NEURONS_SESSION_TIMEOUT_S": "6",
-            "NEURONS_KEYRING": str(var_dir / "keys" / "keyring.json"),
             "HF_HUB_OFFLINE": "1",
             "TRANSFORMERS_OFFLINE": "1",
         }
@@ -33,6 +71,19 @@ class Platform:
             self.env["NEURONS_DATABASE_URL"] = database_url
         self.env.update(env)
         self.started: set[str] = set()
+        from shared.keys import ensure_service_keys, init_admin, load_anchors
+
+        ensure_service_keys(self.settings)
+        if not load_anchors(self.settings.trust_path)["admins"]:
+            init_admin(self.settings, ADMIN, "test platform admin")
+
+    def enroll(self, name: str, *roles: str) -> None:
+        """Enrol operator ``name`` (a key pair under the platform's var/) with ``roles``, signed by the admin."""
+        self.cli("operator", "enroll", name, *[arg for role in roles for arg in ("--role", role)])
+
+    def publisher(self):
+        """A publisher that signs each event with the key of the producer its envelope names."""
+        return SigningPublisher(self.settings)
 
     def apply(self, monkeypatch) -> "Platform":
         for key, value in self.env.items():
@@ -131,10 +182,16 @@ async def await_until(predicate, timeout: float = 60.0, interval: float = 0.25, 
 
 
 def make_event(event_type: str, aggregate_id: str, payload: dict, *, sequence: int = 1,
-               correlation_id: str = "corr-test", service: str = "test", version: int | None = None):
+               correlation_id: str = "corr-test", service: str | None = None, version: int | None = None):
+    """An envelope as its legitimate producer would seal it (``service``: the contract's first service,
+    or ``operator:admin`` for operators' commands)."""
     from shared.contracts import schemas
     from shared.contracts.envelope import NewEvent, Producer, seal
 
+    if service is None:
+        allowed = schemas.producers()[event_type]
+        services = [entry.split(":", 1)[1] for entry in allowed if entry.startswith("service:")]
+        service = services[0] if services else f"operator:{ADMIN}"
     return seal(NewEvent(event_type, aggregate_id, payload), sequence=sequence,
                 producer=Producer(service=service, node="test-node"), correlation_id=correlation_id,
                 causation_id=None, schema_version=version or schemas.current_version(event_type))
@@ -164,3 +221,21 @@ async def read_topic(bootstrap: str, topic: str, expect: int, timeout: float = 3
     finally:
         await consumer.stop()
     return records
+
+
+def store_signed_adapter(settings, weights: bytes) -> str:
+    """A small adapter folder with ``weights`` in the platform's artefact store, signed with the anchored
+    adapter-signing key as the trainer signs it; its sha256."""
+    import tempfile
+
+    from shared.adapter_signing import sign_adapter
+    from shared.artefacts import ADAPTER_CONFIG, ADAPTER_WEIGHTS, ArtefactStore
+    from shared.keys import model_signing_key_path
+
+    with tempfile.TemporaryDirectory(prefix="adapter-") as scratch:
+        folder = Path(scratch)
+        (folder / ADAPTER_WEIGHTS).write_bytes(weights)
+        (folder / ADAPTER_CONFIG).write_text(json.dumps({"r": 8, "lora_alpha": 16}))
+        stored = ArtefactStore(settings.artefact_dir).put_adapter(
+            folder, sign=lambda f: sign_adapter(f, model_signing_key_path(settings)))
+    return stored.sha256

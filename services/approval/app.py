@@ -16,7 +16,6 @@ from opentelemetry import trace
 from shared.decider import Decider, from_document
 from shared.service import HandlerContext, Service
 from shared.tracing import context_from_traceparent, current_traceparent
-from shared.keys import load_keyring
 
 REQUEST_TTL_S = float(os.environ.get("NEURONS_APPROVAL_TTL_S") or 24 * 3600)
 
@@ -25,7 +24,7 @@ policies = load_policies(service.settings.policies_path)
 
 
 def _config() -> domain.ApprovalConfig:
-    return domain.ApprovalConfig(keyring=load_keyring(service.settings.keyring_path), policies=policies,
+    return domain.ApprovalConfig(keyring=service.trust.keyring(), policies=policies,
                                  request_ttl=timedelta(seconds=REQUEST_TTL_S))
 
 

@@ -33,7 +33,7 @@ from shared.contracts.policies import (
 )
 from shared.contracts.envelope import NewEvent, iso
 from shared.contracts.facts import SERVICE_REQUESTER, occurred_at as _occurred_at, validation_facts
-from shared.contracts.trust import Keyring, check_binding, parse_time, verify_decision
+from shared.contracts.trust import Keyring, check_binding, decision_subject, parse_time, verify_decision
 
 PENDING, GRANTED, REJECTED, EXPIRED = "pending", "granted", "rejected", "expired"
 DECISIONS = {"grant": GRANTED, "reject": REJECTED}
@@ -310,7 +310,7 @@ def _decide_submission(cmd: SubmitDecision, state: ApprovalState, config: Approv
     if now > request.expires_at:
         return refuse("request_expired", f"the request expired at {iso(request.expires_at)}", operator_id)
     bound = check_binding(signed, decisions=tuple(DECISIONS), requested_by=request.requested_by,
-                          used_nonces=state.used_nonces)
+                          used_nonces=state.used_nonces, subject=decision_subject(request.kind, request.subject))
     if not bound:
         return refuse(bound.reason, bound.detail, operator_id)
 

@@ -17,7 +17,6 @@ from services.evolution.search import DEFAULT_CONFIG, DEFAULT_SPACE, Param, Sear
 from shared.contracts.envelope import NewEvent
 from shared.decider import Decider, from_document
 from shared.service import HandlerContext, Service
-from shared.keys import load_keyring
 
 service = Service("evolution", reads=["dataset", "cycle", "research", "approval", "training", "validation",
                                       "energy", "hardware", "scaling", "adapter"])
@@ -51,7 +50,7 @@ def config() -> domain.EvolutionConfig:
     return domain.EvolutionConfig(
         model=service.settings.model,
         search=search_settings(),
-        keyring=load_keyring(service.settings.keyring_path),
+        keyring=service.trust.keyring(),
         policies=policies,
         schedule_interval=_seconds("NEURONS_SCHEDULE_INTERVAL_S", 6 * 3600),
         carbon_intensity_g_per_kwh=service.settings.carbon_intensity_g_per_kwh,
@@ -89,6 +88,10 @@ def on_event(event, ctx: HandlerContext):
     if event.type in ("cycle.requested", "research.requested"):
         kind = domain.RequestCycle if event.type == "cycle.requested" else domain.RequestResearch
         try:
+            signer = event.producer.service.removeprefix("operator:")  # the runtime checked the signature is theirs
+            if event.payload.get("operator_id") != signer:
+                raise domain.CommandRejected(f"the request names {event.payload.get('operator_id')!r} as requester "
+                                             f"but is signed by {signer!r}")
             _handle(ctx, _command(event, kind), model=event.payload.get("model"))
         except domain.CommandRejected as exc:
             # the operator hears why; the request stays in the log with its refusal

@@ -50,7 +50,8 @@ from services.evolution.search import (
 from shared.contracts.envelope import NewEvent, iso
 from shared.contracts.facts import adapter_sha, energy_wh, occurred_at
 from shared.contracts.policies import PolicySet, authorises, default_policies, proposal_subject, request_view
-from shared.contracts.trust import Keyring, VerificationResult, check_binding, parse_time, verify_decision
+from shared.contracts.trust import (Keyring, VerificationResult, check_binding, decision_subject, parse_time,
+                                    verify_decision)
 from shared.contracts.values import number
 
 if TYPE_CHECKING:
@@ -334,6 +335,8 @@ def request_training(event: Any, state: EvolutionState, config: EvolutionConfig)
         "requested_by": cycle.requested_by,
         "approval": {"request_id": payload["request_id"], "actor": payload["actor"]},
         "energy_estimate_wh": proposal.get("energy_estimate_wh"),
+        # the signed grant itself: the trainer verifies the chain (shared.contracts.chain)
+        "grant": event.to_dict() if getattr(event, "signature", None) else None,
     })]
 
 
@@ -379,8 +382,10 @@ def _verify_operator_grant(payload: Mapping[str, Any], actor: str, cycle: Cycle,
     verified = verify_decision(signed, keyring, now=at, required_role="approver")
     if not verified:
         return verified
+    kind = "research" if cycle.kind == "rl" else "cycle"
     bound = check_binding(signed, decisions="grant", request_id=cycle.request_id,
-                          requested_by=cycle.requested_by, used_nonces=used_nonces)
+                          requested_by=cycle.requested_by, used_nonces=used_nonces,
+                          subject=decision_subject(kind, proposal_subject(cycle.proposal)))
     if not bound:
         return bound
     if actor != f"operator:{signed['operator_id']}":

@@ -1,17 +1,27 @@
 """The registry's HTTP API and dashboard (FastAPI; OpenAPI at /openapi.json, docs at /docs).
 
-Reads come from the read models. The one write is an operator's signed
-decision on an approval request: it is published as
-``approval.decision_submitted`` for the approval service to verify, exactly as
-``neurons approve`` does; the API never decides anything itself.
+Reads come from the read models. The one write is an operator's decision on
+an approval request, and the API only passes it on: the body is a complete
+``approval.decision_submitted`` envelope that the operator signed with their
+own key (what ``neurons approve`` publishes). The API checks the signature
+against the trust anchors and the operators the log enrolled, that the type
+and request id are the endpoint's, and publishes the envelope as it is (a
+publisher with no signer of its own): the API never signs an operator's
+command, and never decides anything itself.
 
 The registry process serves it with uvicorn in the faust worker's event loop
-(``serve``), on NEURONS_API_PORT (0 picks a free port); the address is written
-to ``var/run/registry-api.json`` so tools and tests can find it.
+(``serve``), on NEURONS_API_HOST (127.0.0.1 by default) and NEURONS_API_PORT
+(0 picks a free port); the address is written to ``var/run/registry-api.json``
+so tools and tests can find it. Any address but loopback needs
+NEURONS_API_TOKEN, and when a token is set every request carries
+``Authorization: Bearer <token>``.
 """
 
 from __future__ import annotations
 
+import asyncio
+import hmac
+import ipaddress
 import json
 import logging
 import socket
@@ -20,14 +30,17 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Awaitable, Callable
 
-from fastapi import Body, FastAPI, HTTPException, Query
-from fastapi.responses import FileResponse
+from fastapi import FastAPI, HTTPException, Query, Request
+from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 
 from services.registry import queries
+from shared.bus import validate
 from shared.contracts import schemas
-from shared.contracts.envelope import Envelope, NewEvent, Producer, seal
+from shared.contracts.envelope import Envelope
+from shared.contracts.signing import Refused
 from shared.settings import Settings
+from shared.trust_view import TrustView, check_envelope
 
 log = logging.getLogger("neurons.registry.api")
 DASHBOARD = Path(__file__).resolve().parent / "dashboard"
@@ -35,22 +48,141 @@ Publish = Callable[[Envelope], Awaitable[None]]
 
 
 OpenSession = Callable[[], Any]  # opens a read-model session (a context manager)
+DECISION = "approval.decision_submitted"
 
 
-def create_app(settings: Settings, publish: Publish | None = None) -> FastAPI:
+class Refusal(Exception):
+    """A request the API turns down: the HTTP status, and the reason its JSON body names as ``error``."""
+
+    def __init__(self, status: int, error: str, detail: str) -> None:
+        super().__init__(f"{error}: {detail}")
+        self.status = status
+        self.error = error
+        self.detail = detail
+
+
+def is_loopback(host: str) -> bool:
+    """Whether binding ``host`` keeps the API on this machine; a host name other than localhost counts as not."""
+    host = host.strip().strip("[]")
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def binding_problem(settings: Settings) -> str | None:
+    """Why the API must not be served as configured (an address off loopback with no token), or None."""
+    if settings.api_token or is_loopback(settings.api_host):
+        return None
+    return (f"registry API not served: NEURONS_API_HOST={settings.api_host} is not a loopback address and "
+            "NEURONS_API_TOKEN is not set; set a token (every request then carries "
+            "'Authorization: Bearer <token>') or leave NEURONS_API_HOST at 127.0.0.1")
+
+
+def create_app(settings: Settings, publish: Publish | None = None, trust: TrustView | None = None) -> FastAPI:
+    """The API over ``settings``; ``publish`` sends an envelope as it is (None: this instance writes nothing);
+    ``trust`` is the view operators' signatures are checked against (default: a new one over ``settings``)."""
+    problem = binding_problem(settings)
+    if problem:
+        raise ValueError(problem)
     app = FastAPI(title="neurons registry", version="1",
                   description="Adapters in service, their lineage and approvals, soak snapshots, energy, "
                               "personality profiles: read models of the neurons event log.")
 
+    @app.exception_handler(Refusal)
+    async def refused(request: Request, exc: Refusal) -> JSONResponse:
+        return JSONResponse({"error": exc.error, "detail": exc.detail}, status_code=exc.status)
+
+    if settings.api_token:
+        _require_token(app, settings.api_token)
+
     def session():
         return queries.registry_session(settings)
 
+    commands = OperatorCommands(trust or TrustView(settings))
     _adapter_routes(app, settings, session)
     _observability_routes(app, session)
-    _approval_routes(app, settings, session, publish)
+    _approval_routes(app, session, publish, commands)
     _profile_and_audit_routes(app, settings, session)
     _dashboard_routes(app, session)
     return app
+
+
+def _require_token(app: FastAPI, token: str) -> None:
+    """Every request, the dashboard's files and /docs included, carries ``Authorization: Bearer <token>``."""
+    expected = token.encode()
+
+    @app.middleware("http")
+    async def bearer_token(request: Request, call_next):
+        scheme, _, presented = request.headers.get("authorization", "").partition(" ")
+        # compare_digest: the time taken says nothing about how much of the token was right
+        if scheme.lower() != "bearer" or not hmac.compare_digest(presented.strip().encode(), expected):
+            return JSONResponse({"error": "unauthorised",
+                                 "detail": "this API needs the header 'Authorization: Bearer <NEURONS_API_TOKEN>'"},
+                                status_code=401, headers={"WWW-Authenticate": 'Bearer realm="neurons"'})
+        return await call_next(request)
+
+
+class OperatorCommands:
+    """What every mutating endpoint accepts: one complete envelope an operator signed with their own key.
+
+    ``admit`` reads the body, checks that it is the endpoint's type, that its
+    signature is an enrolled, unrevoked operator's key allowed to publish that
+    type (``check_envelope``; an unknown key makes the view read the
+    operators' enrolments again, once) and that the payload fits its schema.
+    The envelope is then published as it is: never re-sealed, never signed
+    with a service's key.
+    """
+
+    def __init__(self, trust: TrustView) -> None:
+        self.trust = trust
+        self._catching_up: asyncio.Lock | None = None
+
+    async def admit(self, body: bytes, expected_type: str) -> tuple[Envelope, str]:
+        envelope = self.parse(body)
+        if envelope.type != expected_type:
+            raise Refusal(422, "wrong_type", f"this endpoint takes {expected_type}, not {envelope.type}")
+        return envelope, await self.check(envelope)
+
+    @staticmethod
+    def parse(body: bytes) -> Envelope:
+        try:
+            envelope = Envelope.from_json(body)
+        except ValueError as exc:  # pydantic's ValidationError is a ValueError too
+            raise Refusal(400, "bad_envelope", "the body must be one complete signed envelope (Envelope.to_json, "
+                                               f"with its signature block): {str(exc).splitlines()[0]}") from None
+        return envelope
+
+    async def check(self, envelope: Envelope) -> str:
+        try:
+            try:
+                principal = check_envelope(envelope, self.trust.state, cache=self.trust.cache)
+            except Refused as refused:
+                if refused.reason != "unknown_key" or not await self._catch_up():
+                    raise
+                principal = check_envelope(envelope, self.trust.state, cache=self.trust.cache)
+        except Refused as refused:
+            raise Refusal(403, refused.reason, refused.detail) from None
+        if not principal.startswith("operator:"):  # the contracts already say so; never relay a service's command
+            raise Refusal(403, "unauthorised_producer", f"{envelope.type} is an operator's command, "
+                                                        f"not {principal}'s")
+        try:
+            validate(envelope, from_json=True)
+        except schemas.SchemaError as exc:
+            raise Refusal(422, "schema_violation", str(exc)) from None
+        return principal
+
+    async def _catch_up(self) -> bool:
+        if self._catching_up is None:
+            self._catching_up = asyncio.Lock()
+        async with self._catching_up:
+            try:
+                return await self.trust.catch_up()
+            except Exception as exc:  # no broker: the key stays unknown, and is refused as such
+                log.warning("could not read the operators' enrolments: %r", exc)
+                return False
 
 
 def _found(value, what: str):
@@ -115,7 +247,8 @@ def _observability_routes(app: FastAPI, session: OpenSession) -> None:
             return queries.energy(s)
 
 
-def _approval_routes(app: FastAPI, settings: Settings, session: OpenSession, publish: Publish | None) -> None:
+def _approval_routes(app: FastAPI, session: OpenSession, publish: Publish | None,
+                     commands: OperatorCommands) -> None:
     @app.get("/api/approvals", tags=["approvals"], summary="Approval requests with evidence and state")
     def approvals(pending: bool = False, kind: str | None = None) -> list:
         with session() as s:
@@ -130,24 +263,60 @@ def _approval_routes(app: FastAPI, settings: Settings, session: OpenSession, pub
             return queries.approval_view(row)
 
     @app.post("/api/approvals/{request_id}/decisions", tags=["approvals"], status_code=202,
-              summary="Submit an operator's signed decision (shared.contracts.trust.sign_decision) for the approval "
-                      "service to verify")
-    async def submit_decision(request_id: str, signed: dict[str, Any] = Body(..., description="the signed decision")) -> dict:
+              summary="Relay an operator-signed approval.decision_submitted envelope, as it is, to the approval service",
+              responses={400: {"description": "bad_envelope: the body is no envelope"},
+                         403: {"description": "unsigned, bad_signature, unknown_key, revoked_key, "
+                                              "unauthorised_producer or wrong_operator"},
+                         422: {"description": "wrong_type, wrong_path or schema_violation"}},
+              openapi_extra={"requestBody": {"required": True, "content": {"application/json": {"schema": {
+                  "type": "object", "required": ["event_id", "type", "producer", "payload", "signature"],
+                  "description": "one approval.decision_submitted envelope as Envelope.to_json writes it, "
+                                 "signed by the operator (producer operator:<id>, its signature block)"}}}}})
+    async def submit_decision(request_id: str, request: Request) -> dict:
+        """The body is the envelope ``neurons approve`` would publish, complete with its ``signature`` block.
+
+        A client builds it with the operator's key::
+
+            from cli.bus_client import command_event
+            from shared.bus import signed_values
+            from shared.contracts.envelope import NewEvent
+            from shared.contracts.trust import decision_subject, sign_decision
+            from shared.keys import operator_signer
+
+            signer = operator_signer(settings, "bob")
+            signed = sign_decision(request_id, "grant", "bob", signer.private_key, issued_at=now,
+                                   expires_at=now + timedelta(minutes=10), nonce=secrets.token_hex(16),
+                                   subject=decision_subject(request["kind"], request["subject"]))
+            envelope = command_event(NewEvent("approval.decision_submitted", f"sub-{signed['nonce']}",
+                                              {"request_id": request_id, "signed": dict(signed),
+                                               "submitted_via": "api"}),
+                                     correlation_id=request_id, operator="bob")
+            body = signed_values(signer, [envelope], [None])[0]   # the bytes to POST
+
+        The API checks the signature (an enrolled operator's key, unrevoked,
+        with a role that may decide), that the type is
+        ``approval.decision_submitted``, that the request id in the payload and
+        in the signed decision is the one in the path, and that the decision
+        is signed by the operator who signed the envelope; then it publishes
+        the envelope unchanged, same event id and signature. The approval
+        service verifies the decision and answers ``approval.granted``,
+        ``approval.rejected`` or ``approval.refused``.
+        """
         if publish is None:
-            raise HTTPException(503, "this API instance cannot publish events")
-        if signed.get("request_id") != request_id:
-            raise HTTPException(422, f"the decision is signed for {signed.get('request_id')!r}, not {request_id!r}")
-        event = NewEvent("approval.decision_submitted", f"sub-{signed.get('nonce') or request_id}",
-                         {"request_id": request_id, "signed": signed, "submitted_via": "api"})
-        try:
-            envelope = seal(event, sequence=1, producer=Producer(service="api", node=settings.node),
-                            correlation_id=request_id, causation_id=None,
-                            schema_version=schemas.current_version(event.type))
-            schemas.validate_payload(envelope.type, envelope.schema_version, envelope.payload)
-        except (schemas.SchemaError, ValueError) as exc:
-            raise HTTPException(422, str(exc)) from None
+            raise Refusal(503, "cannot_publish", "this API instance cannot publish events")
+        envelope, principal = await commands.admit(await request.body(), DECISION)
+        payload = envelope.payload
+        signed = payload.get("signed")
+        named = {payload.get("request_id"), signed.get("request_id") if isinstance(signed, dict) else None}
+        if named != {request_id}:
+            raise Refusal(422, "wrong_path", f"the decision is for {payload.get('request_id')!r}, "
+                                             f"not {request_id!r} as the path says")
+        operator = principal.split(":", 1)[1]
+        if signed.get("operator_id") != operator:
+            raise Refusal(403, "wrong_operator", f"the decision is signed as {signed.get('operator_id')!r} but "
+                                                 f"the envelope by {principal}")
         await publish(envelope)
-        return {"accepted": True, "event_id": envelope.event_id,
+        return {"accepted": True, "event_id": envelope.event_id, "operator": operator,
                 "note": "the approval service answers with approval.granted, approval.rejected or approval.refused"}
 
 
@@ -190,19 +359,34 @@ def address_file(settings: Settings) -> Path:
     return settings.run_dir / "registry-api.json"
 
 
-def _bind(port: int) -> socket.socket | None:
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+def _bind(host: str, port: int) -> socket.socket | None:
+    """A listening socket on ``host`` (NEURONS_API_HOST: loopback unless a deployment, a container, says
+    otherwise) and ``port``; None, said in one log line, when it cannot be had."""
+    sock = None
     try:
-        # every interface: in a container the published port must reach it
-        sock.bind(("0.0.0.0", port))
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                             flags=socket.AI_PASSIVE)[0]
+        sock = socket.socket(family, kind, proto)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
     except OSError as exc:
-        sock.close()
-        log.error("registry API not served: port %s is taken (%s); set NEURONS_API_PORT", port, exc)
+        if sock is not None:
+            sock.close()
+        log.error("registry API not served: cannot bind %s port %s (%s); set NEURONS_API_HOST/NEURONS_API_PORT",
+                  host, port, exc)
         return None
     sock.listen(128)
     sock.setblocking(False)
     return sock
+
+
+def _local_url(host: str, port: int) -> str:
+    """Where a client on this machine reaches the API bound to ``host``."""
+    if host in ("0.0.0.0", "::", ""):
+        host = "127.0.0.1"
+    elif ":" in host and not host.startswith("["):
+        host = f"[{host}]"
+    return f"http://{host}:{port}"
 
 
 async def serve(service) -> None:
@@ -214,23 +398,45 @@ async def serve(service) -> None:
         def capture_signals(self):
             return nullcontext()
 
+    from shared.bus import Publisher
+
     settings = service.settings
-    sock = _bind(settings.api_port)
+    problem = binding_problem(settings)
+    if problem:  # off loopback with no token: not served at all, the worker goes on
+        log.error(problem)
+        return
+    sock = _bind(settings.api_host, settings.api_port)
     if sock is None:
         return
 
-    async def publish(envelope: Envelope) -> None:
-        publisher = await service.publisher()
-        await publisher.publish(envelope)
+    # Operators' envelopes go out as they were signed: this publisher has no key, so it can never
+    # sign one with the registry's (the service's own publisher would sign anything left unsigned).
+    relay: list[Publisher] = []
+    relay_lock = asyncio.Lock()
 
-    config = uvicorn.Config(create_app(settings, publish), log_level="warning", access_log=False, lifespan="off")
+    async def publish(envelope: Envelope) -> None:
+        if envelope.signature is None:
+            raise Refusal(403, "unsigned", f"{envelope.type} carries no signature")
+        async with relay_lock:
+            if not relay:
+                publisher = Publisher(settings, f"{service.name}-api", service.tracer_provider, signer=None)
+                await publisher.start()
+                relay.append(publisher)
+        await relay[0].publish(envelope)
+
+    # the service's own view of who is trusted: enrolments and revocations fold in as the registry reads them
+    app = create_app(settings, publish, trust=service.trust)
+    config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off")
     server = Server(config)
     port = sock.getsockname()[1]
+    url = _local_url(settings.api_host, port)
     path = address_file(settings)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"port": port, "url": f"http://127.0.0.1:{port}"}))
+    path.write_text(json.dumps({"port": port, "host": settings.api_host, "url": url,
+                                "token_required": bool(settings.api_token)}))
     service.spawn(_run(server, sock))
-    log.info("registry API on port %s (dashboard at /)", port)
+    log.info("registry API on %s:%s (dashboard at /%s)", settings.api_host, port,
+             "; every request needs the bearer token" if settings.api_token else "")
 
 
 async def _run(server, sock: socket.socket) -> None:

@@ -1,12 +1,21 @@
-"""Audit operations over the archive and the log: export, replay, republish, verify, and "what served at"."""
+"""Audit operations over the archive and the log: export, replay, republish, verify, and "what served at".
+
+``verify_signatures`` checks every archived event's signature and producer at
+the time it occurred; ``trust_history`` tells whose keys were trusted when.
+Both walk the archive in the order events occurred, folding the operators'
+enrolments and revocations into the trust anchors as they come
+(``TrustWalk``), so a key revoked later still verifies what it signed before.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import itertools
 import tempfile
-from datetime import datetime
+from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, Iterator
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from sqlalchemy.engine import Engine
@@ -17,9 +26,13 @@ from shared.bus import MalformedEvent, Publisher, decode, event_headers
 from shared.db import engine_for
 from shared.contracts.envelope import Envelope, iso
 from shared.settings import Settings
-from shared.contracts.trust import parse_time, verify_decision
+from shared.contracts import schemas
+from shared.contracts.signing import REASONS, Refused, RootCache, TrustState, fold_operator_event, key_id_of
+from shared.contracts.trust import Keyring, KeyringError, parse_time, verify_decision
+from shared.contracts.upcasters import UPCASTERS
 from shared.topics import AGGREGATE_TYPES, ensure_topics, topic_for
-from shared.keys import load_keyring
+from shared.keys import load_anchors
+from shared.trust_view import check_envelope
 from services.registry import queries
 from services.registry.projections import all_projections
 
@@ -143,6 +156,9 @@ def verify(settings: Settings, attempts: int = 5) -> dict:
     report["settled"] = after == before
     report["archived_meanwhile"] = after[0] - before[0]
     report["differs"] = [name for name, t in report["tables"].items() if not t["same"]]
+    report["projections_ok"] = report["ok"]
+    report["signatures"] = verify_signatures(settings)
+    report["ok"] = report["ok"] and report["signatures"]["ok"]
     return report
 
 
@@ -203,13 +219,231 @@ def audit_at(settings: Settings, at: datetime, *, profile: str | None = None, ch
     answer = {"at": iso(at), "events_replayed": len(events), **answer}
     approval = (answer.get("promotion") or {}).get("decision")
     if approval:
-        answer["signature_check"] = _signature_check(settings, approval)
+        answer["signature_check"] = _signature_check(settings, approval, at)
     return answer
 
 
-def _signature_check(settings: Settings, decision: dict) -> dict:
-    """The approver's signature checked against today's keyring, as of when it was signed."""
-    keyring = load_keyring(settings.keyring_path)
-    result = verify_decision(decision, keyring, now=parse_time(decision["issued_at"]), required_role=None)
+def _signature_check(settings: Settings, decision: dict, at: datetime) -> dict:
+    """The approver's signature checked against the operators' keys as the archive knew them at ``at``,
+    each as it stood when the decision was signed (a key revoked since still counts)."""
+    try:
+        issued = parse_time(decision["issued_at"])
+    except (KeyError, TypeError, ValueError):
+        issued = at
+    keyring = operator_keyring(settings, at, valid_at=min(issued, at))
+    result = verify_decision(decision, keyring, now=issued, required_role=None)
     return {"ok": result.ok, "reason": result.reason, "detail": result.detail,
-            "keyring": str(settings.keyring_path)}
+            "keyring": f"trust anchors {settings.trust_path} and the operators the archive enrolled up to {iso(at)}"}
+
+
+# --- signatures and the key history ------------------------------------------------------------
+
+SIGNED = "signed_and_authorised"
+UPCAST = "upcast_before_archiving"  # archived after its payload was upcast: its bytes are not those signed
+UNREADABLE = "unreadable"  # the archived text holds no envelope
+OUTCOMES = (SIGNED, *REASONS, UPCAST, UNREADABLE)
+LISTED = 100  # failures listed one by one in a report; the counts cover them all
+
+
+class TrustWalk:
+    """The trust anchors, with the operators' enrolments and revocations folded in as the events
+    occurred: fed one instant's events after another (``check``), ``state`` holds the keys as they
+    stood at that instant. A key only signs from its enrolment on and until its revocation."""
+
+    def __init__(self, anchors: dict) -> None:
+        self.state = TrustState.from_anchors(anchors)
+        self.cache = RootCache()
+        self.history: list[dict[str, Any]] = []  # one entry per operator.* event, in the order they occurred
+
+    def check(self, events: list[Envelope]) -> dict[str, str | Refused]:
+        """Each event's signer (its principal) or its refusal, by event id; ``events`` occurred at one instant.
+
+        The instant's operator events come first, tried again until a pass admits none more (an admin
+        enrolled at the same instant may sign another enrolment); the others see the keys they left.
+        """
+        outcome: dict[str, str | Refused] = {}
+        pending = [e for e in events if e.aggregate_type == "operator"]
+        progress = True
+        while pending and progress:
+            progress, left = False, []
+            for envelope in pending:
+                try:
+                    principal = check_envelope(envelope, self.state, when=envelope.occurred_at, cache=self.cache)
+                except Refused as refused:
+                    outcome[envelope.event_id] = refused
+                    left.append(envelope)
+                    continue
+                self._fold(envelope, principal)
+                outcome[envelope.event_id] = principal
+                progress = True
+            pending = left
+        for envelope in pending:
+            self._note(envelope, refused=outcome[envelope.event_id])
+        for envelope in events:
+            if envelope.event_id not in outcome:
+                try:
+                    outcome[envelope.event_id] = check_envelope(envelope, self.state, when=envelope.occurred_at,
+                                                                cache=self.cache)
+                except Refused as refused:
+                    outcome[envelope.event_id] = refused
+        return outcome
+
+    def _fold(self, envelope: Envelope, principal: str) -> None:
+        key_id = envelope.payload.get("key_id")
+        before = self.state.get(key_id)
+        fold_operator_event(self.state, envelope.type, envelope.payload, principal, envelope.occurred_at)
+        self._note(envelope, by=principal, applied=self.state.get(key_id) != before)
+
+    def _note(self, envelope: Envelope, *, by: str | None = None, applied: bool = False,
+              refused: Refused | None = None) -> None:
+        p = envelope.payload
+        entry = {"event": envelope.type, "at": iso(envelope.occurred_at), "event_id": envelope.event_id,
+                 "operator_id": p.get("operator_id"), "key_id": p.get("key_id"),
+                 "by": by or (envelope.signature or {}).get("principal"), "applied": applied}
+        if envelope.type == "operator.enrolled":
+            entry.update(roles=list(p.get("roles") or ()), label=p.get("label"))
+        else:
+            entry["reason"] = p.get("reason")
+        if refused is not None:
+            entry.update(refused=refused.reason, detail=refused.detail)
+        elif not applied:
+            entry["detail"] = ("the key was known already: an anchor, or enrolled before"
+                               if envelope.type == "operator.enrolled" else
+                               "no such key of this operator, or it was revoked already")
+        self.history.append(entry)
+
+
+def _instants(session: Session, *, until: datetime | None = None,
+              operators_only: bool = False) -> Iterator[list[tuple[int, str]]]:
+    """The archive's rows ``(id, envelope_json)``, one list per instant they occurred at, in time order
+    (within an instant, in archive order)."""
+    table = ArchivedEvent.__table__
+    query = select(table.c.id, table.c.occurred_at, table.c.envelope_json).order_by(table.c.occurred_at, table.c.id)
+    if until is not None:
+        if until.tzinfo is None:
+            raise ValueError("until must carry a timezone")
+        query = query.where(table.c.occurred_at <= until.astimezone(timezone.utc))
+    if operators_only:
+        query = query.where(table.c.aggregate_type == "operator")
+    rows = session.connection().execution_options(stream_results=True, yield_per=2000).execute(query)
+    for _, group in itertools.groupby(rows, key=lambda row: row[1]):
+        yield [(row[0], row[2]) for row in group]
+
+
+def _read(envelope_json: str) -> Envelope | None:
+    """The envelope as archived, not upcast: the bytes its producer signed (or what became of them)."""
+    try:
+        return Envelope.from_json(envelope_json)
+    except ValueError:  # pydantic's ValidationError is one too
+        return None
+
+
+def walk_archive(settings: Settings, walk: TrustWalk, *, until: datetime | None = None, operators_only: bool = False,
+                 ) -> Iterator[tuple[int, Envelope | None, str | Refused | None]]:
+    """``(row id, envelope, its signer or refusal)`` for each archived event, in the order they occurred
+    (an unreadable row comes with None twice); meanwhile ``walk`` holds the keys as of that event."""
+    with paused_gc(), Session(registry_engine(settings)) as session:
+        for rows in _instants(session, until=until, operators_only=operators_only):
+            read = [(row_id, _read(text)) for row_id, text in rows]
+            outcome = walk.check([envelope for _, envelope in read if envelope is not None])
+            for row_id, envelope in read:
+                yield row_id, envelope, (outcome[envelope.event_id] if envelope is not None else None)
+
+
+def _upcast_before_archiving(envelope: Envelope, refused: Refused, state: TrustState) -> bool:
+    """Whether a ``bad_signature`` is that of an event archived after it was upcast: a type with an
+    older version that upcasts to the archived one, under a batch signature that is genuine (the
+    signed root verifies with the key it names; only the event's bytes are not the leaf signed)."""
+    if refused.reason != "bad_signature" or not any(
+            (envelope.type, version) in UPCASTERS for version in range(1, envelope.schema_version)):
+        return False
+    block = envelope.signature or {}
+    record = state.get(block.get("key_id", ""))
+    if record is None or record.principal != block.get("principal"):
+        return False
+    from cryptography.exceptions import InvalidSignature
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+    from shared.contracts.signing import _message  # the signed message of a batch: its principal, key, size, root
+
+    try:
+        root = base64.b64decode(block["root"], validate=True)
+        Ed25519PublicKey.from_public_bytes(base64.b64decode(record.public_key)).verify(
+            base64.b64decode(block["sig"], validate=True), _message(record.principal, record.key_id, block["size"], root))
+    except (InvalidSignature, KeyError, TypeError, ValueError):
+        return False
+    return True
+
+
+def verify_signatures(settings: Settings) -> dict[str, Any]:
+    """Every archived event's signature and producer, checked at the time the event occurred.
+
+    ``counts`` has one entry per outcome (``OUTCOMES``); ``failures`` lists the first ``LISTED``
+    events that failed, ``upcast`` those archived after an upcast (their signature covers bytes the
+    archive no longer holds: they cannot be verified, and they are not counted as failures).
+    """
+    counts = dict.fromkeys(OUTCOMES, 0)
+    failures: list[dict[str, Any]] = []
+    upcast: list[dict[str, Any]] = []
+    walk = TrustWalk(load_anchors(settings.trust_path))
+    for row_id, envelope, outcome in walk_archive(settings, walk):
+        if envelope is None:
+            kind, detail = UNREADABLE, "the archived text is not an envelope"
+        elif isinstance(outcome, Refused):
+            kind = UPCAST if _upcast_before_archiving(envelope, outcome, walk.state) else outcome.reason
+            detail = outcome.detail
+        else:
+            counts[SIGNED] += 1
+            continue
+        counts[kind] += 1
+        entry = {"archive_id": row_id, "outcome": kind, "detail": detail}
+        if envelope is not None:
+            entry.update(event_id=envelope.event_id, type=envelope.type, schema_version=envelope.schema_version,
+                         occurred_at=iso(envelope.occurred_at),
+                         signed_by=(envelope.signature or {}).get("principal"))
+        listed = upcast if kind == UPCAST else failures
+        if len(listed) < LISTED:
+            listed.append(entry)
+    failed = sum(n for kind, n in counts.items() if kind not in (SIGNED, UPCAST))
+    return {"ok": failed == 0, "events": sum(counts.values()), "failed": failed, "counts": counts,
+            "failures": failures, "upcast": upcast, "trust_path": str(settings.trust_path)}
+
+
+def trust_history(settings: Settings, until: datetime | None = None) -> dict[str, Any]:
+    """Whose keys were trusted when: the anchors, each operator enrolment and revocation the archive
+    holds (up to ``until``), the operators' keys as they stand after them, and who may write what."""
+    anchors = load_anchors(settings.trust_path)
+    walk = TrustWalk(anchors)
+    for _ in walk_archive(settings, walk, until=until, operators_only=True):
+        pass
+    at = until.astimezone(timezone.utc) if until is not None else None
+    keys = []
+    for record in walk.state.keys.values():
+        if record.principal.startswith("operator:") and not record.anchor:
+            keys.append({**record.to_dict(), "valid": record.valid_at(at)})
+    return {
+        "trust_path": str(settings.trust_path), "until": iso(until) if until is not None else None,
+        "anchors": {
+            "services": {name: {"key_id": key_id_of(entry["public_key"])}
+                         for name, entry in sorted(anchors["services"].items())},
+            "admins": {name: {"key_id": key_id_of(entry["public_key"]), "label": entry.get("label")}
+                       for name, entry in sorted(anchors["admins"].items())}},
+        "history": walk.history,
+        "operator_keys": sorted(keys, key=lambda k: (k["valid_from"] or "", k["key_id"])),
+        "producers": {etype: list(allowed) for etype, allowed in sorted(schemas.producers().items())},
+    }
+
+
+def operator_keyring(settings: Settings, at: datetime, *, valid_at: datetime | None = None) -> Keyring:
+    """The operators' keys as the archive knew them at ``at`` (the anchored admins and every enrolment
+    and revocation up to it), each operator's key valid at ``valid_at`` (default ``at``), as a ``Keyring``."""
+    walk = TrustWalk(load_anchors(settings.trust_path))
+    for _ in walk_archive(settings, walk, until=at, operators_only=True):
+        pass
+    keyring = Keyring()
+    for operator_id, record in walk.state.operator_keys(valid_at or at).items():
+        try:
+            keyring.add(operator_id, record.public_key, record.roles, created_at=record.valid_from)
+        except KeyringError:
+            continue  # an id or a role the keyring does not take cannot have signed a decision
+    return keyring

@@ -33,7 +33,7 @@ from typing import Any, Iterable, Mapping
 
 from shared.contracts.envelope import NewEvent, iso
 from shared.contracts.facts import occurred_at as _occurred_at
-from shared.contracts.trust import Keyring, check_binding, parse_time, verify_decision
+from shared.contracts.trust import Keyring, check_binding, decision_subject, parse_time, verify_decision
 
 DEFAULT_CHANNEL = "production"
 KINDS = ("mntp", "rl")
@@ -98,6 +98,7 @@ class PromotionRequest:
     adapter_sha256: str | None
     requested_by: str | None
     channel: str | None = None
+    validation_id: str | None = None
 
 
 @dataclass(frozen=True)
@@ -221,7 +222,7 @@ def evolve(state: RegistryState, event: Any) -> RegistryState:
     if etype == "approval.requested" and p.get("kind") == "promotion":
         subject = p.get("subject") or {}
         request = PromotionRequest(p["request_id"], subject.get("adapter_sha256"), p.get("requested_by"),
-                                   subject.get("channel"))
+                                   subject.get("channel"), subject.get("validation_id"))
         return replace(state, requests={**state.requests, request.request_id: request})
     if etype in ("adapter.promoted", "adapter.rolled_back"):
         served = Served(p["adapter_sha256"], p["adapter_uri"], p.get("kind") or "mntp")
@@ -336,6 +337,11 @@ def _on_promotion_grant(payload: Mapping[str, Any], granted_at: datetime, event_
         return refuse(bound.reason, bound.detail, operator_id)
     if request is None:
         return refuse("unknown_request", f"no promotion request {request_id!r} was opened", operator_id)
+    # the decision must have signed this adapter, the validation that passed it and this channel
+    bound = check_binding(signed, decisions="grant", subject=decision_subject(
+        "promotion", {"adapter_sha256": sha, "validation_id": request.validation_id, "channel": channel}))
+    if not bound:
+        return refuse(bound.reason, bound.detail, operator_id)
     granted_sha = (payload.get("subject") or {}).get("adapter_sha256")
     if not sha or (granted_sha and granted_sha != sha):
         return refuse("subject_mismatch", f"the request was for adapter {sha}, the grant names {granted_sha}",
@@ -364,10 +370,11 @@ def _promote(payload, facts: AdapterFacts, channel: str, operator_id: str, grant
         "previous_adapter_sha256": current.sha256 if current else None,
         "previous_adapter_uri": current.uri if current else None,
         "approval_request_id": payload["request_id"], "approver": operator_id,
-        "approval_event_id": event_id, "promoted_at": iso(granted_at),
+        "approval_event_id": event_id, "promoted_at": iso(granted_at), "decision": dict(payload["decision"]),
     })
     served = Served(facts.sha256, facts.uri, facts.kind)
-    return [promoted, *_profiles_follow(channel, served, current, "adapter.promoted", granted_at, state)]
+    return [promoted, *_profiles_follow(channel, served, current, "adapter.promoted", granted_at, state,
+                                        dict(payload["decision"]))]
 
 
 def _release_parked(sha: str | None, state: RegistryState, config: RegistryConfig) -> list[NewEvent]:
@@ -402,7 +409,8 @@ def _on_rollback(event: Any, state: RegistryState, config: RegistryConfig) -> li
     if not verified:
         return refuse(verified.reason or "unverified", verified.detail, verified.operator_id)
     operator_id = verified.operator_id
-    bound = check_binding(signed, decisions="rollback", used_nonces=state.used_nonces)
+    bound = check_binding(signed, decisions="rollback", used_nonces=state.used_nonces,
+                          subject=decision_subject("rollback", {"channel": channel_name, "adapter_sha256": sha}))
     if not bound:
         return refuse(bound.reason, bound.detail, operator_id)
     extra = signed.get("extra") or {}
@@ -424,18 +432,19 @@ def _on_rollback(event: Any, state: RegistryState, config: RegistryConfig) -> li
         "operator_id": operator_id, "request_id": signed["request_id"], "reason": signed.get("reason"),
         "decision": dict(signed), "rolled_back_at": iso(now),
     })
-    return [rolled, *_profiles_follow(channel_name, target, current, "adapter.rolled_back", now, state)]
+    return [rolled, *_profiles_follow(channel_name, target, current, "adapter.rolled_back", now, state,
+                                      dict(signed))]
 
 
 def _profiles_follow(channel: str, served: Served, previous: Served | None, cause: str, now: datetime,
-                     state: RegistryState) -> list[NewEvent]:
-    """Every profile on ``channel`` moves to the adapter now serving it."""
+                     state: RegistryState, decision: Mapping[str, Any]) -> list[NewEvent]:
+    """Every profile on ``channel`` moves to the adapter now serving it, carrying the signed decision that put it there."""
     return [
         NewEvent("profile.adapter_updated", profile.profile_id, {
             "profile_id": profile.profile_id, "channel": channel, "adapter_sha256": served.sha256,
             "adapter_uri": served.uri, "kind": served.kind,
             "previous_adapter_sha256": profile.active_adapter_sha256, "cause": cause,
-            "version": profile.version, "updated_at": iso(now),
+            "version": profile.version, "updated_at": iso(now), "decision": dict(decision),
         })
         for profile in sorted(state.profiles.values(), key=lambda p: p.profile_id)
         if profile.channel == channel and profile.active_adapter_sha256 != served.sha256
@@ -453,6 +462,12 @@ def _profile_refused(profile_id: str, command: str, reason: str, detail: str, ex
     })]
 
 
+def _requester(event: Any) -> str:
+    """Who asks: the operator whose key signed the command (its producer), else the payload's name."""
+    producer = getattr(getattr(event, "producer", None), "service", "") or ""
+    return producer.removeprefix("operator:") if producer.startswith("operator:") else event.payload["requested_by"]
+
+
 def _on_create(event: Any, state: RegistryState) -> list[NewEvent]:
     p, now = event.payload, _occurred_at(event)
     existing = state.profiles.get(p["profile_id"])
@@ -462,7 +477,7 @@ def _on_create(event: Any, state: RegistryState) -> list[NewEvent]:
                                 None, existing.version, now)
     current = state.channel(p["channel"]).current
     profile = Profile(p["profile_id"], dict(p["traits"]), p["interaction_style"], dict(p["context_preferences"]),
-                      p["channel"], 1, p["requested_by"], current.sha256 if current else None,
+                      p["channel"], 1, _requester(event), current.sha256 if current else None,
                       current.uri if current else None)
     return [NewEvent("profile.created", profile.profile_id, {**profile.body(), "created_at": iso(now)})]
 
@@ -481,7 +496,7 @@ def _on_update(event: Any, state: RegistryState) -> list[NewEvent]:
                                 profile.version, now)
     changes = {k: v for k, v in p["changes"].items() if k in PROFILE_FIELDS}
     changed = sorted(k for k, v in changes.items() if getattr(profile, k) != v)
-    updated = replace(profile, **changes, version=profile.version + 1, requested_by=p["requested_by"])
+    updated = replace(profile, **changes, version=profile.version + 1, requested_by=_requester(event))
     if "channel" in changed:
         current = state.channel(updated.channel).current
         updated = replace(updated, active_adapter_sha256=current.sha256 if current else None,

@@ -15,8 +15,11 @@ import sys
 from pathlib import Path
 
 from services.trainer import domain
+from shared.adapter_signing import sign_adapter, verify_adapter_with
 from shared.artefacts import SharedArtefacts
 from shared.decider import Decider
+from shared.keys import model_signing_key_path
+from shared.paths import UnsafePath, contained, file_uri_path, model_spec
 from shared.service import HandlerContext, Service
 from shared.tracing import continued, current_traceparent
 
@@ -51,7 +54,9 @@ def on_dataset(event, ctx: HandlerContext):
 @service.handles("training.requested")
 def on_requested(event, ctx: HandlerContext):
     job_id = event.payload["job_id"]
-    if any(e.type == "training.started" for e in trainer.run(ctx, event)):
+    # trained only on a grant for this cycle and configuration that verifies here (shared.contracts.chain)
+    config = domain.TrainerConfig(trust=service.trust.state, keyring=service.trust.keyring())
+    if any(e.type == "training.started" for e in trainer.run(ctx, event, config)):
         ctx.state.put("traces", job_id, current_traceparent())  # the job's events continue the request's trace
         ctx.later(lambda: _run_job(job_id))
 
@@ -62,7 +67,10 @@ async def resume_jobs(svc: Service) -> None:
         state = trainer.state(ctx)
         resumed = domain.jobs_to_resume(state)
         for job_id in resumed:
-            step = _checkpoint_step(_job_dir(job_id))
+            try:
+                step = _checkpoint_step(_job_dir(job_id))
+            except UnsafePath:  # a job id that leaves var/jobs: _run_job fails the job
+                step = None
             trainer.run(ctx, domain.ResumeJob(job_id, step), correlation_id=state.jobs[job_id]["cycle_id"])
     await svc.flush_outbox()
     for job_id in resumed:
@@ -71,7 +79,8 @@ async def resume_jobs(svc: Service) -> None:
 
 
 def _job_dir(job_id: str) -> Path:
-    return service.settings.var_dir / "jobs" / job_id
+    """var/jobs/<job id>; UnsafePath for an id that would lead anywhere else."""
+    return contained(service.settings.var_dir / "jobs", job_id)
 
 
 def _checkpoint_step(job_dir: Path) -> int | None:
@@ -97,15 +106,26 @@ async def _emit(job_id: str, message) -> list:
 async def _run_job(job_id: str) -> None:
     with service.transaction() as ctx:
         job = trainer.state(ctx).jobs[job_id]
-    job_dir = _job_dir(job_id)
+    stage = "request"
+    try:  # what the request names stays under var/: the job's folder, the model, the dataset
+        job_dir = _job_dir(job_id)
+        model = model_spec(job["model"], service.settings.model_cache_dir, configured=service.settings.model)
+        stage = "dataset"
+        dataset_file = (file_uri_path(job["dataset"].get("uri") or "", service.settings.var_dir / "datasets")
+                        if job.get("dataset") else None)
+    except UnsafePath as exc:
+        await _emit(job_id, domain.JobFailed(job_id, stage, f"refused: {exc}"))
+        return
     job_dir.mkdir(parents=True, exist_ok=True)
     artefacts = SharedArtefacts.for_settings(service.settings)
     warm_dir = None
     try:
         if job.get("warm_start"):
-            warm_dir = str(artefacts.get(job["warm_start"]))  # fetched from the shared store if this node lacks it
-        if job.get("dataset"):
-            dataset_path = job["dataset"]["uri"].removeprefix("file://")
+            warm = artefacts.get(job["warm_start"])  # fetched from the shared store if this node lacks it
+            verify_adapter_with(warm, service.settings)  # signed by the trainer, unchanged since
+            warm_dir = str(warm)
+        if dataset_file is not None:
+            dataset_path = str(dataset_file)
         else:  # a research loop on an adapter alone: prompts from text every machine has
             from shared.ml import build_demo_dataset
 
@@ -115,7 +135,7 @@ async def _run_job(job_id: str) -> None:
         await _emit(job_id, domain.JobFailed(job_id, "artefacts", f"{exc.__class__.__name__}: {exc}"))
         return
     checkpoint = job_dir / "checkpoint"
-    config = {**job["config"], "model": job["model"]}
+    config = {**job["config"], "model": model}
     # about ten progress reports per job, whatever its length: bars move, loss curves have points
     config.setdefault("progress_every", max(1, min(10, int(config.get("steps") or 10) // 10)))
     if os.environ.get("NEURONS_CHECKPOINT_EVERY"):
@@ -153,12 +173,19 @@ async def _run_job(job_id: str) -> None:
         error = (outcome or {}).get("error") or f"worker exited with {proc.returncode}; see {log_path}"
         await _emit(job_id, domain.JobFailed(job_id, (outcome or {}).get("stage", "train"), error))
         return
-    await _emit(job_id, domain.JobFinished(job_id, _completion(outcome, artefacts)))
+    try:  # stored and signed before training.completed says where it is
+        completed = _completion(outcome, artefacts)
+    except Exception as exc:
+        await _emit(job_id, domain.JobFailed(job_id, "artefacts", f"{exc.__class__.__name__}: {exc}"))
+        return
+    await _emit(job_id, domain.JobFinished(job_id, completed))
 
 
 def _completion(outcome: dict, artefacts: SharedArtefacts) -> dict:
-    """Store the adapter by sha256 (and share it) and say what training.completed carries."""
-    stored = artefacts.local.put_adapter(Path(outcome["adapter_dir"]), {"energy": outcome.get("energy")})
+    """Store the adapter by sha256, signed (and share it), and say what training.completed carries."""
+    key = model_signing_key_path(service.settings)
+    stored = artefacts.local.put_adapter(Path(outcome["adapter_dir"]), {"energy": outcome.get("energy")},
+                                         sign=lambda folder: sign_adapter(folder, key))
     if artefacts.remote is not None:
         artefacts.share(stored.sha256)
     metrics = outcome.get("metrics") or {}

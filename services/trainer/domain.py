@@ -28,7 +28,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Any, Mapping
 
+from shared.contracts.chain import verify_training_grant
 from shared.contracts.envelope import NewEvent
+from shared.contracts.signing import TrustState
+from shared.contracts.trust import Keyring
 
 REQUESTED, RUNNING, COMPLETED, FAILED = "requested", "running", "completed", "failed"
 FINISHED = (COMPLETED, FAILED)
@@ -152,8 +155,17 @@ def apply_hardware_plan(config: Mapping[str, Any], plan: Mapping[str, Any] | Non
 # --- decide -------------------------------------------------------------------
 
 
-def decide(message: Any, state: TrainerState, config: Any = None) -> list[NewEvent]:
-    """The events ``message`` (a runner command or a consumed event) leads to; the trainer has no configuration."""
+@dataclass(frozen=True)
+class TrainerConfig:
+    """What a ``training.requested`` is checked against: the keys the trainer trusts and the operators enrolled."""
+
+    trust: TrustState
+    keyring: Keyring
+
+
+def decide(message: Any, state: TrainerState, config: TrainerConfig | None = None) -> list[NewEvent]:
+    """The events ``message`` (a runner command or a consumed event) leads to. With ``config``, a
+    ``training.requested`` trains only on a verified grant (``shared.contracts.chain``)."""
     if isinstance(message, RequestTraining):
         return _request(message, state)
     if isinstance(message, JobProgressed):
@@ -171,7 +183,7 @@ def decide(message: Any, state: TrainerState, config: Any = None) -> list[NewEve
             return []
         return [_started(message.job_id, job, job.get("attempt", 1) + 1, message.checkpoint_step)]
     if getattr(message, "type", None) == "training.requested":
-        return _on_requested(message.payload, state)
+        return _on_requested(message.payload, state, config)
     return []
 
 
@@ -186,13 +198,17 @@ def _request(command: RequestTraining, state: TrainerState) -> list[NewEvent]:
     })]
 
 
-def _on_requested(p: Mapping[str, Any], state: TrainerState) -> list[NewEvent]:
+def _on_requested(p: Mapping[str, Any], state: TrainerState, config: TrainerConfig | None) -> list[NewEvent]:
     known = state.jobs.get(p["job_id"])
     # The runtime may fold the request in before deciding; a job still at
     # "requested" has not been answered yet.
     if known is not None and known["status"] != REQUESTED:
         return []
     job = known or _job_from_request(p)
+    if config is not None:
+        granted = verify_training_grant(p, config.trust, config.keyring)
+        if not granted:
+            return [_failed(p["job_id"], job, "approval", f"{granted.reason}: {granted.detail}")]
     reason = state.quarantine_reason(p.get("dataset") or {})
     if reason is not None:
         return [_failed(p["job_id"], job, "dataset", reason)]

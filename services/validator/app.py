@@ -7,8 +7,12 @@ transaction of each change (a database from before the rows has it rebuilt
 from the outbox once). A run that was in flight
 when the service stopped goes on from its last finished cycle on restart (the
 finished cycles are kept as they complete); one whose start is missing from
-the log is closed as inconclusive, so it never blocks a later run. The soak
-itself runs in ``soak``.
+the log is closed as inconclusive, so it never blocks a later run. Before a
+soak starts, its adapters are checked against the trainer's signature
+(``shared.adapter_signing``): one that fails closes the run inconclusive
+(abandoned) with the reason, which names the file; so does a run whose
+held-out data or model folder, as the events name them, lies outside var/
+(``shared.paths``). The soak itself runs in ``soak``.
 """
 
 from __future__ import annotations
@@ -24,9 +28,11 @@ from services.validator.soak import run_soak
 from services.validator.soak_plan import SoakPlan, next_drift_soak
 from services.validator.threshold_file import load_thresholds
 from services.validator.thresholds import Thresholds
-from shared.artefacts import ArtefactStore
+from shared.adapter_signing import AdapterSignatureError, verify_adapter_with
+from shared.artefacts import ArtefactError, ArtefactStore, SharedArtefacts
 from shared.contracts.envelope import NewEvent, utcnow
 from shared.decider import Decider
+from shared.paths import UnsafePath, contained, file_uri_path, model_spec, segment
 from shared.service import HandlerContext, Service
 from shared.tracing import continued, current_traceparent
 
@@ -128,7 +134,7 @@ def _launch(ctx: HandlerContext, run: dict) -> None:
     async def soak() -> None:
         with continued(traceparent):  # the soak's events, an abandonment too, stay in the cycle's trace
             try:
-                await _soak(run, model, dataset_uri.removeprefix("file://"), correlation)
+                await _soak(run, model, dataset_uri, correlation)
             except Exception as exc:  # a failing run never blocks later runs
                 service.log.exception("soak %s failed", run["validation_id"])
                 with service.transaction() as tx:
@@ -139,9 +145,52 @@ def _launch(ctx: HandlerContext, run: dict) -> None:
     ctx.later(soak)
 
 
-async def _soak(run: dict, model: str, dataset_path: str, correlation: str) -> None:
-    if not dataset_path or not Path(dataset_path).exists():
-        raise FileNotFoundError(f"held-out data for {run['adapter_sha256'][:12]} not found at {dataset_path!r}")
+def _signature_refusal(run: dict) -> str | None:
+    """Why the run cannot soak its adapters: one of them fails its signature check (the file named); else None."""
+    artefacts = SharedArtefacts.for_settings(service.settings)
+    baseline = run.get("baseline") or {}
+    for side, sha, uri in (("candidate", run.get("adapter_sha256"), run.get("adapter_uri")),
+                           ("baseline", baseline.get("adapter_sha256"), baseline.get("adapter_uri"))):
+        if not sha:
+            continue
+        try:
+            folder = artefacts.get(uri if uri and uri.startswith("artefact://") else sha)
+        except ArtefactError:
+            continue  # missing or corrupt: the replicas report it as their incident
+        try:
+            verify_adapter_with(folder, service.settings)
+        except AdapterSignatureError as exc:
+            return f"the {side} adapter is refused: {exc}"
+    return None
+
+
+def _path_refusal(run: dict, model: str, dataset_uri: str) -> tuple[str | None, str, str]:
+    """(why the run cannot soak, or None; the held-out data's path; the model to load): what the
+    events name stays under var/ (the dataset under var/datasets, a model folder under var/models)."""
+    try:
+        segment(run["validation_id"])
+        if dataset_uri:
+            dataset_path = str(file_uri_path(dataset_uri, service.settings.var_dir / "datasets"))
+        else:
+            dataset_path = ""
+        model = model_spec(model, service.settings.model_cache_dir, configured=service.settings.model)
+    except UnsafePath as exc:
+        return f"refused: {exc}", "", model
+    return None, dataset_path, model
+
+
+async def _soak(run: dict, model: str, dataset_uri: str, correlation: str) -> None:
+    refusal, dataset_path, model = _path_refusal(run, model, dataset_uri)
+    if refusal is None and (not dataset_path or not Path(dataset_path).exists()):
+        raise FileNotFoundError(f"held-out data for {run['adapter_sha256'][:12]} not found at {dataset_uri!r}")
+    # before any replica starts: a soak of an unchecked adapter measures nothing
+    refusal = refusal or _signature_refusal(run)
+    if refusal is not None:
+        service.log.error("soak %s not run: %s", run["validation_id"], refusal)
+        with service.transaction() as ctx:
+            validator.run(ctx, domain.AbandonRun(run["validation_id"], refusal), correlation_id=correlation)
+        await service.flush_outbox()
+        return
 
     async def on_cycle(cycle: int, results: list[dict], raw_cycle: dict) -> bool:
         with service.transaction() as ctx:
@@ -153,7 +202,7 @@ async def _soak(run: dict, model: str, dataset_path: str, correlation: str) -> N
 
     def remember(pids: dict[str, int]) -> None:
         replica_pids[run["validation_id"]] = pids
-        marker = service.settings.run_dir / f"validator-{run['validation_id']}.replicas.json"
+        marker = contained(service.settings.run_dir, f"validator-{run['validation_id']}.replicas.json")
         marker.parent.mkdir(parents=True, exist_ok=True)
         marker.write_text(json.dumps(pids))
 

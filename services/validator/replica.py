@@ -1,7 +1,9 @@
 """One soak replica in its own process: `python -m services.validator.replica SPEC.json`.
 
 A replica loads the base model and its adapter through the shared adapter
-runtime (the loader serving uses; the artefact's sha256 is checked), then runs
+runtime (the loader serving uses; the artefact's sha256 and the trainer's
+signature over its folder are checked: a replica whose adapter fails the check
+exits 1 with the reason, naming the file, as its last line of stderr), then runs
 ``cycles`` x ``episodes`` evaluation episodes and prints one JSON line per
 cycle: ``{"event": "cycle", "cycle": c, "replica_id": ..., "side": ...,
 "samples": {metric: [...]}, "load": {...}}``.
@@ -49,13 +51,18 @@ def main(argv: list[str]) -> int:
     from shared.ml import load_jsonl
     from shared.ml import evaluate_mntp, split_held_out
     from shared.adapter_runtime import AdapterRuntime, Target
+    from shared.adapter_signing import AdapterSignatureError
     from shared.settings import Settings
 
     torch.set_num_threads(1)  # replicas share the cores; one thread each keeps them fair
     settings = Settings.from_env()
     runtime = AdapterRuntime.load(settings, spec["model"])
     if spec.get("adapter_sha256"):
-        runtime.activate(Target(spec["adapter_sha256"], spec.get("adapter_uri"), f"soak {spec['replica_id']}"))
+        try:  # the runtime checks the sha256 and the trainer's signature before it loads the adapter
+            runtime.activate(Target(spec["adapter_sha256"], spec.get("adapter_uri"), f"soak {spec['replica_id']}"))
+        except AdapterSignatureError as exc:  # the last line of stderr is the replica's incident
+            sys.stderr.write(f"adapter signature check failed: {exc}\n")
+            return 1
     model, tokenizer = runtime.model, runtime.tokenizer
     model.eval()
     ev = spec["eval"]

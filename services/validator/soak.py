@@ -22,6 +22,7 @@ from typing import Any, Awaitable, Callable
 
 from shared.artefacts import ArtefactStore
 from shared.energy_meter import EnergyMeter
+from shared.paths import segment
 
 log = logging.getLogger("neurons.validator.soak")
 ROOT = Path(__file__).resolve().parents[2]
@@ -90,9 +91,12 @@ async def run_soak(
 ) -> tuple[dict[str, Any], str, dict | None]:
     """Soak ``run`` (a validation.started payload); returns (raw data, its URI, energy reading).
 
+    A validation id that is not one plain file name raises ``shared.paths.UnsafePath``.
+
     ``done_cycles`` are the raw cycles a previous process finished before it
     died: the soak goes on from the next cycle instead of starting over.
     """
+    segment(run["validation_id"])  # names a temporary folder and the raw data's file: UnsafePath unless one plain name
     fault = fault or {}
     meter = EnergyMeter()
     done = list(done_cycles or [])

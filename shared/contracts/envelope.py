@@ -101,6 +101,8 @@ class Envelope(BaseModel):
     correlation_id: str
     causation_id: str | None = None
     payload: dict[str, Any]
+    # the producer's signature block (shared.contracts.signing); None until published
+    signature: dict[str, Any] | None = None
 
     @field_validator("event_id")
     @classmethod
@@ -127,6 +129,8 @@ class Envelope(BaseModel):
     def to_dict(self) -> dict[str, Any]:
         data = self.model_dump(mode="json")
         data["occurred_at"] = iso(self.occurred_at)
+        if data["signature"] is None:
+            del data["signature"]  # the canonical bytes that get signed have no block
         return data
 
     def to_json(self) -> bytes:
@@ -146,6 +150,8 @@ class Envelope(BaseModel):
             "producer": {"node": producer.node, "service": producer.service, "version": producer.version},
             "schema_version": self.schema_version, "sequence": self.sequence, "type": self.type,
         }
+        if self.signature is not None:
+            plain["signature"] = self.signature
         out = orjson_compact(plain)
         return out if out is not None else _dumps(self.to_dict())
 
@@ -158,6 +164,12 @@ class Envelope(BaseModel):
             if envelope is not None:
                 return envelope
         return cls.model_validate(loads(raw))
+
+    def unsigned_json(self) -> bytes:
+        """``to_json`` without the signature block: the bytes its signature covers."""
+        if self.signature is None:
+            return self.to_json()
+        return self.model_copy(update={"signature": None}).to_json()
 
     def with_payload(self, payload: dict[str, Any], schema_version: int) -> "Envelope":
         return self.model_copy(update={"payload": payload, "schema_version": schema_version})
@@ -186,12 +198,14 @@ class _CanonicalText(msgspec.Struct, forbid_unknown_fields=True):
     correlation_id: str
     causation_id: str | None
     payload: dict[str, Any]
+    signature: dict[str, Any] | None = None
 
 
 _read_text = msgspec.json.Decoder(_CanonicalText).decode
 _CANONICAL_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}\Z").match
 _CANONICAL_TIME = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}(?:\.[0-9]{6})?Z\Z").match
 _FIELD_NAMES = frozenset(Envelope.model_fields)  # every field is given, as model_validate records it
+_UNSIGNED_FIELDS = _FIELD_NAMES - {"signature"}
 # Producers are few (services times nodes): one frozen instance each, shared by their events.
 _PRODUCERS: dict[_ProducerText, Producer] = {}
 _MAX_PRODUCERS = 4096
@@ -235,9 +249,9 @@ def read_canonical(raw: bytes | str) -> Envelope | None:
         "event_id": text.event_id, "type": kind, "schema_version": text.schema_version,
         "aggregate_type": text.aggregate_type, "aggregate_id": text.aggregate_id, "sequence": text.sequence,
         "occurred_at": occurred_at, "producer": made, "correlation_id": text.correlation_id,
-        "causation_id": text.causation_id, "payload": text.payload,
+        "causation_id": text.causation_id, "payload": text.payload, "signature": text.signature,
     })
-    _set(envelope, "__pydantic_fields_set__", set(_FIELD_NAMES))
+    _set(envelope, "__pydantic_fields_set__", set(_FIELD_NAMES if text.signature is not None else _UNSIGNED_FIELDS))
     _set(envelope, "__pydantic_extra__", None)
     _set(envelope, "__pydantic_private__", None)
     return envelope

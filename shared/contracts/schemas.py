@@ -92,6 +92,21 @@ def current_version(event_type: str) -> int:
     return version
 
 
+@lru_cache(maxsize=1)
+def producers() -> Mapping[str, tuple[str, ...]]:
+    """Who may publish each event type: the ``x-producers`` of its current schema.
+
+    An entry is ``service:<name>`` (that service's key), ``operator:<role>``
+    (an enrolled operator holding the role). The contract of who may write
+    what; consumers enforce it (``shared.contracts.signing.authorise``) and
+    the Kafka ACLs under ``deploy/`` are generated from it.
+    """
+    found: dict[str, tuple[str, ...]] = {}
+    for etype, version in current_versions().items():
+        found[etype] = tuple(_schemas()[(etype, version)].get("x-producers") or ())
+    return MappingProxyType(found)
+
+
 def validate_payload(event_type: str, version: int, payload: dict[str, Any], *, from_json: bool = False) -> None:
     """Raise SchemaError (UnknownEventType for a type no schema names) unless ``payload`` is valid.
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import json
 import re
 import secrets
@@ -56,6 +57,7 @@ SIGNED_FIELDS = (
     "nonce",
     "reason",
     "extra",
+    "subject",
 )
 SIGNATURE_FIELD = "signature"
 
@@ -174,11 +176,15 @@ def sign_decision(
     nonce: str | None = None,
     reason: str | None = None,
     extra: Mapping[str, Any] | None = None,
+    subject: Mapping[str, Any] | None = None,
 ) -> SignedDecision:
     """Sign ``decision`` ("grant", "reject", "rollback", ...) on ``request_id``.
 
     ``private_key`` is the operator's key (``shared.keys.load_private_key``
-    reads one from its file). ``nonce`` defaults to 128 random bits. Returns the signed fields plus ``signature``.
+    reads one from its file). ``subject`` is what the decision is about
+    (``decision_subject``): the adapter, validation and channel of a
+    promotion, the cycle and the digest of its configuration for training.
+    ``nonce`` defaults to 128 random bits. Returns the signed fields plus ``signature``.
     """
     if not request_id or not decision or not operator_id:
         raise ValueError("request_id, decision and operator_id are required")
@@ -192,6 +198,7 @@ def sign_decision(
         "nonce": nonce if nonce is not None else secrets.token_hex(16),
         "reason": reason,
         "extra": dict(extra) if extra is not None else {},
+        "subject": dict(subject) if subject is not None else {},
     }
     signature = private_key.sign(canonical_json(body))
     return {**body, SIGNATURE_FIELD: base64.b64encode(signature).decode("ascii")}
@@ -237,6 +244,8 @@ def _shape_error(signed: Any) -> str | None:
         return "reason must be a string or null"
     if not isinstance(signed["extra"], Mapping):
         return "extra must be an object"
+    if not isinstance(signed["subject"], Mapping):
+        return "subject must be an object"
     return None
 
 
@@ -280,13 +289,15 @@ def verify_decision(signed: Any, keyring: Keyring, *, now: datetime,
 
 
 def check_binding(signed: Mapping[str, Any], *, decisions: str | Iterable[str], request_id: str | None = None,
-                  requested_by: str | None = None,
-                  used_nonces: Iterable[str] | set[str] = ()) -> VerificationResult:
+                  requested_by: str | None = None, used_nonces: Iterable[str] | set[str] = (),
+                  subject: Mapping[str, Any] | None = None) -> VerificationResult:
     """Whether an authentic decision (``verify_decision`` passed) may act where it is presented.
 
     ``decisions`` is the kind (or kinds) the caller acts on; ``request_id`` the
     request it answers, when the caller knows one; ``requested_by`` who asked;
-    ``used_nonces`` the nonces the caller has already acted on.
+    ``used_nonces`` the nonces the caller has already acted on; ``subject``
+    what the caller is about to act on (``decision_subject``), which the
+    decision must have signed.
     """
     operator_id = signed.get("operator_id")
     wanted = (decisions,) if isinstance(decisions, str) else tuple(decisions)
@@ -297,6 +308,9 @@ def check_binding(signed: Mapping[str, Any], *, decisions: str | Iterable[str], 
     if request_id is not None and signed.get("request_id") != request_id:
         return _refuse("request_mismatch", f"the signed decision is for {signed.get('request_id')!r}, "
                        f"not {request_id!r}", operator_id)
+    if subject is not None and dict(signed.get("subject") or {}) != dict(subject):
+        return _refuse("subject_mismatch", f"the decision signed {dict(signed.get('subject') or {})}, "
+                       f"not {dict(subject)}", operator_id)
     for check in (check_not_self_approval(signed, requested_by), check_nonce(signed, used_nonces)):
         if not check:
             return check
@@ -317,3 +331,28 @@ def check_not_self_approval(signed: Mapping[str, Any], requested_by: str | None)
     if requested_by is not None and requested_by in (operator_id, f"operator:{operator_id}"):
         return _refuse("self_approval", f"{operator_id!r} requested this and may not decide it", operator_id)
     return VerificationResult(True, None, "", operator_id)
+
+
+# --- what a decision is about -----------------------------------------------
+
+
+def config_digest(config: Mapping[str, Any] | None) -> str:
+    """The SHA-256 of a training configuration's canonical JSON: what a training grant signs."""
+    return hashlib.sha256(canonical_json(dict(config or {}))).hexdigest()
+
+
+def decision_subject(kind: str, subject: Mapping[str, Any]) -> dict[str, Any]:
+    """What a decision on a request of ``kind`` must sign, from the request's ``subject``.
+
+    A promotion binds the adapter, the validation that passed it and the
+    channel; a cycle or research grant binds the cycle and the digest of the
+    configuration it will train with; a rollback the channel and the adapter.
+    """
+    if kind == "promotion":
+        return {"adapter_sha256": subject.get("adapter_sha256"), "validation_id": subject.get("validation_id"),
+                "channel": subject.get("channel") or "production"}
+    if kind in ("cycle", "research"):
+        return {"cycle_id": subject.get("cycle_id"), "config_digest": config_digest(subject.get("config"))}
+    if kind == "rollback":
+        return {"channel": subject.get("channel"), "adapter_sha256": subject.get("adapter_sha256")}
+    raise ValueError(f"no decision subject for requests of kind {kind!r}")

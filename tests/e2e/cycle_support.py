@@ -18,7 +18,8 @@ CYCLE = ("cycle", "run", "--model", "tiny", "--steps", "30", "--set", "learning_
 def prepare(platform: Platform, tmp_path) -> None:
     platform.env.update(TINY)
     platform.env["NEURONS_TRACE_FILE"] = str(platform.var_dir / "traces.jsonl")
-    platform.cli("operator", "keygen", "ops", "--role", "approver")
+    platform.enroll("ops", "approver")  # signs the promotion
+    platform.enroll("alice", "requester")  # asks for the cycle, registers the dataset and the profile
     from shared.ml.datasets import build_demo_dataset
 
     build_demo_dataset(tmp_path / "demo.jsonl", records=120)
@@ -26,8 +27,9 @@ def prepare(platform: Platform, tmp_path) -> None:
 
 def start(platform: Platform, tmp_path) -> None:
     platform.start(*SERVICES)
-    platform.cli("profiles", "create", "helper-en", "--channel", "production", "--trait", "tone=warm")
-    platform.cli("data", "add", str(tmp_path / "demo.jsonl"), "--name", "stdlib", "--no-cycle")
+    platform.cli("profiles", "create", "helper-en", "--channel", "production", "--trait", "tone=warm",
+                 "--operator", "alice")
+    platform.cli("data", "add", str(tmp_path / "demo.jsonl"), "--name", "stdlib", "--no-cycle", "--operator", "alice")
 
 
 def spans(platform: Platform) -> list[dict]:

@@ -7,7 +7,6 @@ from collections import Counter
 
 import pytest
 
-from shared.bus import Publisher
 from shared.topics import AGGREGATE_TYPES, dlq_topic, topic_for
 from tests.e2e.cycle_support import CYCLE, prepare, start
 from tests.support import Platform, read_topic, wait_until
@@ -65,7 +64,7 @@ def test_a_thousand_malformed_messages_land_in_the_dlq_and_the_cycle_completes(p
 
     async def garbage() -> None:
         good = platform.archived("dataset.registered")[0]
-        async with Publisher(platform.settings, "chaos") as publisher:
+        async with platform.publisher() as publisher:
             for i in range(1000):
                 topic = topic_for(AGGREGATE_TYPES[i % len(AGGREGATE_TYPES)])
                 if i % 3 == 0:
@@ -97,9 +96,9 @@ def test_a_broker_restart_is_restored_from_the_archive(tmp_path, monkeypatch):
     plat.env.pop("KAFKA_BOOTSTRAP_SERVERS")  # its own embedded broker: this test restarts it
     monkeypatch.delenv("KAFKA_BOOTSTRAP_SERVERS", raising=False)
     plat.apply(monkeypatch)
-    prepare(plat, tmp_path)
     try:
         plat.cli("broker", "start")
+        prepare(plat, tmp_path)  # enrols the operators: on the log of this broker
         start(plat, tmp_path)
         plat.cli("cycle", "request", "--operator", "alice", "--set", "steps=5")
         wait_until(lambda: archived_types(plat)["training.requested"] > 0, 120, message="a cycle under way")

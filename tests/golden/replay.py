@@ -24,10 +24,21 @@ when they come back from the log, after what others did in answer to them. A
 service is handed its own events too, as app.py is; so here evolution folds the
 recorded ``cycle.completed`` before the ``adapter.promoted`` that caused it, and
 decides nothing more on the promotion.
+
+The recording predates signed subjects: its operator decisions sign no
+``subject``, and today's rules refuse them as malformed. So that the replay
+still checks what the services decide, ``resign`` re-signs each recorded
+decision when the export is loaded, with the same fields plus the subject
+``decision_subject`` computes from the request it answers, by a key derived
+from a fixed seed (``operator_key``) that the replay's keyring
+(``recording_keyring``) holds in place of the recording operator's. The
+export itself is left as it was recorded, and the read models are rebuilt from
+it as recorded (projecting checks no signature).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import tempfile
@@ -36,6 +47,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from sqlmodel import Session, create_engine
 
 from services.approval import domain as approval
@@ -52,11 +64,13 @@ from services.validator.thresholds import Thresholds
 from shared.archive import rebuild, table_digest
 from shared.bus import decode
 from shared.contracts.envelope import Envelope, NewEvent
-from shared.contracts.trust import Keyring
-from shared.keys import load_keyring
+from shared.contracts.trust import Keyring, decision_subject, public_key_b64, sign_decision
 
 HERE = Path(__file__).resolve().parent
-KEYRING = HERE / "keyring.json"  # the operator keyring of the recording: public keys only
+# The recording's operators and their roles; their keys are the replay's own (``operator_key``).
+OPERATORS = {"ops": ("approver",)}
+OPERATORS_SINCE = "2026-12-04T13:06:16.137195Z"  # when the recording enrolled them
+SEED = b"neurons golden replay"
 
 # What the recording's environment set (TINY in tests/e2e/cycle_support.py), where an app.py reads it.
 MODEL = "tiny"
@@ -246,6 +260,41 @@ def read_events(path: str | Path) -> list[Envelope]:
     return [decode(line.encode()) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
+def operator_key(operator_id: str) -> Ed25519PrivateKey:
+    """The replay's key for a recording operator: the same on every run, derived from ``SEED``."""
+    return Ed25519PrivateKey.from_private_bytes(hashlib.sha256(SEED + b"/" + operator_id.encode()).digest())
+
+
+def recording_keyring() -> Keyring:
+    """The recording's operators, with their roles, holding the replay's keys."""
+    keyring = Keyring()
+    for operator_id, roles in OPERATORS.items():
+        keyring.add(operator_id, public_key_b64(operator_key(operator_id)), roles, created_at=OPERATORS_SINCE)
+    return keyring
+
+
+def resign(events: list[Envelope]) -> list[Envelope]:
+    """``events`` with every operator decision that signs no subject signed again by ``operator_key``:
+    the same fields, plus the subject of the request it answers (``decision_subject``)."""
+    requests: dict[str, tuple[str, dict]] = {}  # request id -> (kind, subject), from approval.requested
+    out = []
+    for event in events:
+        p = event.payload
+        if event.type == "approval.requested":
+            requests[p["request_id"]] = (p["kind"], p.get("subject") or {})
+        field = {"approval.decision_submitted": "signed", "approval.granted": "decision"}.get(event.type)
+        decision = p.get(field) if field else None
+        if isinstance(decision, dict) and "subject" not in decision:
+            kind, subject = requests[decision["request_id"]]
+            again = sign_decision(decision["request_id"], decision["decision"], decision["operator_id"],
+                                  operator_key(decision["operator_id"]), decision["issued_at"],
+                                  decision["expires_at"], nonce=decision["nonce"], reason=decision["reason"],
+                                  extra=decision["extra"], subject=decision_subject(kind, subject))
+            event = event.with_payload({**p, field: again}, event.schema_version)
+        out.append(event)
+    return out
+
+
 def read_models(events: list[Envelope]) -> dict[str, dict[str, Any]]:
     """Each registry table rebuilt from ``events`` into a fresh SQLite file: its digest and row count."""
     projections = all_projections()
@@ -281,18 +330,21 @@ def _stable_ids(emitted: dict[str, list[dict]], recorded: set[str]) -> dict[str,
     return json.loads(UUID.sub(placeholder, json.dumps(emitted)))
 
 
-def replay(events_path: str | Path, keyring_path: str | Path = KEYRING) -> dict[str, Any]:
-    """What each service's domain makes of the recorded events, and the registry's rebuilt read models."""
-    events = read_events(events_path)
-    keyring = load_keyring(keyring_path)
+def replay(events_path: str | Path) -> dict[str, Any]:
+    """What each service's domain makes of the recorded events (their decisions re-signed, ``resign``),
+    and the registry's rebuilt read models."""
+    recorded = read_events(events_path)
+    events = resign(recorded)
+    keyring = recording_keyring()
     services = {"approval": ApprovalReplay(keyring), "energy": EnergyReplay(), "evolution": EvolutionReplay(keyring),
                 "registry": RegistryReplay(keyring), "trainer": TrainerReplay(), "validator": ValidatorReplay()}
     emitted: dict[str, list[dict]] = {name: [] for name in services}
     for event in events:
         for name, service in services.items():
             emitted[name] += [_plain(new) for new in service.handle(event)]
-    recorded = set(UUID.findall(Path(events_path).read_text()))
-    return {"events": len(events), "emitted": _stable_ids(emitted, recorded), "read_models": read_models(events)}
+    uuids = set(UUID.findall(Path(events_path).read_text()))
+    # the read models are the projection of the log as recorded: projecting checks no signature
+    return {"events": len(events), "emitted": _stable_ids(emitted, uuids), "read_models": read_models(recorded)}
 
 
 def dumps(result: dict[str, Any]) -> str:

@@ -5,16 +5,15 @@ import json
 import pytest
 from sqlmodel import select
 
-from shared.bus import Publisher
 from shared.store import ProcessedEvent
 from shared.topics import dlq_topic, ensure_topics, topic_for
-from tests.support import await_until, dataset_payload, make_event, read_topic
+from tests.support import await_until, dataset_payload, make_event, read_topic, sign_as_producers
 
 
 async def test_publisher_keys_by_aggregate_and_sets_routing_headers(platform, kafka_bootstrap):
     await platform.aensure_topics()
     event = make_event("dataset.registered", "ds-hdr", dataset_payload("ds-hdr"))
-    async with Publisher(platform.settings, "test") as publisher:
+    async with platform.publisher() as publisher:
         await publisher.publish(event)
     [record] = await read_topic(kafka_bootstrap, topic_for("dataset"), 1)
     headers = dict(record.headers)
@@ -30,7 +29,7 @@ async def test_publisher_refuses_a_payload_the_schema_rejects(platform):
     await platform.aensure_topics()
     bad = make_event("dataset.registered", "ds-bad", dataset_payload("ds-bad"))
     bad = bad.with_payload({**bad.payload, "record_count": -1}, 2)
-    async with Publisher(platform.settings, "test") as publisher:
+    async with platform.publisher() as publisher:
         with pytest.raises(Exception, match="record_count"):
             await publisher.publish(bad)
 
@@ -40,9 +39,10 @@ async def test_malformed_events_go_to_the_dlq_and_consumption_goes_on(platform, 
     platform.start("registry")
     good = make_event("dataset.registered", "ds-good", dataset_payload("ds-good"))
     unknown = json.loads(good.to_json()) | {"type": "dataset.exploded", "event_id": "6f1b6c0e-0000-4000-8000-000000000001"}
-    violation = json.loads(make_event("dataset.registered", "ds-v", dataset_payload("ds-v")).to_json())
-    violation["payload"]["sha256"] = "not-a-digest"
-    async with Publisher(platform.settings, "test") as publisher:
+    # signed by its rightful producer, so what is refused is the payload, not the signature
+    violation = sign_as_producers(platform.settings, [make_event(
+        "dataset.registered", "ds-v", {**dataset_payload("ds-v"), "sha256": "not-a-digest"})])[0].to_dict()
+    async with platform.publisher() as publisher:
         topic = topic_for("dataset")
         await publisher.send_raw(topic, b"\xff not json", b"x")
         await publisher.send_raw(topic, json.dumps(unknown).encode(), b"ds-good")
@@ -63,7 +63,7 @@ async def test_the_same_event_delivered_twice_changes_state_once(platform):
     platform.start("registry")
     event = make_event("dataset.registered", "ds-twice", dataset_payload("ds-twice"))
     follow = make_event("dataset.registered", "ds-after", dataset_payload("ds-after"))
-    async with Publisher(platform.settings, "test") as publisher:
+    async with platform.publisher() as publisher:
         await publisher.publish(event)
         await publisher.publish(event)
         await publisher.publish(follow)
@@ -84,7 +84,7 @@ async def test_a_consumer_killed_with_sigkill_resumes_from_its_committed_offset(
     platform.start("registry")
     events = [make_event("dataset.registered", f"ds-{i % 5}", dataset_payload(f"ds-{i % 5}"), sequence=i // 5 + 1)
               for i in range(400)]
-    async with Publisher(platform.settings, "test") as publisher:
+    async with platform.publisher() as publisher:
         await publisher.publish_many(events[:200])
         await await_until(lambda: len(platform.archived()) >= 50, 60, message="the first events archived")
         platform.kill("registry")
@@ -118,7 +118,7 @@ async def test_publish_many_places_records_as_send_does(platform, kafka_bootstra
     await platform.aensure_topics()
     events = [make_event("dataset.registered", f"ds-place-{i % 23}", dataset_payload(f"ds-place-{i % 23}"),
                          sequence=i // 23 + 1) for i in range(600)]
-    async with Publisher(platform.settings, "test") as publisher:
+    async with platform.publisher() as publisher:
         for event in events[:100]:  # one record at a time through aiokafka's send
             await publisher.publish(event, wait=False)
         await publisher.producer.flush()
@@ -150,7 +150,7 @@ async def test_publish_many_sends_what_came_before_a_refused_event(platform, kaf
     good = [make_event("dataset.registered", f"ds-ok-{i}", dataset_payload(f"ds-ok-{i}")) for i in range(5)]
     bad = make_event("dataset.registered", "ds-refused", dataset_payload("ds-refused"))
     bad = bad.with_payload({**bad.payload, "record_count": -1}, 2)
-    async with Publisher(platform.settings, "test") as publisher:
+    async with platform.publisher() as publisher:
         with pytest.raises(Exception, match="record_count"):
             await publisher.publish_many([*good, bad, *good])
         await publisher.producer.flush()
@@ -164,7 +164,7 @@ async def test_publish_many_refuses_a_record_over_the_request_size_as_send_does(
     await platform.aensure_topics()
     good = make_event("dataset.registered", "ds-small", dataset_payload("ds-small"))
     huge = make_event("dataset.registered", "ds-huge", dataset_payload("ds-huge", name="x" * 1_100_000))
-    async with Publisher(platform.settings, "test") as publisher:
+    async with platform.publisher() as publisher:
         with pytest.raises(MessageSizeTooLargeError):
             await publisher.publish(huge)
         with pytest.raises(MessageSizeTooLargeError):
@@ -177,7 +177,7 @@ async def test_publish_many_sends_the_bytes_an_outbox_already_holds(platform, ka
     await platform.aensure_topics()
     events = [make_event("dataset.registered", f"ds-held-{i}", dataset_payload(f"ds-held-{i}")) for i in range(3)]
     held = [e.to_json() for e in events]
-    async with Publisher(platform.settings, "test") as publisher:
+    async with platform.publisher() as publisher:
         await publisher.publish_many(events, validated=True, values=held)
     records = await read_topic(kafka_bootstrap, topic_for("dataset"), 3)
     assert sorted(r.value for r in records) == sorted(held)

@@ -4,7 +4,7 @@ import json
 
 
 from shared import broker as embedded
-from shared.bus import Publisher, decode
+from shared.bus import decode
 from tests.support import Platform, await_until, dataset_payload, make_event
 
 
@@ -36,11 +36,32 @@ def test_a_bad_argument_gets_one_line_that_says_what_to_do(platform):
     assert len(lines) == 1 and "--colour" in lines[0] and "--help" in lines[0]
 
 
+def test_a_command_without_the_operators_key_says_how_to_get_one(platform):
+    result = platform.cli("cycle", "request", "--operator", "nobody", check=False)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "nobody" in lines[0] and "neurons operator enroll nobody" in lines[0]
+
+
+def test_the_first_admin_is_anchored_once_and_enrols_operators(platform):
+    from shared.keys import load_anchors
+
+    again = platform.cli("operator", "init-admin", "root", check=False)  # the platform anchored "admin" already
+    assert again.returncode == 2 and "already anchors" in again.stderr
+    platform.enroll("bob", "approver")
+    listed = platform.cli("operator", "list").stdout
+    assert any(line.startswith("bob") and "approver" in line for line in listed.splitlines())
+    assert set(load_anchors(platform.settings.trust_path)["admins"]) == {"admin"}
+    revoked = platform.cli("operator", "revoke", "bob", "--reason", "key lost").stdout
+    assert revoked.startswith("revoked key ")
+    assert not any(line.startswith("bob") for line in platform.cli("operator", "list").stdout.splitlines())
+
+
 async def test_audit_export_holds_every_published_event_valid_against_its_schema(platform, tmp_path):
     await platform.aensure_topics()
     platform.start("registry")
     events = [make_event("dataset.registered", f"ds-{i}", dataset_payload(f"ds-{i}")) for i in range(25)]
-    async with Publisher(platform.settings, "test") as publisher:
+    async with platform.publisher() as publisher:
         await publisher.publish_many(events)
     await await_until(lambda: len(platform.archived()) >= 25, 60, message="25 events archived")
     out = tmp_path / "audit.jsonl"
@@ -61,7 +82,7 @@ async def test_the_archive_works_on_postgresql(tmp_path, kafka_bootstrap, postgr
     try:
         plat.start("registry")
         event = make_event("dataset.registered", "ds-pg", dataset_payload("ds-pg"))
-        async with Publisher(plat.settings, "test") as publisher:
+        async with plat.publisher() as publisher:
             await publisher.publish(event)
             await publisher.publish(event)
         await await_until(lambda: plat.archived(), 60, message="archived in PostgreSQL")

@@ -6,7 +6,7 @@ from shared.contracts.envelope import NewEvent
 from shared.service import Service
 from shared.store import OutboxEvent, ProcessedEvent
 from shared.topics import dlq_topic, topic_for
-from tests.support import dataset_payload, make_event, read_topic
+from tests.support import dataset_payload, make_event, read_topic, sign_as_producers
 
 
 async def test_a_handler_that_keeps_failing_dead_letters_the_event(platform, kafka_bootstrap):
@@ -19,7 +19,7 @@ async def test_a_handler_that_keeps_failing_dead_letters_the_event(platform, kaf
         calls.append(event.event_id)
         raise RuntimeError("disk full")
 
-    event = make_event("dataset.registered", "ds-x", dataset_payload("ds-x"))
+    [event] = sign_as_producers(platform.settings, [make_event("dataset.registered", "ds-x", dataset_payload("ds-x"))])
     result = await service.process(event.to_json(), b"ds-x", [], topic_for("dataset"), 0, 7)
     await service.close()
     assert result is None and len(calls) == 2

@@ -11,7 +11,8 @@ import typer
 from typer.testing import CliRunner
 
 REPO = Path(__file__).resolve().parents[3]
-FIGURES = ["bus", "replay.archive", "replay.log", "promotion", "trainer", "energy"]
+FIGURES = ["bus", "signing.sign", "signing.verify", "signing.verify_cold", "replay.archive", "replay.log",
+           "promotion", "trainer", "energy"]
 
 
 @pytest.fixture(scope="module")
@@ -63,6 +64,13 @@ def test_gpu_flag_without_a_gpu_says_so_and_exits_2():
     result = CliRunner().invoke(_cli(), ["--gpu"])
     assert result.exit_code == 2
     assert "no CUDA GPU" in result.output and len(result.output.strip().splitlines()) == 1
+
+
+def test_the_help_lists_every_figure_the_runner_knows():
+    from bench import runner
+    from cli.bench_cmd import FIGURE_HELP
+
+    assert FIGURE_HELP.split(", ") == list(runner.FIGURES)
 
 
 def test_an_unknown_figure_is_refused():

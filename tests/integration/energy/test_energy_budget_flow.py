@@ -1,6 +1,5 @@
 """A crossed energy budget, measured by the energy service, closes evolution's gate (real broker, real processes)."""
 
-from shared.bus import Publisher
 from tests.support import await_until, dataset_payload, make_event
 
 FAST = {"NEURONS_EVOLUTION_TICK_S": "1", "NEURONS_MAX_LOAD_PER_CORE": "1000", "NEURONS_SCHEDULE_INTERVAL_S": "0",
@@ -21,7 +20,7 @@ async def test_a_crossed_budget_defers_the_next_cycle_with_the_energy_gate(platf
     platform.env.update(FAST)
     await platform.aensure_topics()
     platform.start("energy", "evolution", "approval", "registry")
-    async with Publisher(platform.settings, "test") as publisher:
+    async with platform.publisher() as publisher:
         await publisher.publish(make_event("training.completed", "job-1", completed("job-1"), sequence=4,
                                            service="trainer", correlation_id="cyc-job-1"))
         [exceeded] = await await_until(lambda: platform.archived("energy.budget_exceeded"), 60,

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 from shared.artefacts import ArtefactStore, StoredArtefact
 
 PROBE = "The registry promotes"
 
 
-def build_adapters(cache_dir: Path, out_dir: Path, store: ArtefactStore, seeds=(1, 2)):
-    """Adapters with random (non-zero) LoRA weights, each with the probe's logits as peft computes them."""
+def build_adapters(cache_dir: Path, out_dir: Path, store: ArtefactStore, seeds=(1, 2),
+                   sign: Callable[[Path], Path] | None = None):
+    """Adapters with random (non-zero) LoRA weights, each with the probe's logits as peft computes them;
+    ``sign`` signs each as the trainer does (the runtime loads only signed adapters)."""
     import torch
     from peft import LoraConfig, get_peft_model
 
@@ -34,5 +37,5 @@ def build_adapters(cache_dir: Path, out_dir: Path, store: ArtefactStore, seeds=(
         folder = out_dir / f"adapter-{seed}"
         peft_model.save_pretrained(str(folder))
         model = peft_model.unload()  # the base model again, for the next adapter
-        adapters.append((store.put_adapter(folder), logits))
+        adapters.append((store.put_adapter(folder, sign=sign), logits))
     return base_logits, adapters

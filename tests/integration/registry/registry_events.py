@@ -5,18 +5,32 @@ from __future__ import annotations
 import hashlib
 from datetime import timedelta
 
-from shared.bus import Publisher
+from tests.support import SigningPublisher
 from shared.contracts.envelope import Envelope, iso, utcnow
-from shared.contracts.trust import sign_decision
+from shared.contracts.trust import decision_subject, sign_decision
 from shared.keys import load_private_key
-from tests.support import await_until, make_event
+from tests.support import await_until, make_event, store_signed_adapter
 
 THRESHOLDS = {"metrics": {}, "groups": {}, "pass_score": 0.6, "marginal_score": 0.4, "consecutive_failures": 2,
               "min_samples": 5}
 
 
+_WEIGHTS: dict[str, bytes] = {}  # the test adapters' weights, by their sha256
+
+
 def sha_of(label: str) -> str:
-    return hashlib.sha256(label.encode()).hexdigest()
+    """The sha256 of the test adapter ``label``: the digest of its weights, as the artefact store names it."""
+    weights = f"lora weights of {label}\n".encode() * 16
+    sha = hashlib.sha256(weights).hexdigest()
+    _WEIGHTS[sha] = weights
+    return sha
+
+
+def store_adapter(settings, sha: str) -> None:
+    """Adapter ``sha`` (``sha_of``) in the platform's artefact store, signed as the trainer signs it:
+    the registry verifies the files before it acts on a promotion grant."""
+    if sha in _WEIGHTS:
+        store_signed_adapter(settings, _WEIGHTS[sha])
 
 
 def request_id_for(sha: str) -> str:
@@ -51,9 +65,12 @@ def approval_requested(sha: str, cycle_id: str | None = None) -> Envelope:
 def approval_granted(settings, sha: str, operator: str = "alice", channel: str | None = None,
                      key=None, cycle_id: str | None = None) -> Envelope:
     request_id, now = request_id_for(sha), utcnow()
+    store_adapter(settings, sha)
+    subject = decision_subject("promotion", {"adapter_sha256": sha, "validation_id": f"val-{sha[:16]}",
+                                             "channel": channel or "production"})
     signed = sign_decision(request_id, "grant", operator, key or load_private_key(settings.operator_key_dir / f"{operator}.pem"),
                            issued_at=now, expires_at=now + timedelta(minutes=10),
-                           extra={"channel": channel} if channel else None)
+                           extra={"channel": channel} if channel else None, subject=subject)
     return make_event("approval.granted", request_id, {
         "request_id": request_id, "kind": "promotion", "subject_id": f"val-{sha[:16]}",
         "subject": {"validation_id": f"val-{sha[:16]}", "adapter_sha256": sha},
@@ -63,7 +80,7 @@ def approval_granted(settings, sha: str, operator: str = "alice", channel: str |
 
 
 async def publish(settings, *events: Envelope) -> None:
-    async with Publisher(settings, "test") as publisher:
+    async with SigningPublisher(settings) as publisher:
         await publisher.publish_many(list(events))
 
 

@@ -5,7 +5,6 @@ import json
 
 from sqlmodel import Session
 
-from shared.bus import Publisher
 from shared.db import engine_for
 from shared.store import ServiceState
 from shared.topics import topic_for
@@ -43,7 +42,7 @@ async def test_a_restarted_validator_sizes_its_next_soak_to_the_advice_it_read_b
     platform.start("validator")
     node = platform.settings.node
     scaling = make_event("scaling.recommended", node, advice(node, 2), service="energy")
-    async with Publisher(platform.settings, "test") as publisher:
+    async with platform.publisher() as publisher:
         await publisher.publish(scaling)
     kept = await await_until(lambda: kept_advice(platform), 60, message="the validator to keep the advice")
     assert kept == {"event_id": scaling.event_id, "validator_replicas": 2}
@@ -51,7 +50,7 @@ async def test_a_restarted_validator_sizes_its_next_soak_to_the_advice_it_read_b
     # only what it kept sizes the next soak.
     platform.kill("validator")
     platform.start("validator")
-    async with Publisher(platform.settings, "test") as publisher:
+    async with platform.publisher() as publisher:
         await publisher.publish(make_event("training.completed", "job-1", trained("job-1"), sequence=4,
                                            service="trainer", correlation_id="cyc-job-1"))
     records = await read_topic(kafka_bootstrap, topic_for("validation"), 2, timeout=60)

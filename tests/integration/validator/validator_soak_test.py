@@ -25,7 +25,10 @@ import pytest_asyncio
 from services.validator.judgement import rejudge
 from services.validator.soak import run_soak
 from services.validator.thresholds import Thresholds
+from shared.adapter_signing import sign_adapter
 from shared.artefacts import ADAPTER_CONFIG, ADAPTER_WEIGHTS, ArtefactStore, StoredArtefact
+from shared.keys import ensure_service_keys, model_signing_key_path
+from shared.settings import Settings
 
 pytestmark = pytest.mark.slow
 
@@ -48,6 +51,11 @@ class Soaks:
     @property
     def env(self) -> dict[str, str]:
         return {**os.environ, "NEURONS_VAR": str(self.var)}
+
+    def put(self, folder: Path) -> StoredArtefact:
+        """Store an adapter signed with the trainer's key, as the trainer does (the replicas check it)."""
+        key = model_signing_key_path(Settings.from_env())
+        return self.store.put_adapter(folder, sign=lambda staged: sign_adapter(staged, key))
 
     async def run(self, candidate: StoredArtefact | None, *, baseline: dict[str, Any] = BASE,
                   cooldown_s: float = 0.0, on_cycle=None, on_replicas=None, fault: dict | None = None,
@@ -111,6 +119,9 @@ def soaks(tmp_path_factory) -> Soaks:
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("NEURONS_VAR", str(var))
         mp.delenv("NEURONS_ARTEFACT_REMOTE", raising=False)
+        for name in ("NEURONS_TRUST", "NEURONS_SERVICE_KEYS"):
+            mp.delenv(name, raising=False)
+        ensure_service_keys(Settings.from_env())  # the adapter-signing key, anchored under var/keys
         yield Soaks(var, dataset, load_jsonl(dataset))
 
 
@@ -124,7 +135,7 @@ def good_adapter(soaks) -> StoredArtefact:
                         soaks.texts, soaks.var / "train", soaks.var / "models")
     assert result.status == "trained"
     assert result.metrics["after"]["loss"] < result.metrics["before"]["loss"]
-    return soaks.store.put_adapter(result.adapter_dir)
+    return soaks.put(result.adapter_dir)
 
 
 @pytest.fixture(scope="module")
@@ -145,7 +156,7 @@ def noisy_adapter(soaks, good_adapter) -> StoredArtefact:
     folder.mkdir()
     save_file(noisy, str(folder / ADAPTER_WEIGHTS), metadata={"format": "pt"})
     shutil.copyfile(good_adapter.path / ADAPTER_CONFIG, folder / ADAPTER_CONFIG)
-    stored = soaks.store.put_adapter(folder)
+    stored = soaks.put(folder)
     assert stored.sha256 != good_adapter.sha256
     return stored
 
@@ -291,3 +302,26 @@ async def test_a_replica_killed_mid_run_is_an_incident_with_a_reduced_sample(soa
     assert payload["cycles"][1]["outcome"] == "inconclusive"
     assert verdict.metrics["mntp_loss"].outcome == "better"
     assert verdict.outcome == "pass", verdict.reason
+
+
+async def test_a_replica_refuses_an_adapter_whose_files_changed_after_signing(soaks, good_adapter):
+    from safetensors.torch import load_file, save_file
+
+    # Other weights than the good adapter's (so another sha256), stored signed, then one file edited in the store:
+    # its sha256 name still holds, only the signature tells.
+    tensors = {name: (t * 1.001).contiguous() for name, t in load_file(str(good_adapter.path / ADAPTER_WEIGHTS)).items()}
+    folder = soaks.var / "edited-adapter"
+    folder.mkdir()
+    save_file(tensors, str(folder / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+    shutil.copyfile(good_adapter.path / ADAPTER_CONFIG, folder / ADAPTER_CONFIG)
+    stored = soaks.put(folder)
+    config = json.loads((stored.path / ADAPTER_CONFIG).read_text())
+    (stored.path / ADAPTER_CONFIG).write_text(json.dumps({**config, "lora_alpha": 4 * config["lora_alpha"]}))
+    assert soaks.store.verify(stored.sha256)
+
+    soak = await soaks.run(stored, replicas=1, cycles=1, episodes=1)
+    refused = soak.replica(1, "candidate-0")
+    assert refused["samples"] == {}
+    assert refused["incident"]["reason"].startswith("replica exited with 1: adapter signature check failed")
+    assert f"{ADAPTER_CONFIG} was modified" in refused["incident"]["reason"]
+    assert soak.replica(1, "baseline-0")["incident"] is None

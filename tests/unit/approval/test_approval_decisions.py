@@ -10,6 +10,7 @@ import pytest
 
 from services.approval import domain
 from services.approval.domain import SubmitDecision
+from shared.contracts.trust import canonical_json, config_digest, decision_subject, signed_body
 
 REQUEST = "apr-cycle-cyc-1"
 
@@ -156,6 +157,7 @@ def test_the_same_decision_submitted_twice_is_refused_the_second_time(requested,
     ("expires_at", "2030-01-01T00:00:00Z"),
     ("reason", "changed my mind"),
     ("extra", {"profile": "other"}),
+    ("subject", {"cycle_id": "cyc-1", "config_digest": "0" * 64}),
 ])
 def test_a_decision_changed_after_signing_is_refused(requested, config, sign, now, field, value):
     tampered = {**sign(REQUEST, "grant", "alice"), field: value}
@@ -197,6 +199,53 @@ def test_a_decision_for_another_request_than_the_one_named_is_refused(requested,
     state, events = submit(requested, config, signed, now + timedelta(minutes=2), request_id=REQUEST)
 
     assert_refused(events, requested, state, "request_mismatch")
+
+
+def test_a_grant_signs_the_cycle_and_the_digest_of_the_configuration_it_will_train(requested, config, sign):
+    request = requested.requests[REQUEST]
+
+    signed = sign(REQUEST, "grant", "alice")
+
+    assert signed["subject"] == {"cycle_id": "cyc-1", "config_digest": config_digest(request.subject["config"])}
+    assert signed["subject"] == decision_subject("cycle", request.subject)
+
+
+def test_a_cycle_grant_that_signed_another_configuration_is_refused(requested, config, sign, now, assert_valid):
+    request = requested.requests[REQUEST]
+    other = decision_subject("cycle", {**request.subject, "config": {**request.subject["config"], "steps": 20000}})
+    assert other["cycle_id"] == "cyc-1" and other["config_digest"] != sign(REQUEST)["subject"]["config_digest"]
+    signed = sign(REQUEST, "grant", "alice", subject=other)
+
+    state, events = submit(requested, config, signed, now + timedelta(minutes=2))
+
+    assert_refused(events, requested, state, "subject_mismatch")
+    assert events[0].payload["decision"] == signed
+    assert_valid(events)
+
+
+def test_a_promotion_grant_that_signed_another_adapter_is_refused(config, validation_completed, sign, now):
+    state, events = domain.handle(validation_completed("val-1"), domain.initial_state(), config)
+    request = state.requests["apr-promotion-val-1"]
+    assert request.status == "pending"
+    other = decision_subject("promotion", {**request.subject, "adapter_sha256": "d" * 64})
+    signed = sign("apr-promotion-val-1", "grant", "alice", subject=other)
+
+    after, events = submit(state, config, signed, now + timedelta(minutes=2))
+
+    assert_refused(events, state, after, "subject_mismatch")
+    # the same operator signing the adapter that passed is granted
+    _, events = submit(state, config, sign("apr-promotion-val-1", "grant", "alice"), now + timedelta(minutes=2))
+    assert [e.type for e in events] == ["approval.granted"]
+
+
+def test_a_decision_signed_without_a_subject_is_refused(requested, config, sign, now, keys):
+    # the format from before subjects were signed: a valid signature over the other fields
+    legacy = {k: v for k, v in sign(REQUEST, "grant", "alice").items() if k not in ("subject", "signature")}
+    legacy["signature"] = base64.b64encode(keys["alice"].sign(canonical_json(signed_body(legacy)))).decode()
+
+    state, events = submit(requested, config, legacy, now + timedelta(minutes=2))
+
+    assert_refused(events, requested, state, "malformed")
 
 
 def test_a_decision_other_than_grant_or_reject_is_refused(requested, config, sign, now):

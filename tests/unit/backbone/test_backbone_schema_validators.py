@@ -34,6 +34,11 @@ PATTERN_SAMPLES = {
     "^[A-Za-z0-9][A-Za-z0-9._@-]{0,127}$": "Alice@example.org",
     "^(policy|operator):.+$": "operator:alice",
     "^operator:.+$": "operator:alice",
+    "^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$": "job-cyc-1a2b.3",
+    "^/?(?:[^/.][^/]*|\\.[^/.][^/]*|\\.\\.[^/]+)(?:/(?:[^/.][^/]*|\\.[^/.][^/]*|\\.\\.[^/]+))*/?$": "/var/models/my-model",
+    "^file://(?:/(?:[^/.][^/]*|\\.[^/.][^/]*|\\.\\.[^/]+))+$": "file:///var/datasets/demo.jsonl",
+    "^[A-Za-z0-9+/]{43}=$": "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=",  # an Ed25519 public key, base64
+    "^[0-9a-f]{16}$": "0123456789abcdef",  # a key id
 }
 WRONG_TYPE = {"string": 12345, "integer": "12", "number": "1.5", "boolean": 0, "null": "x", "object": [1],
               "array": {"a": 1}}

@@ -10,10 +10,11 @@ from datetime import timedelta
 import pytest
 
 from services.approval import domain as approval
-from services.evolution import domain
+from services.evolution import domain, gates
 from services.evolution.domain import RequestCycle, RequestResearch
 from shared.contracts.envelope import iso
-from shared.contracts.trust import sign_decision
+from shared.contracts.policies import proposal_subject
+from shared.contracts.trust import config_digest, decision_subject, sign_decision
 
 
 @pytest.fixture
@@ -32,16 +33,20 @@ def grant_event(event, cycle_id, *, actor, decision=None, kind="cycle", granted_
         "granted_at": iso(granted_at)}, granted_at)
 
 
-def signed_grant(keys, cycle_id, operator="alice", key=None, at=None, kind="cycle", decision="grant"):
+def signed_grant(keys, cycle_id, proposal, operator="alice", key=None, at=None, kind="cycle", decision="grant",
+                 subject=None):
+    """``operator``'s decision on ``cycle_id``'s request, signing ``subject``: by default what the proposal
+    (a ``cycle.proposed``/``research.proposed`` payload) will train, its cycle and configuration digest."""
+    subject = decision_subject(kind, proposal_subject(proposal)) if subject is None else subject
     return sign_decision(f"apr-{kind}-{cycle_id}", decision, operator, keys[key or operator], at,
-                         at + timedelta(minutes=10))
+                         at + timedelta(minutes=10), subject=subject)
 
 
 def test_a_signed_operator_grant_requests_training(proposed, config, keys, event, run, facts, now, assert_valid):
     state, proposal = proposed
     cycle_id = proposal.payload["cycle_id"]
     granted = grant_event(event, cycle_id, actor="operator:alice", granted_at=now + timedelta(minutes=1),
-                          decision=signed_grant(keys, cycle_id, at=now))
+                          decision=signed_grant(keys, cycle_id, proposal.payload, at=now))
 
     state, events = run(config, [granted], state)
 
@@ -81,7 +86,7 @@ def test_the_whole_flow_through_the_approval_domain_with_an_operator(run, config
     approval_config = approval.ApprovalConfig(keyring=config.keyring, policies=config.policies)
     approvals, (requested,) = approval.handle(consumed(proposal), approval.initial_state(), approval_config)
     assert requested.payload["policy"]["auto_approve"] is False
-    signed = signed_grant(keys, proposal.payload["cycle_id"], at=now)
+    signed = signed_grant(keys, proposal.payload["cycle_id"], proposal.payload, at=now)
     _, (granted,) = approval.handle(approval.SubmitDecision(signed, now + timedelta(minutes=1)), approvals,
                                     approval_config)
     state = domain.evolve(state, consumed(requested))
@@ -93,35 +98,40 @@ def test_the_whole_flow_through_the_approval_domain_with_an_operator(run, config
 # --- grants that must change nothing --------------------------------------------------
 
 
-def assert_ignored(run, config, state, granted):
+def assert_ignored(run, config, state, granted, reason):
+    """``granted`` changes nothing, and the gate turns it down for ``reason``."""
     after, events = run(config, [granted], state)
     assert events == []
     assert after == state
+    cycle = state.cycles[granted.payload["cycle_id"]]
+    verdict = gates.verify_grant(granted.payload, cycle, keyring=config.keyring, policies=config.policies)
+    assert (verdict.ok, verdict.reason) == (False, reason)
 
 
 def test_a_grant_without_a_signed_decision_is_ignored(proposed, config, event, run, now):
     state, proposal = proposed
     granted = grant_event(event, proposal.payload["cycle_id"], actor="operator:alice", granted_at=now)
 
-    assert_ignored(run, config, state, granted)
+    assert_ignored(run, config, state, granted, "malformed")
 
 
 def test_a_grant_whose_signature_does_not_verify_is_ignored(proposed, config, keys, event, run, now):
     state, proposal = proposed
     cycle_id = proposal.payload["cycle_id"]
-    signed = {**signed_grant(keys, cycle_id, at=now), "signature": base64.b64encode(b"\x01" * 64).decode()}
+    signed = {**signed_grant(keys, cycle_id, proposal.payload, at=now),
+              "signature": base64.b64encode(b"\x01" * 64).decode()}
     granted = grant_event(event, cycle_id, actor="operator:alice", granted_at=now, decision=signed)
 
-    assert_ignored(run, config, state, granted)
+    assert_ignored(run, config, state, granted, "bad_signature")
 
 
 def test_a_grant_signed_by_a_key_outside_the_keyring_is_ignored(proposed, config, keys, event, run, now):
     state, proposal = proposed
     cycle_id = proposal.payload["cycle_id"]
-    signed = signed_grant(keys, cycle_id, operator="mallory", at=now)
+    signed = signed_grant(keys, cycle_id, proposal.payload, operator="mallory", at=now)
     granted = grant_event(event, cycle_id, actor="operator:mallory", granted_at=now, decision=signed)
 
-    assert_ignored(run, config, state, granted)
+    assert_ignored(run, config, state, granted, "unknown_operator")
 
 
 def test_a_grant_signed_by_a_requester_without_the_approver_role_is_ignored(proposed, config, keys, event,
@@ -129,36 +139,36 @@ def test_a_grant_signed_by_a_requester_without_the_approver_role_is_ignored(prop
     state, proposal = proposed
     cycle_id = proposal.payload["cycle_id"]
     granted = grant_event(event, cycle_id, actor="operator:carol", granted_at=now,
-                          decision=signed_grant(keys, cycle_id, operator="carol", at=now))
+                          decision=signed_grant(keys, cycle_id, proposal.payload, operator="carol", at=now))
 
-    assert_ignored(run, config, state, granted)
+    assert_ignored(run, config, state, granted, "missing_role")
 
 
 def test_a_grant_for_another_request_is_ignored(proposed, config, keys, event, run, now):
     state, proposal = proposed
     cycle_id = proposal.payload["cycle_id"]
     granted = grant_event(event, cycle_id, actor="operator:alice", granted_at=now,
-                          decision=signed_grant(keys, "cyc-other", at=now))
+                          decision=signed_grant(keys, "cyc-other", proposal.payload, at=now))
 
-    assert_ignored(run, config, state, granted)
+    assert_ignored(run, config, state, granted, "request_mismatch")
 
 
 def test_a_signed_reject_dressed_up_as_a_grant_is_ignored(proposed, config, keys, event, run, now):
     state, proposal = proposed
     cycle_id = proposal.payload["cycle_id"]
     granted = grant_event(event, cycle_id, actor="operator:alice", granted_at=now,
-                          decision=signed_grant(keys, cycle_id, at=now, decision="reject"))
+                          decision=signed_grant(keys, cycle_id, proposal.payload, at=now, decision="reject"))
 
-    assert_ignored(run, config, state, granted)
+    assert_ignored(run, config, state, granted, "not_a_grant")
 
 
 def test_a_grant_recorded_after_its_decision_expired_is_ignored(proposed, config, keys, event, run, now):
     state, proposal = proposed
     cycle_id = proposal.payload["cycle_id"]
     granted = grant_event(event, cycle_id, actor="operator:alice", granted_at=now + timedelta(hours=1),
-                          decision=signed_grant(keys, cycle_id, at=now))
+                          decision=signed_grant(keys, cycle_id, proposal.payload, at=now))
 
-    assert_ignored(run, config, state, granted)
+    assert_ignored(run, config, state, granted, "expired")
 
 
 def test_a_grant_naming_an_unknown_policy_is_ignored(proposed, config, event, run, now):
@@ -166,7 +176,7 @@ def test_a_grant_naming_an_unknown_policy_is_ignored(proposed, config, event, ru
     granted = grant_event(event, proposal.payload["cycle_id"], actor="policy:approve-everything",
                           granted_at=now, policy={"name": "approve-everything", "rule": {}})
 
-    assert_ignored(run, config, state, granted)
+    assert_ignored(run, config, state, granted, "unknown_policy")
 
 
 def test_a_policy_grant_on_research_is_ignored(run, config, event, dataset_registered, facts, now):
@@ -177,7 +187,7 @@ def test_a_policy_grant_on_research_is_ignored(run, config, event, dataset_regis
     granted = grant_event(event, research.payload["cycle_id"], kind="research",
                           actor="policy:auto-mntp-under-energy", granted_at=now)
 
-    assert_ignored(run, config, state, granted)
+    assert_ignored(run, config, state, granted, "policy_does_not_apply")
 
 
 def test_a_grant_by_the_operator_who_requested_the_cycle_is_ignored(run, config, keys, event,
@@ -186,6 +196,55 @@ def test_a_grant_by_the_operator_who_requested_the_cycle_is_ignored(run, config,
     cycle_id = events[-1].payload["cycle_id"]
     assert events[-1].payload["requested_by"] == "bob"
     granted = grant_event(event, cycle_id, actor="operator:bob", granted_at=now,
-                          decision=signed_grant(keys, cycle_id, operator="bob", at=now))
+                          decision=signed_grant(keys, cycle_id, events[-1].payload, operator="bob", at=now))
 
-    assert_ignored(run, config, state, granted)
+    assert_ignored(run, config, state, granted, "self_approval")
+
+
+def test_an_operator_grant_signs_the_cycle_and_the_digest_of_its_configuration(proposed, keys, now):
+    _, proposal = proposed
+    cycle_id = proposal.payload["cycle_id"]
+
+    signed = signed_grant(keys, cycle_id, proposal.payload, at=now)
+
+    assert signed["subject"] == {"cycle_id": cycle_id, "config_digest": config_digest(proposal.payload["config"])}
+
+
+def test_a_grant_that_signed_another_configuration_is_ignored(proposed, config, keys, event, run, now):
+    state, proposal = proposed
+    cycle_id = proposal.payload["cycle_id"]
+    bigger = {**proposal.payload, "config": {**proposal.payload["config"], "steps": 100_000}}
+    signed = signed_grant(keys, cycle_id, bigger, at=now)  # what alice approved is not what would train
+    assert signed["subject"]["cycle_id"] == cycle_id
+    assert signed["subject"]["config_digest"] != config_digest(proposal.payload["config"])
+    granted = grant_event(event, cycle_id, actor="operator:alice", granted_at=now, decision=signed)
+
+    assert_ignored(run, config, state, granted, "subject_mismatch")
+
+
+def test_a_grant_that_signed_another_cycle_is_ignored(proposed, config, keys, event, run, now):
+    state, proposal = proposed
+    cycle_id = proposal.payload["cycle_id"]
+    signed = signed_grant(keys, cycle_id, {**proposal.payload, "cycle_id": "cyc-other"}, at=now)
+    granted = grant_event(event, cycle_id, actor="operator:alice", granted_at=now, decision=signed)
+
+    assert_ignored(run, config, state, granted, "subject_mismatch")
+
+
+def test_a_research_grant_signs_what_the_research_proposal_will_train(run, config, keys, event, dataset_registered,
+                                                                      facts, now):
+    state, events = run(config, [dataset_registered("ds-1"), facts.adapter_promoted(),
+                                 RequestResearch("bob", now, command_id="r-1")])
+    research = events[-1]
+    cycle_id = research.payload["cycle_id"]
+    other = signed_grant(keys, cycle_id, {**research.payload, "config": {**research.payload["config"], "seed": 7}},
+                         at=now, kind="research")
+    refused = grant_event(event, cycle_id, kind="research", actor="operator:alice", granted_at=now, decision=other)
+    assert_ignored(run, config, state, refused, "subject_mismatch")
+
+    granted = grant_event(event, cycle_id, kind="research", actor="operator:alice", granted_at=now,
+                          decision=signed_grant(keys, cycle_id, research.payload, at=now, kind="research"))
+    _, events = run(config, [granted], state)
+
+    assert [e.type for e in events] == ["training.requested"]
+    assert events[0].payload["config"] == research.payload["config"]

@@ -12,7 +12,8 @@ from services.evolution import domain, gates
 from services.evolution.domain import CommandRejected, RequestCycle, RequestResearch, Tick
 from services.evolution.search import FAIL_FITNESS
 from shared.contracts.envelope import iso
-from shared.contracts.trust import sign_decision
+from shared.contracts.policies import proposal_subject
+from shared.contracts.trust import decision_subject, sign_decision
 
 ADAPTER = "c" * 64
 
@@ -22,7 +23,8 @@ def approved(run, config, dataset_registered, event, keys, now):
     """A cycle approved by alice: training has been requested."""
     state, (proposal,) = run(config, [dataset_registered("ds-1")])
     cycle_id = proposal.payload["cycle_id"]
-    signed = sign_decision(f"apr-cycle-{cycle_id}", "grant", "alice", keys["alice"], now, now + timedelta(hours=1))
+    signed = sign_decision(f"apr-cycle-{cycle_id}", "grant", "alice", keys["alice"], now, now + timedelta(hours=1),
+                           subject=decision_subject("cycle", proposal_subject(proposal.payload)))
     granted = event("approval.granted", f"apr-cycle-{cycle_id}", {
         "request_id": f"apr-cycle-{cycle_id}", "kind": "cycle", "subject_id": cycle_id, "cycle_id": cycle_id,
         "actor": "operator:alice", "decision": signed, "policy": None, "granted_at": iso(now)})

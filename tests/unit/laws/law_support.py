@@ -24,7 +24,7 @@ from sqlmodel import Session, select
 
 from shared.contracts import schemas
 from shared.contracts.envelope import Envelope, NewEvent, Producer, seal
-from shared.contracts.trust import Keyring, public_key_b64, sign_decision
+from shared.contracts.trust import Keyring, decision_subject, public_key_b64, sign_decision
 
 T0 = datetime(2025, 3, 4, 14, 3, tzinfo=timezone.utc)
 
@@ -220,10 +220,13 @@ def keyring() -> Keyring:
 
 
 def signed(request_id: str, decision: str, operator: str, at: datetime, nonce: str,
-           extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """A decision ``operator`` signed a minute before ``at``, valid for ten minutes."""
+           extra: Mapping[str, Any] | None = None, *, kind: str | None = None,
+           about: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """A decision ``operator`` signed a minute before ``at``, valid for ten minutes, on what a request of
+    ``kind`` is ``about`` (its subject: ``decision_subject(kind, about)``); no subject without a kind."""
+    subject = decision_subject(kind, about or {}) if kind is not None else None
     return sign_decision(request_id, decision, operator, KEYS[operator], at - timedelta(minutes=1),
-                         at + timedelta(minutes=9), nonce=nonce, extra=extra)
+                         at + timedelta(minutes=9), nonce=nonce, extra=extra, subject=subject)
 
 
 def sha(letter: str) -> str:

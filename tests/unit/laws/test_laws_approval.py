@@ -93,7 +93,10 @@ def decision(pick: int, verdict: str, operator: str, nonce: int):
         # mostly a request still waiting, sometimes one decided already or one never opened
         known = sorted(r.request_id for r in state.pending()) * 3 + sorted(state.requests) + ["apr-cycle-unknown"]
         request_id = known[pick % len(known)]
-        return domain.SubmitDecision(signed(request_id, verdict, operator, now, f"nonce-{nonce}"), now, request_id)
+        request = state.requests.get(request_id)  # the decision signs what the request is about
+        decision = signed(request_id, verdict, operator, now, f"nonce-{nonce}",
+                          kind=request.kind if request else None, about=request.subject if request else None)
+        return domain.SubmitDecision(decision, now, request_id)
     return build
 
 

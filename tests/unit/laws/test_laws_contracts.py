@@ -96,6 +96,10 @@ def test_the_fast_reader_reads_what_the_model_reads(envelope):
 # --- upcasters -------------------------------------------------------------------------------------
 
 hex64 = st.text("0123456789abcdef", min_size=64, max_size=64)
+# a dataset's file:///… URI: plain names, none of them '.' or '..' (the schemas refuse those)
+file_uris = st.lists(st.text(st.characters(blacklist_characters="/"), min_size=1, max_size=4)
+                     .filter(lambda part: part not in (".", "..")), min_size=1, max_size=3) \
+    .map(lambda parts: "file:///" + "/".join(parts))
 
 
 def _old_dataset_registered(extra_names: st.SearchStrategy[str]) -> st.SearchStrategy[dict]:
@@ -103,7 +107,7 @@ def _old_dataset_registered(extra_names: st.SearchStrategy[str]) -> st.SearchStr
     return st.builds(
         lambda required, extra: {**extra, **required},
         st.fixed_dictionaries({"dataset_id": st.text(min_size=1, max_size=8), "name": st.text(max_size=8),
-                               "sha256": hex64, "uri": st.text(max_size=12), "records": st.integers(0, 2**40)}),
+                               "sha256": hex64, "uri": file_uris, "records": st.integers(0, 2**40)}),
         st.dictionaries(extra_names, json_values, max_size=3),
     )
 

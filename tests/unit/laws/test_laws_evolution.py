@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 from services.evolution import domain
 from shared.contracts.envelope import iso
-from shared.contracts.policies import default_policies
+from shared.contracts.policies import default_policies, proposal_subject
 from tests.unit.laws.law_support import (
     assert_redelivery_changes_nothing,
     assert_replay_gives_live_state,
@@ -161,7 +161,8 @@ def approval_granted(pick: int, actor: str, nonce: int):
         if cycle is None:
             return None
         kind = "research" if cycle.kind == "rl" else "cycle"
-        decision = None if actor.startswith("policy:") else signed(cycle.request_id, "grant", actor, now, f"n-{nonce}")
+        decision = None if actor.startswith("policy:") else signed(
+            cycle.request_id, "grant", actor, now, f"n-{nonce}", kind=kind, about=proposal_subject(cycle.proposal))
         return event(ids, "approval.granted", cycle.request_id, {
             "request_id": cycle.request_id, "kind": kind, "subject_id": cycle.cycle_id, "subject": {},
             "cycle_id": cycle.cycle_id, "requested_by": cycle.requested_by,
@@ -183,7 +184,9 @@ def approval_closed(pick: int, how: str, promotion: bool):
         payload = {"request_id": request_id, "kind": kind, "subject_id": cycle.cycle_id, "cycle_id": cycle.cycle_id}
         if how == "rejected":
             payload.update(actor="operator:alice", operator_id="alice", rejected_at=iso(now),
-                           decision=signed(request_id, "reject", "alice", now, f"r-{ids.n}"))
+                           decision=signed(request_id, "reject", "alice", now, f"r-{ids.n}", kind=kind,
+                                           about={"adapter_sha256": _adapter(cycle)} if promotion
+                                           else proposal_subject(cycle.proposal)))
         else:
             payload.update(expires_at=iso(now), expired_at=iso(now))
         return event(ids, f"approval.{how}", request_id, payload, now, "approval")

@@ -109,8 +109,10 @@ def grant(letter: str, operator: str | None, nonce: int, channel: str | None):
         request_id = f"apr-promotion-val-{sha(letter)[:16]}"
         if request_id not in state.requests:
             return None  # a grant follows its request on the request's own stream
+        about = {"adapter_sha256": sha(letter), "validation_id": f"val-{sha(letter)[:16]}", "channel": channel}
         decision = (signed(request_id, "grant", operator, now, f"nonce-{nonce}",
-                           extra={"channel": channel} if channel else None) if operator else None)
+                           extra={"channel": channel} if channel else None, kind="promotion", about=about)
+                    if operator else None)
         ev = granted(sha(letter), decision, operator, at=now)
         return event(ids, ev.type, ev.aggregate_id, ev.payload, now, "approval")
     return build
@@ -125,8 +127,9 @@ def rollback(channel: str, pick: int, operator: str, nonce: int):
         choices = (earlier if earlier and pick else served) or [sha("a")]
         target = choices[pick % len(choices)]
         request_id = f"rb-{nonce}-{target[:4]}"
-        decision = signed(request_id, "rollback", operator, now, f"nonce-{nonce}",
-                          extra={"channel": channel, "adapter_sha256": target})
+        target_of = {"channel": channel, "adapter_sha256": target}
+        decision = signed(request_id, "rollback", operator, now, f"nonce-{nonce}", extra=target_of,
+                          kind="rollback", about=target_of)
         return event(ids, "adapter.rollback_requested", request_id, {
             "channel": channel, "adapter_sha256": target, "signed": decision, "submitted_via": "cli"}, now, "cli")
     return build

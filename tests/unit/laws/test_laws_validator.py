@@ -113,7 +113,8 @@ def rolled_back(letter: str):
         "kind": "mntp", "previous_adapter_sha256": None, "operator_id": "dave", "request_id": "rb-1",
         "reason": None, "rolled_back_at": iso(now),
         "decision": signed("rb-1", "rollback", "dave", now, f"nonce-{ids.n}",
-                           extra={"channel": "production", "adapter_sha256": sha(letter)})}, now, "registry")
+                           extra={"channel": "production", "adapter_sha256": sha(letter)}, kind="rollback",
+                           about={"channel": "production", "adapter_sha256": sha(letter)})}, now, "registry")
 
 
 def _replicas(seed: int, shift: float) -> list[dict]:

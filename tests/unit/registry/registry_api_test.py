@@ -10,18 +10,20 @@ from fastapi.testclient import TestClient
 from services.registry.api import create_app
 from shared.contracts import schemas
 from shared.contracts.envelope import utcnow
-from shared.contracts.trust import sign_decision
-from shared.keys import load_private_key
-from tests.unit.registry.registry_harness import Registry, cycle_events
+from shared.bus import signed_values
+from shared.contracts.trust import decision_subject, sign_decision
+from shared.keys import operator_signer
+from tests.support import make_event
+from tests.unit.registry.registry_harness import Registry, adapter_sha, cycle_events
 
-SHA = "3" * 64
+SHA, OTHER = adapter_sha(3), adapter_sha(4)
 
 
 @pytest.fixture
 def registry(tmp_path):
     reg = Registry(tmp_path / "var")
     reg.operator("alice", "approver")
-    reg.feed(*cycle_events(SHA), reg.grant(SHA, "alice"), *cycle_events("4" * 64))
+    reg.feed(*cycle_events(SHA), reg.grant(SHA, "alice"), *cycle_events(OTHER))
     return reg
 
 
@@ -35,7 +37,7 @@ def client(registry, published):
     async def publish(envelope):
         published.append(envelope)
 
-    return TestClient(create_app(registry.settings, publish))
+    return TestClient(create_app(registry.settings, publish, trust=registry.service.trust))
 
 
 def test_the_manifest_names_the_adapter_in_production_and_its_approver(client):
@@ -43,7 +45,7 @@ def test_the_manifest_names_the_adapter_in_production_and_its_approver(client):
 
     assert manifest["channels"]["production"]["adapter_sha256"] == SHA
     assert manifest["channels"]["production"]["approver"] == "alice"
-    assert {a["adapter_sha256"] for a in manifest["adapters"]} == {SHA, "4" * 64}
+    assert {a["adapter_sha256"] for a in manifest["adapters"]} == {SHA, OTHER}
     assert client.get(f"/api/adapters/{SHA[:10]}").json()["adapter_sha256"] == SHA
     assert [h["action"] for h in client.get("/api/channels/production/history").json()] == ["promoted"]
 
@@ -53,27 +55,35 @@ def test_snapshots_energy_approvals_and_the_dashboard_answer(client):
     assert snap["totals"]["cycles_done"] == 2 and snap["promotion_approval"]["status"] == "granted"
     assert client.get("/api/energy").json()["totals"]["wh"] == 3.0
     [pending] = client.get("/api/approvals", params={"pending": True}).json()
-    assert pending["request_id"] == f"apr-promotion-val-{'4' * 16}" and pending["evidence"]
+    assert pending["request_id"] == f"apr-promotion-val-{OTHER[:16]}" and pending["evidence"]
     dashboard = client.get("/api/dashboard").json()
     assert dashboard["channels"][0]["adapter_sha256"] == SHA and len(dashboard["pending_approvals"]) == 1
     assert client.get("/api/snapshots/val-nothing").status_code == 404
 
 
 def test_a_signed_decision_is_published_for_the_approval_service(client, registry, published):
-    request_id, now = f"apr-promotion-val-{'4' * 16}", utcnow()
-    signed = sign_decision(request_id, "grant", "alice",
-                           load_private_key(registry.settings.operator_key_dir / "alice.pem"),
-                           issued_at=now, expires_at=now + timedelta(minutes=5))
+    request_id, now = f"apr-promotion-val-{OTHER[:16]}", utcnow()
+    signer = operator_signer(registry.settings, "alice")
+    signed = sign_decision(request_id, "grant", "alice", signer.private_key, issued_at=now,
+                           expires_at=now + timedelta(minutes=5), subject=decision_subject(
+                               "promotion", {"adapter_sha256": OTHER, "validation_id": f"val-{OTHER[:16]}"}))
+    envelope = make_event("approval.decision_submitted", f"sub-{signed['nonce']}", {
+        "request_id": request_id, "signed": signed, "submitted_via": "api"}, service="operator:alice",
+        correlation_id=request_id)
+    body = signed_values(signer, [envelope], [None])[0]  # the envelope as alice signed it
 
-    answer = client.post(f"/api/approvals/{request_id}/decisions", json=signed)
+    answer = client.post(f"/api/approvals/{request_id}/decisions", content=body)
 
     assert answer.status_code == 202
     [event] = published
     assert event.type == "approval.decision_submitted" and event.payload["signed"] == signed
     assert event.payload["submitted_via"] == "api" and answer.json()["event_id"] == event.event_id
+    assert event.to_json() == body  # passed on as it is: same event, same signature
     schemas.validate_payload(event.type, event.schema_version, event.payload)
-    mismatch = client.post("/api/approvals/apr-other/decisions", json=signed)
+    mismatch = client.post("/api/approvals/apr-other/decisions", content=body)
     assert mismatch.status_code == 422 and len(published) == 1
+    unsigned = client.post(f"/api/approvals/{request_id}/decisions", content=envelope.to_json())
+    assert unsigned.status_code == 403 and unsigned.json()["error"] == "unsigned" and len(published) == 1
 
 
 def test_the_dashboard_page_and_the_openapi_document_are_served(client):

@@ -12,7 +12,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from services.registry import domain
 from shared.contracts import schemas
-from shared.contracts.trust import Keyring, public_key_b64, sign_decision
+from shared.contracts.trust import Keyring, decision_subject, public_key_b64, sign_decision
 
 NOW = datetime(2025, 3, 4, 14, 3, tzinfo=timezone.utc)
 SHA_A = "a" * 64
@@ -43,12 +43,36 @@ def config(keys) -> domain.RegistryConfig:
     return domain.RegistryConfig(keyring=ring)  # mallory has a key, not a place in the keyring
 
 
+def promotion_request_id(sha: str) -> str:
+    return f"apr-promotion-val-{sha[:16]}"
+
+
+# The givens' adapters are one hex digit repeated (SHA_A, SHA_B, "c" * 64...): a promotion request id names
+# its adapter, so a decision on it can sign the adapter without the test repeating it.
+_ADAPTERS = {promotion_request_id(digit * 64): digit * 64 for digit in "0123456789abcdef"}
+
+
+def subject_of(request_id: str, decision: str = "grant", extra: dict | None = None) -> dict:
+    """What a ``decision`` on ``request_id`` signs (``decision_subject``): for a grant, the promotion
+    request's adapter and validation (``requested``) and the channel its ``extra`` names; for a rollback,
+    the channel and adapter its ``extra`` names."""
+    extra = extra or {}
+    if decision == "rollback":
+        return decision_subject("rollback", extra)
+    sha = _ADAPTERS.get(request_id)
+    subject = dict(requested(sha).payload["subject"]) if sha else {"validation_id": request_id.removeprefix("apr-promotion-")}
+    return decision_subject("promotion", {**subject, "channel": extra.get("channel")})
+
+
 @pytest.fixture
 def sign(keys):
     def _sign(request_id: str, decision: str = "grant", operator: str = "alice", *, key: str | None = None,
-              at: datetime = NOW, extra: dict | None = None, nonce: str | None = None) -> dict:
+              at: datetime = NOW, extra: dict | None = None, nonce: str | None = None,
+              subject: dict | None = None) -> dict:
+        """A decision signing ``subject``, by default what it is about (``subject_of``)."""
         return sign_decision(request_id, decision, operator, keys[key or operator], issued_at=at - timedelta(minutes=1),
-                             expires_at=at + timedelta(minutes=9), nonce=nonce, extra=extra)
+                             expires_at=at + timedelta(minutes=9), nonce=nonce, extra=extra,
+                             subject=subject_of(request_id, decision, extra) if subject is None else subject)
 
     return _sign
 

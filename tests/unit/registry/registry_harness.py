@@ -1,49 +1,114 @@
 """The registry's real handler and runtime transaction, without a broker: what it emits is fed back in,
-as the log would deliver it."""
+as the log would deliver it.
+
+Every event travels signed, as on the platform: the services' keys, an admin anchored in the trust
+file and the operators the admin enrols (``operator.enrolled``, fed like any event) all live under the
+test's tmp folder; each event fed is signed by the key of the producer its envelope names, admitted by
+the registry's trust view and archived. The adapters are real files: ``adapter_sha(n)`` names one, and
+when its ``training.completed`` is fed it is in the registry's artefact store, signed with the anchored
+adapter-signing key, as the trainer leaves it."""
 
 from __future__ import annotations
 
+import hashlib
+import json
+import tempfile
+from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
 
 from sqlmodel import Session, select
 
 from services.registry import app
-from shared.bus import MalformedEvent, decode
+from shared.adapter_signing import sign_adapter
+from shared.artefacts import ADAPTER_CONFIG, ADAPTER_WEIGHTS, ArtefactStore
+from shared.bus import MalformedEvent, decode, signed_values
 from shared.contracts.envelope import Envelope, iso, utcnow
+from shared.contracts.signing import Refused
+from shared.contracts.trust import decision_subject, sign_decision
+from shared.keys import ensure_service_keys, init_admin, load_private_key, model_signing_key_path, new_operator_key
 from shared.service import Service
 from shared.settings import Settings
-from shared.contracts.trust import sign_decision
 from shared.store import OutboxEvent
 from shared.topics import AGGREGATE_TYPES
-from shared.keys import generate_operator, load_private_key
-from tests.support import make_event
+from tests.support import ADMIN, make_event, signer_of
+
+_WEIGHTS: dict[str, bytes] = {}  # the test adapters' weights, by their sha256
+
+
+def adapter_sha(n: int) -> str:
+    """The sha256 of test adapter ``n``: the digest of its weights, as the artefact store names it."""
+    weights = f"lora weights of test adapter {n}\n".encode() * 16
+    sha = hashlib.sha256(weights).hexdigest()
+    _WEIGHTS[sha] = weights
+    return sha
 
 
 class Registry:
     def __init__(self, var_dir: Path, database_url: str | None = None) -> None:
         base = Settings.from_env()
-        self.settings = base.with_(var_dir=var_dir, database_url=database_url, keyring_path=var_dir / "keys" / "keyring.json",
-                                   operator_key_dir=var_dir / "keys" / "operators", trace_file=None, otlp_endpoint=None)
+        keys = var_dir / "keys"
+        self.settings = base.with_(var_dir=var_dir, database_url=database_url, trust_path=keys / "trust.json",
+                                   service_key_dir=keys / "services", service_key=None,
+                                   operator_key_dir=keys / "operators", trace_file=None, otlp_endpoint=None)
+        ensure_service_keys(self.settings)  # the services' keys and the adapter-signing key, anchored
+        init_admin(self.settings, ADMIN, "registry harness admin")
         self.service = Service("registry", reads=AGGREGATE_TYPES, settings=self.settings)
         self.service.handles("*")(app.on_event)
         self.emitted: list[Envelope] = []
 
     def operator(self, name: str, *roles: str) -> None:
-        generate_operator(name, roles, self.settings.keyring_path, self.settings.operator_key_dir)
+        """Make ``name``'s key pair and feed its enrolment with ``roles``, signed by the admin."""
+        signer = new_operator_key(self.settings, name)
+        self.feed(make_event("operator.enrolled", name, {
+            "operator_id": name, "public_key": signer.public_key, "key_id": signer.key_id, "roles": list(roles),
+            "label": None}, service=f"operator:{ADMIN}", correlation_id=name))
+
+    def store_adapter(self, sha: str) -> None:
+        """Test adapter ``sha`` (``adapter_sha``) in the registry's artefact store, signed as the trainer signs."""
+        with tempfile.TemporaryDirectory(prefix="adapter-") as scratch:
+            folder = Path(scratch)
+            (folder / ADAPTER_WEIGHTS).write_bytes(_WEIGHTS[sha])
+            (folder / ADAPTER_CONFIG).write_text(json.dumps({"r": 8, "lora_alpha": 16}))
+            stored = ArtefactStore(self.settings.artefact_dir).put_adapter(
+                folder, sign=lambda f: sign_adapter(f, model_signing_key_path(self.settings)))
+        assert stored.sha256 == sha
+
+    def signed(self, envelope: Envelope) -> bytes:
+        """The record as its producer publishes it: signed with the key of the producer it names."""
+        if envelope.signature is not None:
+            return envelope.to_json()
+        return signed_values(signer_of(self.settings, envelope.producer.service), [envelope], [None])[0]
+
+    @contextmanager
+    def _trusting(self):
+        """The handler reads the operators of the registry module's service: this registry's, while it runs."""
+        held = app.service.trust
+        app.service.trust = self.service.trust
+        try:
+            yield
+        finally:
+            app.service.trust = held
 
     def feed(self, *events: Envelope) -> list[Envelope]:
         """Handle ``events``, then everything the registry emitted in answer; returns what it emitted.
 
-        Each event is decoded as the consumer would: one the contract does not know is left out,
-        as the dead-letter topic would take it."""
+        Each event is signed by its producer and decoded and admitted as the consumer would
+        (``Service.process``): one the contract does not know, or whose signature or producer the
+        registry refuses, is left out, as the dead-letter topic would take it; an operator's enrolment
+        is folded into the registry's trust view."""
         queue, emitted = list(events), []
         while queue:
             try:
-                event = decode(queue.pop(0).to_json())
-            except MalformedEvent:
+                event = decode(self.signed(queue.pop(0)), admit=self.service.trust.admit)
+            except (MalformedEvent, Refused):
                 continue
-            self.service._apply(event)
+            if event.aggregate_type == "operator":
+                self.service.trust.fold(event)
+            if event.type == "training.completed" and event.payload.get("adapter_sha256") in _WEIGHTS:
+                self.store_adapter(event.payload["adapter_sha256"])  # the trainer stores it, then says so
+            with self._trusting():
+                self.service._apply(event)
             with Session(self.service.engine) as session:
                 rows = session.exec(select(OutboxEvent).where(OutboxEvent.published_at.is_(None))
                                     .order_by(OutboxEvent.id)).all()
@@ -61,11 +126,15 @@ class Registry:
         return Session(self.service.engine)
 
     def grant(self, sha: str, operator: str, channel: str | None = None) -> Envelope:
+        """An operator's grant of ``sha``'s promotion request (``cycle_events``), signing that adapter, its
+        validation and the channel."""
         request_id, now = f"apr-promotion-val-{sha[:16]}", utcnow()
+        subject = decision_subject("promotion", {"adapter_sha256": sha, "validation_id": f"val-{sha[:16]}",
+                                                 "channel": channel})
         signed = sign_decision(request_id, "grant", operator,
                                load_private_key(self.settings.operator_key_dir / f"{operator}.pem"),
                                issued_at=now, expires_at=now + timedelta(minutes=10),
-                               extra={"channel": channel} if channel else None)
+                               extra={"channel": channel} if channel else None, subject=subject)
         return make_event("approval.granted", request_id, {
             "request_id": request_id, "kind": "promotion", "subject_id": f"val-{sha[:16]}",
             "subject": {"validation_id": f"val-{sha[:16]}", "adapter_sha256": sha}, "cycle_id": f"cyc-{sha[:4]}",

@@ -14,7 +14,9 @@ from tests.unit.registry.registry_givens import (
     given,
     granted,
     profile_create,
+    promotion_request_id,
     requested,
+    subject_of,
     trained,
     valid,
     validated,
@@ -38,7 +40,36 @@ def test_a_verified_grant_of_a_passing_adapter_promotes_it(config, sign):
     assert promoted.payload["approver"] == "alice"
     assert promoted.payload["previous_adapter_sha256"] is None
     assert promoted.payload["approval_request_id"] == grant.payload["request_id"]
+    assert promoted.payload["decision"] == grant.payload["decision"]  # what put it in service travels with it
     assert state.channels["production"].current.sha256 == SHA_A
+
+
+def test_a_grant_signs_the_adapter_the_validation_and_the_channel(sign):
+    signed = sign(promotion_request_id(SHA_A))
+
+    assert signed["subject"] == {"adapter_sha256": SHA_A, "validation_id": f"val-{SHA_A[:16]}",
+                                 "channel": "production"}
+
+
+@pytest.mark.parametrize("field, value", [
+    ("adapter_sha256", SHA_B),               # the operator approved another adapter
+    ("validation_id", f"val-{SHA_B[:16]}"),  # ...or the same adapter on another soak
+    ("channel", "canary"),                   # ...or for another channel
+])
+def test_a_grant_that_signed_another_subject_is_refused(config, sign, field, value):
+    state = given(validated(SHA_A), validated(SHA_B), requested(SHA_A), config=config)
+    request_id = promotion_request_id(SHA_A)
+    signed = sign(request_id, subject={**subject_of(request_id), field: value})
+
+    after, events = when(granted(SHA_A, signed), state, config)
+
+    assert types(events) == ["adapter.promotion_refused"]
+    assert events[0].payload["reason"] == "subject_mismatch"
+    assert events[0].payload["adapter_sha256"] == SHA_A and events[0].payload["operator_id"] == "alice"
+    assert after.channels == state.channels and after.acted_on == state.acted_on
+    # the refusal used up nothing: the operator's grant of this very subject still promotes
+    _, events = when(granted(SHA_A, sign(request_id)), after, config)
+    assert types(events) == ["adapter.promoted"]
 
 
 def test_the_second_promotion_names_the_adapter_it_replaces(config, sign):
@@ -57,7 +88,9 @@ def test_a_signed_extra_channel_chooses_the_channel(config, sign):
 
     state, [promoted] = when(granted(SHA_A, signed), state, config)
 
+    assert promoted.type == "adapter.promoted"
     assert promoted.payload["channel"] == "canary" and "production" not in state.channels
+    assert signed["subject"]["channel"] == "canary"
 
 
 @pytest.mark.parametrize("who, key, reason", [
@@ -182,6 +215,7 @@ def test_a_promotion_moves_every_profile_on_that_channel(config, sign):
 
     assert types(events) == ["adapter.promoted", "profile.adapter_updated", "profile.adapter_updated"]
     assert sorted(e.aggregate_id for e in events[1:]) == ["p-1", "p-2"]
+    assert all(e.payload["decision"] == events[0].payload["decision"] for e in events[1:])
     assert state.profiles["p-1"].active_adapter_sha256 == SHA_A
     assert state.profiles["p-3"].active_adapter_sha256 is None
     assert state.profiles["p-1"].version == 1  # the version counts edits, not promotions
@@ -211,6 +245,8 @@ def test_an_admin_rolls_a_channel_back_to_an_adapter_it_served(config, sign, two
     assert types(events) == ["adapter.rolled_back", "profile.adapter_updated"]
     assert events[0].payload["previous_adapter_sha256"] == SHA_B
     assert events[0].payload["operator_id"] == "dave"
+    assert events[0].payload["decision"]["decision"] == "rollback"
+    assert events[1].payload["decision"] == events[0].payload["decision"]  # the signed rollback, not a grant
     assert state.channels["production"].current.sha256 == SHA_A
     assert state.profiles["p-1"].active_adapter_sha256 == SHA_A
 
@@ -239,7 +275,7 @@ def test_a_signature_for_another_target_is_refused(config, sign, two_promotions)
 
     _, events = when(command, two_promotions, config)
 
-    assert events[0].payload["reason"] == "target_mismatch"
+    assert events[0].payload["reason"] == "subject_mismatch"  # the signed subject names SHA_A
 
 
 def test_a_replayed_rollback_is_refused(config, sign, two_promotions):

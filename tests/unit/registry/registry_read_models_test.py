@@ -10,9 +10,9 @@ from sqlalchemy import text
 from services.registry import audit, queries
 from shared.contracts.envelope import utcnow
 from tests.support import dataset_payload, make_event
-from tests.unit.registry.registry_harness import Registry, cycle_events
+from tests.unit.registry.registry_harness import Registry, adapter_sha, cycle_events
 
-SHA_1, SHA_2 = "1" * 64, "2" * 64
+SHA_1, SHA_2 = adapter_sha(1), adapter_sha(2)
 
 
 @pytest.fixture
@@ -112,7 +112,7 @@ def test_audit_at_a_profile_names_its_adapter(registry):
     registry.feed(*cycle_events(SHA_1), registry.grant(SHA_1, "alice"))
     registry.feed(make_event("profile.create_requested", "pcmd-1", {
         "profile_id": "p-1", "traits": {}, "interaction_style": "terse", "context_preferences": {},
-        "channel": "production", "requested_by": "alice"}, service="cli"))
+        "channel": "production", "requested_by": "alice"}, service="operator:alice"))
 
     answer = audit.audit_at(registry.settings, utcnow(), profile="p-1")
 

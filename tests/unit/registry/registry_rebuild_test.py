@@ -16,9 +16,9 @@ from shared import db
 from shared.archive import (FoldSession, PlainRow, Projection, archive, fold, iter_archive, new_row, rebuild,
                             table_digest)
 from tests.support import make_event
-from tests.unit.registry.registry_harness import Registry, cycle_events
+from tests.unit.registry.registry_harness import Registry, adapter_sha, cycle_events
 
-SHA_1, SHA_2, SHA_3 = "1" * 64, "2" * 64, "3" * 64
+SHA_1, SHA_2, SHA_3 = adapter_sha(1), adapter_sha(2), adapter_sha(3)
 
 
 def one_by_one(engine, projections, events) -> None:
@@ -52,7 +52,7 @@ def history(tmp_path) -> list:
     registry.operator("mallory", "requester")
     registry.feed(make_event("profile.create_requested", "pcmd-1", {
         "profile_id": "p-1", "traits": {"tone": "warm"}, "interaction_style": "terse", "context_preferences": {},
-        "channel": "production", "requested_by": "alice"}, service="cli"))
+        "channel": "production", "requested_by": "alice"}, service="operator:alice"))
     first = cycle_events(SHA_1)
     registry.feed(*first, registry.grant(SHA_1, "alice"))
     again = next(e for e in first if e.type == "validation.cycle_completed")
