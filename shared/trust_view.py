@@ -17,13 +17,17 @@ import logging
 import os
 import uuid
 
+from shared.contracts.chain import verify_service_decision
 from shared.contracts.envelope import Envelope
-from shared.contracts.signing import RootCache, TrustState, check_envelope, fold_operator_event, fold_operator_events
+from shared.contracts.signing import (Refused, RootCache, TrustState, check_envelope, fold_operator_event,
+                                      fold_operator_events)
 from shared.contracts.trust import Keyring
 from shared.keys import load_anchors
 from shared.settings import Settings
 
 log = logging.getLogger("neurons.trust")
+# the events that change which adapter serves: each carries the operator's signed decision behind it
+SERVICE_CHANGES = ("adapter.promoted", "adapter.rolled_back", "profile.adapter_updated")
 
 
 class TrustView:
@@ -51,6 +55,15 @@ class TrustView:
 
     def admit(self, envelope: Envelope) -> None:
         check_envelope(envelope, self.state, cache=self.cache)
+        if envelope.type in SERVICE_CHANGES:
+            # a signature proves who published it; what it puts in service must also be an operator's decision
+            cause = envelope.payload.get("cause") if envelope.type == "profile.adapter_updated" else envelope.type
+            verified = verify_service_decision(envelope.payload, self.keyring(), cause=cause or "")
+            if not verified:
+                # an approver enrolled since this view last read the log: read it again (Service.process)
+                reason = "unknown_key" if verified.reason == "unknown_operator" else "unapproved"
+                raise Refused(reason, f"{envelope.type} without a valid operator's decision: "
+                                      f"{verified.reason}: {verified.detail}")
 
     def fold(self, envelope: Envelope) -> None:
         """Take an admitted ``operator.*`` event into the view."""

@@ -63,7 +63,7 @@ def replay_from_archive(settings: Settings, projections: list[Projection] | None
 async def read_log(settings: Settings, timeout_s: float = 5.0) -> tuple[list[Envelope], int]:
     """Every valid event on the source-of-truth topics from offset 0, and the count of malformed records."""
     consumer = AIOKafkaConsumer(bootstrap_servers=settings.bootstrap(), enable_auto_commit=False,
-                                auto_offset_reset="earliest", group_id=None)
+                                auto_offset_reset="earliest", group_id=None, **settings.kafka_security())
     await consumer.start()
     events: list[Envelope] = []
     malformed = 0

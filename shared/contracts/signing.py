@@ -47,7 +47,8 @@ from shared.contracts.values import iso, parse_time
 
 ALG = "ed25519-merkle-sha256/v1"
 MAX_BATCH = 64  # leaves per tree: a proof of at most 6 hashes, one signature per 64 events
-REASONS = ("unsigned", "bad_signature", "unknown_key", "revoked_key", "unauthorised_producer")
+REASONS = ("unsigned", "bad_signature", "unknown_key", "revoked_key", "unauthorised_producer",
+           "unapproved")  # the last: an adapter put in service without a valid operator's decision (trust_view)
 _DOMAIN = b"neurons-envelope-batch/v1\x00"
 _BLOCK_FIELDS = frozenset({"alg", "principal", "key_id", "root", "sig", "index", "size", "path"})
 

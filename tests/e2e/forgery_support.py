@@ -203,7 +203,10 @@ async def serving_view(settings, bootstrap: str, *, channel: str | None = None,
         try:
             event = decode(record.value, admit=trust.admit)
         except Refused as exc:
-            refused.append((event_id, "envelope", exc.reason))
+            if exc.reason == "unapproved":  # its decision did not verify: say which check refused it
+                refused.append((event_id, "decision", exc.detail.split(": ")[1]))
+            else:
+                refused.append((event_id, "envelope", exc.reason))
             continue
         except MalformedEvent as exc:
             refused.append((event_id, "envelope", exc.kind))
