@@ -42,10 +42,24 @@ def engine_for(url: str) -> Engine:
         url = url.replace("postgresql://", "postgresql+psycopg://", 1) if url.startswith("postgresql://") else url
         engine = create_engine(url, pool_pre_ping=True)
     with schema_lock(engine):
-        SQLModel.metadata.create_all(engine)
+        _create_tables(engine)
         add_missing_columns(engine, SQLModel.metadata)
     _ENGINES[url] = engine
     return engine
+
+
+def _create_tables(engine: Engine, attempts: int = 3) -> None:
+    """``create_all``; on SQLite a reader opening the same file (a tool, a test) may create a table
+    between the check and the ``CREATE``: then the check, made again, finds it."""
+    from sqlalchemy.exc import OperationalError
+
+    for attempt in range(attempts):
+        try:
+            SQLModel.metadata.create_all(engine)
+            return
+        except OperationalError as exc:
+            if "already exists" not in str(exc) or attempt == attempts - 1:
+                raise
 
 
 # Any fixed number: every process that creates or upgrades tables takes this advisory lock first.

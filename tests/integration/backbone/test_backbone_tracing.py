@@ -13,20 +13,22 @@ async def test_trace_context_travels_in_kafka_headers(platform, kafka_bootstrap)
     await platform.aensure_topics()
     exporter = InMemorySpanExporter()
     settings = platform.settings
-    sender = Service("evolution", reads=["dataset"], settings=settings,
-                     tracer_provider=setup_tracing("evolution", settings, [exporter]))
-    receiver = Service("registry", reads=["dataset"], settings=settings,
+    sender = Service("trainer", reads=["training"], settings=settings,
+                     tracer_provider=setup_tracing("trainer", settings, [exporter]))
+    receiver = Service("registry", reads=["training"], settings=settings,
                        tracer_provider=setup_tracing("registry", settings, [exporter]))
     seen = []
 
-    @receiver.handles("dataset.registered")
+    @receiver.handles("training.progressed")
     def record(event, ctx):
         seen.append(event.event_id)
         return []
 
+    progress = {"job_id": "job-trace", "cycle_id": "cyc-trace", "step": 1, "total_steps": 2, "loss": 2.5,
+                "reward_mean": None, "learning_rate": 0.001, "tokens_per_s": 100.0, "energy_j": None}
     with sender.tracer.start_as_current_span("operator request"):
-        [sent] = await sender.emit([NewEvent("dataset.registered", "ds-trace", dataset_payload("ds-trace"))])
-    [record_] = await read_topic(kafka_bootstrap, topic_for("dataset"), 1)
+        [sent] = await sender.emit([NewEvent("training.progressed", "job-trace", progress)])
+    [record_] = await read_topic(kafka_bootstrap, topic_for("training"), 1)
     await receiver.process(record_.value, record_.key, record_.headers, record_.topic, record_.partition, record_.offset)
     await sender.close()
     await receiver.close()
@@ -34,11 +36,11 @@ async def test_trace_context_travels_in_kafka_headers(platform, kafka_bootstrap)
     assert seen == [sent.event_id]
     spans = {s.name: s for s in exporter.get_finished_spans()}
     root = spans["operator request"]
-    publish = spans["publish dataset.registered"]
-    handle = spans["registry handle dataset.registered"]
+    publish = spans["publish training.progressed"]
+    handle = spans["registry handle training.progressed"]
     assert publish.context.trace_id == root.context.trace_id == handle.context.trace_id
     assert handle.parent.span_id == publish.context.span_id
-    assert publish.resource.attributes["service.name"] == "neurons-evolution"
+    assert publish.resource.attributes["service.name"] == "neurons-trainer"
     assert handle.resource.attributes["service.name"] == "neurons-registry"
 
 
@@ -47,7 +49,7 @@ async def test_a_batch_publish_has_one_span_per_parent_and_type(platform, kafka_
 
     from shared.bus import Publisher
     from shared.tracing import extract_context
-    from tests.support import make_event
+    from tests.support import make_event, signer_of
 
     await platform.aensure_topics()
     exporter = InMemorySpanExporter()
@@ -58,7 +60,8 @@ async def test_a_batch_publish_has_one_span_per_parent_and_type(platform, kafka_
     with tracer.start_as_current_span("second request") as second:
         second_context = trace.set_span_in_context(second)
     events = [make_event("dataset.registered", f"ds-batch-{i}", dataset_payload(f"ds-batch-{i}")) for i in range(4)]
-    async with Publisher(platform.settings, "cli", tracer_provider=provider) as publisher:
+    async with Publisher(platform.settings, "cli", tracer_provider=provider,
+                         signer=signer_of(platform.settings, events[0].producer.service)) as publisher:
         await publisher.publish_many(events, contexts=[first_context, first_context, first_context, second_context])
     records = await read_topic(kafka_bootstrap, topic_for("dataset"), 4)
 
