@@ -76,7 +76,7 @@ def demo(
     say(f"neurons demo: {model}, {steps} training steps, everything under {settings.var_dir}")
     status = processes.status(settings)
     if any(s["state"] != "running" for s in status["services"]) or status["broker"]["state"] != "running":
-        say("starting the embedded broker and the six services ...")
+        say("starting the embedded broker and the seven services ...")
         info = processes.up(settings)
         processes.wait_ready(settings, timeout_s=180)
         say(f"broker {info['broker']}; services ready in {time.monotonic() - started:.0f}s")

@@ -13,7 +13,7 @@ import typer
 from typer._click import exceptions as cli_errors
 
 from cli import approval_cmds, audit, bench_cmd, broker_cmd, cycle_cmds, data_cmds, demo_cmds, energy_cmd, registry_cmds, train_cmds, validate_cmds
-from cli import acl_cmd
+from cli import acl_cmd, chat_cmd
 from shared import processes
 from shared.settings import Settings
 
@@ -30,6 +30,7 @@ app.add_typer(data_cmds.data_app, name="data")
 cycle_cmds.cycle_app.command("run")(demo_cmds.cycle_run)
 app.command("demo")(demo_cmds.demo)
 app.command("bench")(bench_cmd.bench)
+app.command("chat")(chat_cmd.chat)
 app.add_typer(registry_cmds.profiles_app, name="profiles")
 app.add_typer(registry_cmds.adapters_app, name="adapters")
 audit.app.command("at")(registry_cmds.audit_at)
@@ -45,7 +46,7 @@ app.command("reject")(approval_cmds.reject)
 
 @app.command()
 def up() -> None:
-    """Start the embedded broker (unless KAFKA_BOOTSTRAP_SERVERS is set) and the six services."""
+    """Start the embedded broker (unless KAFKA_BOOTSTRAP_SERVERS is set) and the seven services."""
     settings = Settings.from_env()
     started = processes.up(settings)
     typer.echo(f"broker {started['broker']}")

@@ -32,7 +32,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from shared.contracts.signing import Signer, TrustState, key_id_of
 from shared.contracts.trust import Keyring, KeyringError, public_key_b64
 
-SERVICE_NAMES = ("trainer", "evolution", "approval", "validator", "energy", "registry")
+SERVICE_NAMES = ("trainer", "evolution", "approval", "validator", "energy", "registry", "serving")
 MODEL_SIGNER = "trainer"  # the service that signs adapter folders (OpenSSF model-signing, EC P-256)
 
 

@@ -69,6 +69,12 @@ ENV_VARS: dict[str, str] = {
     "NEURONS_CHECKPOINT_EVERY": "training steps between checkpoints a restarted trainer resumes from",
     "NEURONS_MODEL": "base model for cycles: tiny, smollm2 or a local HF folder",
     "NEURONS_API_PORT": "registry HTTP API and dashboard port",
+    "NEURONS_SERVING_HOST": "address the serving API binds (default 127.0.0.1; elsewhere NEURONS_API_TOKEN is required)",
+    "NEURONS_SERVING_PORT": "serving API port (OpenAI-compatible; default 8700, 0 picks a free one)",
+    "NEURONS_SERVING_ADAPTERS": "adapters kept resident on the serving base model (least recently used evicted)",
+    "NEURONS_SERVING_MAX_TOKENS": "most tokens one serving request may generate",
+    "NEURONS_SERVING_TIMEOUT_S": "seconds one serving request may take, queueing included",
+    "NEURONS_SERVING_QUEUE": "serving requests that may wait for the model; more are answered 429",
     "NEURONS_API_HOST": "address the registry API binds to (default 127.0.0.1; any other needs NEURONS_API_TOKEN)",
     "NEURONS_API_TOKEN": "bearer token every registry API request must carry (required off loopback)",
 }
@@ -108,6 +114,8 @@ class Settings:
     api_port: int = 8600
     api_host: str = "127.0.0.1"
     api_token: str | None = field(default=None, repr=False)  # a secret: kept out of reprs and logs
+    serving_host: str = "127.0.0.1"
+    serving_port: int = 8700
 
     @classmethod
     def from_env(cls) -> "Settings":
@@ -146,6 +154,8 @@ class Settings:
             api_port=int(_env("NEURONS_API_PORT", "8600")),
             api_host=_env("NEURONS_API_HOST", "127.0.0.1"),
             api_token=_env("NEURONS_API_TOKEN"),
+            serving_host=_env("NEURONS_SERVING_HOST", "127.0.0.1"),
+            serving_port=int(_env("NEURONS_SERVING_PORT", "8700")),
         )
 
     def with_(self, **changes) -> "Settings":

@@ -32,8 +32,9 @@ AGGREGATE_TYPES = (
     "adapter",
     "profile",
     "operator",
+    "serving",
 )
-SERVICES = ("trainer", "evolution", "approval", "validator", "energy", "registry")
+SERVICES = ("trainer", "evolution", "approval", "validator", "energy", "registry", "serving")
 
 
 def prefix() -> str:

@@ -20,12 +20,7 @@ NEURONS_API_TOKEN, and when a token is set every request carries
 from __future__ import annotations
 
 import asyncio
-import hmac
-import ipaddress
-import json
 import logging
-import socket
-from contextlib import nullcontext
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Awaitable, Callable
@@ -39,6 +34,8 @@ from shared.bus import validate
 from shared.contracts import schemas
 from shared.contracts.envelope import Envelope
 from shared.contracts.signing import Refused
+from shared.http_server import binding_problem as http_binding_problem
+from shared.http_server import bind, is_loopback, require_bearer, serve_in  # noqa: F401  (is_loopback: the API's rule)
 from shared.settings import Settings
 from shared.trust_view import TrustView, check_envelope
 
@@ -61,68 +58,14 @@ class Refusal(Exception):
         self.detail = detail
 
 
-def is_loopback(host: str) -> bool:
-    """Whether binding ``host`` keeps the API on this machine; a host name other than localhost counts as not."""
-    host = host.strip().strip("[]")
-    if host.lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def binding_problem(settings: Settings) -> str | None:
     """Why the API must not be served as configured (an address off loopback with no token), or None."""
-    if settings.api_token or is_loopback(settings.api_host):
-        return None
-    return (f"registry API not served: NEURONS_API_HOST={settings.api_host} is not a loopback address and "
-            "NEURONS_API_TOKEN is not set; set a token (every request then carries "
-            "'Authorization: Bearer <token>') or leave NEURONS_API_HOST at 127.0.0.1")
+    return http_binding_problem("registry API", settings.api_host, settings.api_token, "NEURONS_API_HOST")
 
 
-def create_app(settings: Settings, publish: Publish | None = None, trust: TrustView | None = None) -> FastAPI:
-    """The API over ``settings``; ``publish`` sends an envelope as it is (None: this instance writes nothing);
-    ``trust`` is the view operators' signatures are checked against (default: a new one over ``settings``)."""
-    problem = binding_problem(settings)
-    if problem:
-        raise ValueError(problem)
-    app = FastAPI(title="neurons registry", version="1",
-                  description="Adapters in service, their lineage and approvals, soak snapshots, energy, "
-                              "personality profiles: read models of the neurons event log.")
-
-    @app.exception_handler(Refusal)
-    async def refused(request: Request, exc: Refusal) -> JSONResponse:
-        return JSONResponse({"error": exc.error, "detail": exc.detail}, status_code=exc.status)
-
-    if settings.api_token:
-        _require_token(app, settings.api_token)
-
-    def session():
-        return queries.registry_session(settings)
-
-    commands = OperatorCommands(trust or TrustView(settings))
-    _adapter_routes(app, settings, session)
-    _observability_routes(app, session)
-    _approval_routes(app, session, publish, commands)
-    _profile_and_audit_routes(app, settings, session)
-    _dashboard_routes(app, session)
-    return app
-
-
-def _require_token(app: FastAPI, token: str) -> None:
-    """Every request, the dashboard's files and /docs included, carries ``Authorization: Bearer <token>``."""
-    expected = token.encode()
-
-    @app.middleware("http")
-    async def bearer_token(request: Request, call_next):
-        scheme, _, presented = request.headers.get("authorization", "").partition(" ")
-        # compare_digest: the time taken says nothing about how much of the token was right
-        if scheme.lower() != "bearer" or not hmac.compare_digest(presented.strip().encode(), expected):
-            return JSONResponse({"error": "unauthorised",
-                                 "detail": "this API needs the header 'Authorization: Bearer <NEURONS_API_TOKEN>'"},
-                                status_code=401, headers={"WWW-Authenticate": 'Bearer realm="neurons"'})
-        return await call_next(request)
+def _unauthorised(detail: str) -> JSONResponse:
+    return JSONResponse({"error": "unauthorised", "detail": detail}, status_code=401,
+                        headers={"WWW-Authenticate": 'Bearer realm="neurons"'})
 
 
 class OperatorCommands:
@@ -183,6 +126,35 @@ class OperatorCommands:
             except Exception as exc:  # no broker: the key stays unknown, and is refused as such
                 log.warning("could not read the operators' enrolments: %r", exc)
                 return False
+
+
+def create_app(settings: Settings, publish: Publish | None = None, trust: TrustView | None = None) -> FastAPI:
+    """The API over ``settings``; ``publish`` sends an envelope as it is (None: this instance writes nothing);
+    ``trust`` is the view operators' signatures are checked against (default: a new one over ``settings``)."""
+    problem = binding_problem(settings)
+    if problem:
+        raise ValueError(problem)
+    app = FastAPI(title="neurons registry", version="1",
+                  description="Adapters in service, their lineage and approvals, soak snapshots, energy, "
+                              "personality profiles: read models of the neurons event log.")
+
+    @app.exception_handler(Refusal)
+    async def refused(request: Request, exc: Refusal) -> JSONResponse:
+        return JSONResponse({"error": exc.error, "detail": exc.detail}, status_code=exc.status)
+
+    if settings.api_token:
+        require_bearer(app, settings.api_token, _unauthorised)
+
+    def session():
+        return queries.registry_session(settings)
+
+    commands = OperatorCommands(trust or TrustView(settings))
+    _adapter_routes(app, settings, session)
+    _observability_routes(app, session)
+    _approval_routes(app, session, publish, commands)
+    _profile_and_audit_routes(app, settings, session)
+    _dashboard_routes(app, session)
+    return app
 
 
 def _found(value, what: str):
@@ -359,45 +331,8 @@ def address_file(settings: Settings) -> Path:
     return settings.run_dir / "registry-api.json"
 
 
-def _bind(host: str, port: int) -> socket.socket | None:
-    """A listening socket on ``host`` (NEURONS_API_HOST: loopback unless a deployment, a container, says
-    otherwise) and ``port``; None, said in one log line, when it cannot be had."""
-    sock = None
-    try:
-        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
-                                                             flags=socket.AI_PASSIVE)[0]
-        sock = socket.socket(family, kind, proto)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(address)
-    except OSError as exc:
-        if sock is not None:
-            sock.close()
-        log.error("registry API not served: cannot bind %s port %s (%s); set NEURONS_API_HOST/NEURONS_API_PORT",
-                  host, port, exc)
-        return None
-    sock.listen(128)
-    sock.setblocking(False)
-    return sock
-
-
-def _local_url(host: str, port: int) -> str:
-    """Where a client on this machine reaches the API bound to ``host``."""
-    if host in ("0.0.0.0", "::", ""):
-        host = "127.0.0.1"
-    elif ":" in host and not host.startswith("["):
-        host = f"[{host}]"
-    return f"http://{host}:{port}"
-
-
 async def serve(service) -> None:
     """Start the API as a task of the running loop; a taken port costs the API, never the worker."""
-    import uvicorn
-
-    class Server(uvicorn.Server):
-        # faust owns the process's signals; uvicorn must not take them over
-        def capture_signals(self):
-            return nullcontext()
-
     from shared.bus import Publisher
 
     settings = service.settings
@@ -405,7 +340,7 @@ async def serve(service) -> None:
     if problem:  # off loopback with no token: not served at all, the worker goes on
         log.error(problem)
         return
-    sock = _bind(settings.api_host, settings.api_port)
+    sock = bind("registry API", settings.api_host, settings.api_port, "NEURONS_API_HOST", "NEURONS_API_PORT")
     if sock is None:
         return
 
@@ -426,21 +361,5 @@ async def serve(service) -> None:
 
     # the service's own view of who is trusted: enrolments and revocations fold in as the registry reads them
     app = create_app(settings, publish, trust=service.trust)
-    config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off")
-    server = Server(config)
-    port = sock.getsockname()[1]
-    url = _local_url(settings.api_host, port)
-    path = address_file(settings)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"port": port, "host": settings.api_host, "url": url,
-                                "token_required": bool(settings.api_token)}))
-    service.spawn(_run(server, sock))
-    log.info("registry API on %s:%s (dashboard at /%s)", settings.api_host, port,
-             "; every request needs the bearer token" if settings.api_token else "")
-
-
-async def _run(server, sock: socket.socket) -> None:
-    try:
-        await server.serve(sockets=[sock])
-    except SystemExit:  # uvicorn exits on a failed start-up; the worker goes on without the API
-        log.error("registry API stopped on start-up")
+    serve_in(service, app, sock, host=settings.api_host, address=address_file(settings),
+             token_required=bool(settings.api_token), what="registry API (dashboard at /)")

@@ -53,6 +53,7 @@ SERVICE_READS: Mapping[str, tuple[str, ...] | None] = {
     "validator": ("training", "adapter", "dataset", "scaling"),
     "energy": ("training", "validation"),
     "registry": None,
+    "serving": ("adapter", "profile"),
 }
 FOLLOWED_BY_EVERY_SERVICE = ("operator",)  # the enrolments that decide whose signatures count
 # Operator-signed event types a service publishes as they are, on the operator's behalf.

@@ -33,6 +33,8 @@ _EXPORTS: dict[str, str] = {
     "train_rl": "rl", "evaluate_policy": "rl", "get_reward": "rewards",
     # measuring
     "bench_trainer": "bench", "BareLoop": "bench",
+    # serving
+    "embed_texts": "encoder",
 }
 _RENAMED = {"CHECKPOINT_STATE_FILE": "STATE_FILE"}
 

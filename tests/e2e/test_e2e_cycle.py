@@ -56,6 +56,11 @@ def test_one_cycle_from_request_to_profile_update_is_one_trace(platform, tmp_pat
 
     verify = json.loads(platform.cli("audit", "verify", "--json").stdout)
     assert verify["ok"], verify["differs"]
+    # every archived event signed by a principal allowed to publish it, checked as of when it occurred
+    signatures = verify["signatures"]
+    assert signatures["ok"] and signatures["failed"] == 0, signatures["failures"]
+    assert signatures["counts"]["signed_and_authorised"] == signatures["events"], signatures["counts"]
+    assert signatures["events"] == len(platform.archived())
     # the archive keeps arrival order, which is not time order across topics: ask about the latest moment
     latest = max(events, key=lambda e: datetime.fromisoformat(e["occurred_at"].replace("Z", "+00:00")))["occurred_at"]
     served = json.loads(platform.cli("audit", "at", latest, "--profile", "helper-en", "--json").stdout)
