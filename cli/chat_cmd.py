@@ -20,6 +20,12 @@ def serving_url(settings: Settings) -> str:
     return json.loads(path.read_text())["url"]
 
 
+def token_headers() -> dict[str, str]:
+    """The bearer token a serving API bound off loopback requires (NEURONS_API_TOKEN), if one is set."""
+    token = os.environ.get("NEURONS_API_TOKEN")
+    return {"Authorization": f"Bearer {token}"} if token else {}
+
+
 def chat(
     profile: str = typer.Argument(..., help="a profile id (`neurons profiles list`) or channel:<name>"),
     prompt: str = typer.Argument(..., help="what to ask"),
@@ -32,8 +38,7 @@ def chat(
 
     settings = Settings.from_env()
     url = serving_url(settings) + "/v1/chat/completions"
-    token = os.environ.get("NEURONS_API_TOKEN")
-    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    headers = token_headers()
     body = {"model": profile, "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
             "stream": stream and not as_json}
     with httpx.Client(timeout=120.0, headers=headers) as client:

@@ -96,6 +96,7 @@ def demo(
     say(f"demo dataset {dataset_path}: {info['record_count']} standard-library docstrings, sha256 {info['sha256'][:12]}")
     # The dataset is registered for later cycles too; this run asks for its own cycle, so a second
     # `make run` trains again (warm-starting from the adapter in production) instead of finding nothing to do.
+    texts, before = _neighbours_before(settings, info["record_count"], say)
     with Reporter(quiet=as_json) as reporter:
         payload = register(settings, dataset_path, "stdlib-docstrings", source=info["source"], wait=True,
                            auto_cycle=False, operator=DEMO_REQUESTER)
@@ -112,10 +113,43 @@ def demo(
     summary["audit_export"] = str(export)
     summary["audit_export_events"] = audit.export(settings, export)
     summary["dashboard"] = _dashboard_url(settings)
+    if view.outcome == "promoted" and before is not None:
+        summary["neighbours"] = _neighbours_after(settings, texts, before, summary, say)
     summary["seconds"] = round(time.monotonic() - started, 1)
     _print_summary(summary, settings, as_json)
+    if summary.get("neighbours") and not as_json:
+        from cli import neighbours
+
+        shown = summary["neighbours"]
+        neighbours.print_changes(shown["rows"], shown["before"], shown["after"])
     if view.outcome != "promoted":
         raise typer.Exit(1)
+
+
+def _neighbours_before(settings: Settings, trained: int, say):
+    """Held-out texts and their nearest neighbours as the profile is served now (None when serving is not up)."""
+    from cli import neighbours
+
+    texts = neighbours.held_out_texts(settings, trained)
+    if not neighbours.wait_for_serving(settings):
+        say("the serving API did not answer; the nearest-neighbour comparison is skipped")
+        return texts, None
+    try:
+        return texts, neighbours.nearest(settings, DEMO_PROFILE, texts)
+    except Exception as exc:  # the demo goes on; it only cannot show what the promotion changed
+        say(f"serving API not answering ({exc}); the nearest-neighbour comparison is skipped")
+        return texts, None
+
+
+def _neighbours_after(settings: Settings, texts, before, summary: dict, say):
+    from cli import neighbours
+
+    sha = (summary.get("promotion") or {}).get("adapter_sha256")
+    if not sha or not neighbours.wait_for_adapter(settings, DEMO_PROFILE, sha):
+        say("the serving API did not switch to the promoted adapter in time; no comparison")
+        return None
+    after = neighbours.nearest(settings, DEMO_PROFILE, texts)
+    return {"before": before, "after": after, "rows": neighbours.changes(texts, before, after)}
 
 
 def _ensure_profile(settings: Settings, say) -> None:

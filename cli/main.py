@@ -72,7 +72,8 @@ def status(as_json: bool = typer.Option(False, "--json", help="print JSON")) -> 
         return
     typer.echo(f"bootstrap  {info['bootstrap_servers'] or '-'}")
     for row in [info["broker"], *info["services"]]:
-        typer.echo(f"{row['name']:<10} {row['state']:<8} pid {row['pid'] or '-'}")
+        url = f"  {row['url']}" if row.get("url") else ""
+        typer.echo(f"{row['name']:<10} {row['state']:<8} pid {row['pid'] or '-'}{url}")
 
 
 def fail(message: str) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -131,10 +132,25 @@ def status(settings: Settings, services: tuple[str, ...] = SERVICES) -> dict:
         "broker": {"name": "broker", "pid": b.pid, "state": b.state if b.state != "external" else "running"},
         "services": [
             {"name": name, "pid": service_pid(settings, name), "state": service_state(settings, name),
-             "log": str(log_file(settings, name))}
+             "log": str(log_file(settings, name)), "url": _api_url(settings, name)}
             for name in services
         ],
     }
+
+
+# the HTTP APIs some services serve: where each wrote its address (shared.http_server.serve_in)
+_API_FILES = {"registry": "registry-api.json", "serving": "serving-api.json"}
+
+
+def _api_url(settings: Settings, service: str) -> str | None:
+    name = _API_FILES.get(service)
+    path = settings.run_dir / name if name else None
+    if path is None or not path.exists() or service_state(settings, service) != "running":
+        return None
+    try:
+        return json.loads(path.read_text()).get("url")
+    except (ValueError, OSError):
+        return None
 
 
 def wait_ready(settings: Settings, services: tuple[str, ...] = SERVICES, timeout_s: float = 90.0) -> None:

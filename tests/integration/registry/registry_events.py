@@ -37,11 +37,12 @@ def request_id_for(sha: str) -> str:
     return f"apr-promotion-val-{sha[:16]}"
 
 
-def validation_completed(sha: str, verdict: str = "pass", uri: str | None = None, cycle_id: str | None = None) -> Envelope:
+def validation_completed(sha: str, verdict: str = "pass", uri: str | None = None, cycle_id: str | None = None,
+                         kind: str = "mntp") -> Envelope:
     validation_id = f"val-{sha[:16]}"
     return make_event("validation.completed", validation_id, {
         "validation_id": validation_id, "adapter_sha256": sha, "adapter_uri": uri or f"artefact://sha256/{sha}",
-        "baseline": {"kind": "base", "adapter_sha256": None}, "kind": "mntp", "purpose": "candidate",
+        "baseline": {"kind": "base", "adapter_sha256": None}, "kind": kind, "purpose": "candidate",
         "cycle_id": cycle_id or f"cyc-{sha[:8]}", "verdict": verdict, "explanation": f"soak verdict {verdict}",
         "score": 0.82, "raw_data_uri": None, "sample_sizes": {"candidate": {"latency_ms": 40}, "baseline": {"latency_ms": 40}},
         "thresholds": THRESHOLDS}, sequence=3, service="validator", correlation_id=cycle_id or f"cyc-{sha[:8]}")
@@ -85,9 +86,10 @@ async def publish(settings, *events: Envelope) -> None:
 
 
 async def promote(plat, sha: str, operator: str = "alice", channel: str | None = None, uri: str | None = None,
-                  wait: bool = True) -> dict | None:
-    """Validation passed, promotion requested, granted by ``operator``: what the other services would publish."""
-    await publish(plat.settings, validation_completed(sha, uri=uri), approval_requested(sha),
+                  wait: bool = True, kind: str = "mntp") -> dict | None:
+    """Validation passed, promotion requested, granted by ``operator``: what the other services would publish
+    (``kind``: the adapter's, mntp or rl, as the validation names it)."""
+    await publish(plat.settings, validation_completed(sha, uri=uri, kind=kind), approval_requested(sha),
                   approval_granted(plat.settings, sha, operator, channel))
     if wait:
         return await await_until(lambda: promoted(plat, sha, channel or "production"), 60,
