@@ -66,8 +66,11 @@ async def _swap_to(folded: domain.ServingState, cause: str, cause_id: str, asked
         live.lock = asyncio.Lock()
     async with live.lock:
         state, events = folded, []
+        serving_before = domain.adapters_in(live.state)
         for sha, adapter in sorted(domain.adapters_in(folded).items()):
             if sha in live.pool.resident():
+                if sha not in serving_before:  # still resident, back in service (a rollback): a swap all the same
+                    events.append(_loaded(sha, adapter, cause, cause_id, asked_at, 0.0, None))
                 continue
             try:
                 seconds = await asyncio.to_thread(live.pool.ensure, sha, adapter.uri)

@@ -9,7 +9,8 @@ from tests.support import Platform, await_until, dataset_payload, make_event
 
 
 def test_up_status_down_runs_and_stops_everything(tmp_path, monkeypatch):
-    plat = Platform(tmp_path / "var", bootstrap="")
+    plat = Platform(tmp_path / "var", bootstrap="", NEURONS_MODEL="tiny", NEURONS_SERVING_PORT="0",
+                    NEURONS_API_PORT="0")
     plat.env.pop("KAFKA_BOOTSTRAP_SERVERS")  # the embedded broker of its own
     monkeypatch.delenv("KAFKA_BOOTSTRAP_SERVERS", raising=False)
     try:
@@ -18,7 +19,7 @@ def test_up_status_down_runs_and_stops_everything(tmp_path, monkeypatch):
         assert status["broker"]["state"] == "running"
         assert status["bootstrap_servers"].startswith("127.0.0.1:")
         names = {s["name"]: s for s in status["services"]}
-        assert set(names) == {"trainer", "evolution", "approval", "validator", "energy", "registry"}
+        assert set(names) == {"trainer", "evolution", "approval", "validator", "energy", "registry", "serving"}
         assert all(s["state"] == "running" for s in names.values()), names
         pids = [s["pid"] for s in names.values()] + [status["broker"]["pid"]]
     finally:

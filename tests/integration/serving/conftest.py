@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from shared import processes
 from tests.integration.serving.serving_support import store_lora, wait_for_api
 from tests.support import ROOT, Platform
 
@@ -41,12 +42,14 @@ async def serving(tmp_path_factory, kafka_bootstrap, model_folder):
         await plat.aensure_topics()
         for name, roles in OPERATORS.items():
             plat.enroll(name, *roles)
-        scratch = tmp_path_factory.mktemp("adapters")
-        plat.adapters = {label: store_lora(settings, seed, kind, scratch) for label, (seed, kind) in ADAPTERS.items()}
         # the serving node's consumer tolerates a short pause (the tampering test stops it for a moment)
-        plat.start("registry")
-        plat.start("serving", env={"NEURONS_SESSION_TIMEOUT_S": "20"})
+        plat.start("registry", wait=False)
+        plat.start("serving", wait=False, env={"NEURONS_SESSION_TIMEOUT_S": "20"})
         try:
+            scratch = tmp_path_factory.mktemp("adapters")  # built while the services start
+            plat.adapters = {label: store_lora(settings, seed, kind, scratch)
+                             for label, (seed, kind) in ADAPTERS.items()}
+            processes.wait_ready(settings, ("registry", "serving"), timeout_s=90)
             wait_for_api(settings)
             yield plat
         finally:
