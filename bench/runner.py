@@ -19,12 +19,12 @@ from typing import Any, Callable, Sequence
 
 from bench import machine
 from bench.figure import Figure
-from bench.scratch import Scratch
+from bench.scratch import Scratch, environment
 from shared.contracts.envelope import iso, utcnow
 from shared.settings import Settings
 
 # In the order they run: broker figures first, then the CPU-heavy training ones.
-FIGURES = ("bus", "signing", "replay", "promotion", "trainer", "energy")
+FIGURES = ("bus", "signing", "replay", "promotion", "serving", "trainer", "energy")
 
 
 @dataclass(frozen=True)
@@ -45,14 +45,24 @@ class Sizes:
     gpu_steps: int
     gpu_batch: int
     gpu_seq_len: int
+    serving_model: str
+    serving_requests: int  # chat completions (and bare generate runs) of serving.generate
+    serving_max_tokens: int
+    serving_batches: int  # embeddings requests (and bare runs) of serving.embeddings
+    serving_texts: int  # texts in each
+    serving_swaps: int  # promotions of serving.swap
+    serving_swap_warmup: int
 
 
 DEFAULT = Sizes(bus_events=5000, bus_rounds=5, signing_batches=50, signing_rounds=5, replay_cycles=150,
                 replay_rounds=7, promotions=60, promotion_warmup=2, delivery_probes=30, trainer_steps=100,
-                trainer_repeats=3, energy_steps=50, gpu_model="smollm2", gpu_steps=30, gpu_batch=16, gpu_seq_len=512)
+                trainer_repeats=3, energy_steps=50, gpu_model="smollm2", gpu_steps=30, gpu_batch=16, gpu_seq_len=512,
+                serving_model="smollm2", serving_requests=8, serving_max_tokens=64, serving_batches=8,
+                serving_texts=32, serving_swaps=20, serving_swap_warmup=2)
 QUICK = Sizes(bus_events=200, bus_rounds=2, signing_batches=2, signing_rounds=1, replay_cycles=6, replay_rounds=1,
               promotions=4, promotion_warmup=1, delivery_probes=3, trainer_steps=4, trainer_repeats=1, energy_steps=5,
-              gpu_model="tiny", gpu_steps=5, gpu_batch=4, gpu_seq_len=64)
+              gpu_model="tiny", gpu_steps=5, gpu_batch=4, gpu_seq_len=64, serving_model="tiny", serving_requests=3,
+              serving_max_tokens=16, serving_batches=3, serving_texts=16, serving_swaps=4, serving_swap_warmup=1)
 
 
 def selected(only: Sequence[str] | None) -> list[str]:
@@ -113,7 +123,7 @@ def run(only: Sequence[str] | None = None, *, quick: bool = False, gpu: bool = F
 
 def _measure(name: str, scratch: Scratch, sizes: Sizes, model_cache: Path, gpu: bool) -> list[Figure]:
     """One figure (or its variants); what cannot be measured is reported as such, never skipped."""
-    from bench import bus, energy, promotion, replay, signing, trainer
+    from bench import bus, energy, promotion, replay, serving, signing, trainer
 
     if name == "bus":
         return [_guard(bus.NAME, "events/s", f"ratio >= {bus.TARGET}", lambda: _on(
@@ -134,6 +144,16 @@ def _measure(name: str, scratch: Scratch, sizes: Sizes, model_cache: Path, gpu: 
             scratch, "promotion", lambda s: promotion.measure(s, sizes.promotions, sizes.promotion_warmup,
                                                       sizes.delivery_probes),
             services=promotion.SERVICES, prepare=promotion.prepare))]
+    if name == "serving":
+        try:
+            run = serving.ServingBench(sizes.serving_model, model_cache)
+            with environment(serving.environment(sizes.serving_model)), \
+                    scratch.platform("serving", services=serving.SERVICES, prepare=run.prepare) as settings:
+                return run.measure(settings, requests=sizes.serving_requests, max_tokens=sizes.serving_max_tokens,
+                                   batches=sizes.serving_batches, texts=sizes.serving_texts,
+                                   swaps=sizes.serving_swaps, swap_warmup=sizes.serving_swap_warmup)
+        except Exception as exc:
+            return [Figure.failed(n, serving.UNITS[n], serving.TARGETS[n], exc) for n in serving.NAMES]
     if name == "trainer":
         figures = [_guard(trainer.NAME, "tokens/s", f"ratio >= {trainer.TARGET}",
                           lambda: trainer.measure(model_cache, steps=sizes.trainer_steps,
