@@ -48,9 +48,12 @@ def engine_for(url: str) -> Engine:
     return engine
 
 
-def _create_tables(engine: Engine, attempts: int = 3) -> None:
+def _create_tables(engine: Engine, attempts: int = 40) -> None:
     """``create_all``; on SQLite a reader opening the same file (a tool, a test) may create a table
-    between the check and the ``CREATE``: then the check, made again, finds it."""
+    between the check and the ``CREATE``, one table after another while both run: the check, made
+    again a moment later, finds what the other created."""
+    import time
+
     from sqlalchemy.exc import OperationalError
 
     for attempt in range(attempts):
@@ -60,6 +63,7 @@ def _create_tables(engine: Engine, attempts: int = 3) -> None:
         except OperationalError as exc:
             if "already exists" not in str(exc) or attempt == attempts - 1:
                 raise
+            time.sleep(0.25)
 
 
 # Any fixed number: every process that creates or upgrades tables takes this advisory lock first.
