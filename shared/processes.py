@@ -51,9 +51,33 @@ def service_state(settings: Settings, service: str) -> str:
     return "running" if broker.pid_alive(service_pid(settings, service)) else "stopped"
 
 
+def databases(settings: Settings, services: tuple[str, ...] = SERVICES) -> dict[str, list[str]]:
+    """Each database the services use, with the services on it: one SQLite file each, or the one shared URL."""
+    held: dict[str, list[str]] = {}
+    for name in services:
+        held.setdefault(settings.db_url(name), []).append(name)
+    return held
+
+
+def upgrade_databases(settings: Settings, services: tuple[str, ...] = SERVICES) -> list[dict]:
+    """Bring every database the services use to the head revision: for each, its URL (without
+    password), the services on it and its revision before and after."""
+    from shared import db
+
+    report = []
+    for url, names in databases(settings, services).items():
+        before, after = db.migrate(url)
+        report.append({"url": db.shown(url), "services": names, "before": before, "revision": after})
+    return report
+
+
 def start_service(settings: Settings, service: str, env: dict[str, str] | None = None) -> int:
+    """Start ``python -m services.<service>``, its database first brought to the head revision."""
     if service_state(settings, service) == "running":
         return service_pid(settings, service)  # type: ignore[return-value]
+    from shared import db
+
+    db.migrate(settings.db_url(service))
     settings.run_dir.mkdir(parents=True, exist_ok=True)
     settings.log_dir.mkdir(parents=True, exist_ok=True)
     _ready_file(settings, service).unlink(missing_ok=True)
@@ -110,8 +134,9 @@ def up(settings: Settings, services: tuple[str, ...] = SERVICES) -> dict:
 
     asyncio.run(ensure_topics(settings))
     ensure_service_keys(settings)  # the embedded platform's service keys, anchored in the trust file
+    upgraded = upgrade_databases(settings, services)  # before any service starts, as each checks its schema
     pids = {name: start_service(settings, name) for name in services}
-    return {"broker": info.bootstrap_servers, "services": pids}
+    return {"broker": info.bootstrap_servers, "services": pids, "databases": upgraded}
 
 
 def down(settings: Settings, services: tuple[str, ...] = SERVICES) -> dict:
@@ -132,7 +157,8 @@ def status(settings: Settings, services: tuple[str, ...] = SERVICES) -> dict:
         "broker": {"name": "broker", "pid": b.pid, "state": b.state if b.state != "external" else "running"},
         "services": [
             {"name": name, "pid": service_pid(settings, name), "state": service_state(settings, name),
-             "log": str(log_file(settings, name)), "url": _api_url(settings, name)}
+             "log": str(log_file(settings, name)), "url": _api_url(settings, name),
+             "metrics_url": _metrics_url(settings, name)}
             for name in services
         ],
     }
@@ -153,17 +179,55 @@ def _api_url(settings: Settings, service: str) -> str | None:
         return None
 
 
+def _metrics_url(settings: Settings, service: str) -> str | None:
+    """Where a running service answers GET /metrics (it writes the address at start-up, shared.metrics)."""
+    from shared.metrics import metrics_address
+
+    path = metrics_address(settings, service)
+    if not path.exists() or service_state(settings, service) != "running":
+        return None
+    try:
+        return json.loads(path.read_text()).get("url")
+    except (ValueError, OSError):
+        return None
+
+
 def wait_ready(settings: Settings, services: tuple[str, ...] = SERVICES, timeout_s: float = 90.0) -> None:
-    """Wait until every service has joined its consumer group and holds partitions."""
+    """Wait until every service has joined its consumer group and holds partitions; a service that
+    exited instead is named with the last line of its log."""
+    failed = wait_started(settings, services, timeout_s)
+    if failed:
+        raise RuntimeError("; ".join(f"service {name} exited: {line} (log {log_file(settings, name)})"
+                                     for name, line in failed.items()))
+
+
+def wait_started(settings: Settings, services: tuple[str, ...] = SERVICES, timeout_s: float = 90.0) -> dict[str, str]:
+    """Wait until each service is ready (joined its group) or has exited; those that exited, each with
+    the last line of its log. ``TimeoutError`` names those still neither after ``timeout_s``."""
     deadline = time.monotonic() + timeout_s
-    pending = set(services)
+    pending, failed = set(services), {}
     while pending and time.monotonic() < deadline:
-        for name in list(pending):
+        for name in sorted(pending):
             marker = _ready_file(settings, name)
             if marker.exists() and marker.read_text().strip() == str(service_pid(settings, name)):
                 pending.discard(name)
             elif service_state(settings, name) == "stopped":
-                raise RuntimeError(f"service {name} exited; see {log_file(settings, name)}")
-        time.sleep(0.3)
+                failed[name] = last_log_line(settings, name)
+                pending.discard(name)
+        if pending:
+            time.sleep(0.3)
     if pending:
         raise TimeoutError(f"services not ready after {timeout_s:.0f}s: {sorted(pending)}")
+    return failed
+
+
+def last_log_line(settings: Settings, service: str) -> str:
+    """The last non-empty line of the service's log (what a service that stopped said last)."""
+    path = log_file(settings, service)
+    try:
+        with open(path, "rb") as log:
+            log.seek(max(0, log.seek(0, os.SEEK_END) - 8192))
+            lines = [line.strip() for line in log.read().decode(errors="replace").splitlines() if line.strip()]
+    except OSError:
+        return "(no log)"
+    return lines[-1] if lines else "(empty log)"

@@ -18,6 +18,18 @@ from tests.support import Platform
 POSTGRES_URL = os.environ.get("NEURONS_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def databases_at_head():
+    """The tests own their databases: every engine they open in-process (services' handlers run in
+    the test, harnesses, tools) brings its database to the head revision first. Services started as
+    processes get theirs upgraded by the launcher (``shared.processes.start_service``)."""
+    from shared import db
+
+    db.upgrade_on_open(True)
+    yield
+    db.upgrade_on_open(False)
+
+
 def _docker_engine() -> bool:
     try:
         return subprocess.run(["docker", "info"], capture_output=True, timeout=10).returncode == 0

@@ -76,6 +76,9 @@ class Platform:
         ensure_service_keys(self.settings)
         if not load_anchors(self.settings.trust_path)["admins"]:
             init_admin(self.settings, ADMIN, "test platform admin")
+        from shared.db import migrate
+
+        migrate(self.settings.db_url("registry"))  # what the CLI reads (services' own: when each starts)
 
     def enroll(self, name: str, *roles: str) -> None:
         """Enrol operator ``name`` (a key pair under the platform's var/) with ``roles``, signed by the admin."""
