@@ -11,6 +11,7 @@ export PYTHONUNBUFFERED := 1
 .PHONY: setup run lint test test-fast bench bench-gpu up down clean
 
 setup: $(STAMP)
+	@test -x /usr/bin/prometheus || bash deploy/install-prometheus.sh || echo "prometheus not installed: the Prometheus end-to-end test will be skipped"
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)

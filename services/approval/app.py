@@ -14,6 +14,7 @@ from shared.policy_file import load_policies
 from opentelemetry import trace
 
 from shared.decider import Decider, from_document
+from shared.metrics import record_approval_waits
 from shared.service import HandlerContext, Service
 from shared.tracing import context_from_traceparent, current_traceparent
 
@@ -35,7 +36,9 @@ approvals = Decider(domain, from_rows=domain.ApprovalState.from_rows,
 
 @service.handles("cycle.proposed", "research.proposed", "validation.completed")
 def on_subject(event, ctx: HandlerContext):
-    for new in approvals.run(ctx, event, _config()):
+    decided = approvals.run(ctx, event, _config())
+    _count_waits(ctx, decided)  # a policy may grant at once
+    for new in decided:
         if new.type == "approval.requested":
             # the decision arrives later from an operator's tool; it continues this trace
             ctx.state.put("traces", new.aggregate_id, current_traceparent())
@@ -47,14 +50,22 @@ def on_decision(event, ctx: HandlerContext):
                                     request_id=event.payload["request_id"])
     traceparent = ctx.state.get("traces", event.payload["request_id"])
     if not traceparent:
-        approvals.run(ctx, command, _config())
+        _count_waits(ctx, approvals.run(ctx, command, _config()))
         return
     with service.tracer.start_as_current_span(
             "approval decide", context=context_from_traceparent(traceparent),
             links=[trace.Link(trace.get_current_span().get_span_context())]):
-        approvals.run(ctx, command, _config())  # staged in this span, so the events carry the request's trace
+        # staged in this span, so the events carry the request's trace
+        _count_waits(ctx, approvals.run(ctx, command, _config()))
 
 
 @service.every(5.0, jitter=1.0)
 def expire_requests(ctx: HandlerContext):
-    approvals.run(ctx, domain.Tick(now=ctx.now), _config())
+    _count_waits(ctx, approvals.run(ctx, domain.Tick(now=ctx.now), _config()))
+
+
+def _count_waits(ctx: HandlerContext, events) -> None:
+    """Once committed, each granted, rejected or expired request records how long it waited (shared.metrics)."""
+    requests = approvals.state(ctx).requests
+    ctx.committed(lambda: record_approval_waits(service.metrics, events,
+                                                lambda rid: getattr(requests.get(rid), "requested_at", None)))

@@ -1,4 +1,8 @@
-"""Energy wiring: report every job's measured energy, keep budgets, profile the hardware.
+"""Energy wiring: report every job's measured energy, keep budgets, profile the hardware, size jobs.
+
+What the soaks and training jobs were seen to do (``validation.cycle_completed``,
+``training.completed``) is folded into the state; each hardware profile's
+scaling advice sizes on it.
 
 The state is a fold of this service's own events (reports, crossings,
 profiles), kept as rows; a database from before the rows has it rebuilt from
@@ -14,6 +18,7 @@ from services.energy import domain
 from services.energy.hardware import profile_hardware
 from services.energy.meters import energy_config
 from shared.decider import Decider
+from shared.metrics import record_energy
 from shared.service import HandlerContext, Service
 
 PROFILE_EVERY_S = float(os.environ.get("NEURONS_HARDWARE_PROFILE_S") or 30)
@@ -39,7 +44,13 @@ async def profile_at_start(svc: Service) -> None:
 
 @service.handles("training.completed", "validation.completed")
 def on_job_completed(event, ctx: HandlerContext):
-    energy.run(ctx, event, config)
+    reported = energy.run(ctx, event, config)
+    ctx.committed(lambda: record_energy(service.metrics, reported))  # joules, gCO2e, budgets crossed
+
+
+@service.handles("validation.cycle_completed")
+def on_soak_cycle(event, ctx: HandlerContext):
+    energy.fold(ctx, event)  # the replicas' memory, latency and incidents: what the next scaling advice sizes on
 
 
 @service.every(PROFILE_EVERY_S, jitter=PROFILE_EVERY_S * 0.1)

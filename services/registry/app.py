@@ -12,6 +12,7 @@ from services.registry.projections import all_projections
 from shared.archive import archive
 from shared.contracts.envelope import NewEvent, iso
 from shared.decider import Decider, from_document
+from shared.metrics import record_channel_change
 from shared.service import HandlerContext, Service
 from shared.topics import AGGREGATE_TYPES
 
@@ -26,6 +27,7 @@ decisions = Decider(domain, from_rows=domain.RegistryState.from_rows,
 def on_event(event, ctx: HandlerContext):
     if not archive(ctx.session, event, raw=ctx.raw):  # as published: its signature covers those bytes
         return
+    ctx.committed(lambda: record_channel_change(service.metrics, event))  # promotions, rollbacks per channel
     for projection in PROJECTIONS:
         projection.apply(ctx.session, event)
     if event.type in domain.RELEVANT and event.producer.service != service.name:

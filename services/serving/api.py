@@ -47,6 +47,7 @@ from services.serving.domain import (CHAT, COMPLETIONS, EMBEDDINGS, Checked, Req
 from services.serving.pool import AdapterUnavailable, Generation
 from shared.http_server import binding_problem as http_binding_problem
 from shared.http_server import require_bearer
+from shared.metrics import Metrics
 from shared.settings import Settings
 
 log = logging.getLogger("neurons.serving.api")
@@ -85,24 +86,16 @@ def _unauthorised(detail: str) -> Response:
 
 # --- metrics ------------------------------------------------------------------------------
 
-TTFT_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
-METRICS_HELP = {
-    "neurons_serving_requests_total": ("counter", "Requests answered, by profile, adapter, endpoint and status."),
-    "neurons_serving_errors_total": ("counter", "Requests refused or failed, by error code."),
-    "neurons_serving_prompt_tokens_total": ("counter", "Prompt (or input) tokens read."),
-    "neurons_serving_completion_tokens_total": ("counter", "Tokens generated."),
-    "neurons_serving_generation_seconds_total": ("counter", "Seconds spent generating (tokens/s = ratio of rates)."),
-    "neurons_serving_tokens_per_second": ("gauge", "Tokens per second of the last generation."),
-    "neurons_serving_time_to_first_token_seconds": ("histogram", "Seconds from a request's start to its first token."),
-}
-
 
 class ServingMetrics:
-    """Counters per profile and adapter, rendered in the Prometheus text format at ``GET /metrics``."""
+    """Requests, errors, tokens and latency per profile and adapter: OpenTelemetry instruments of the service.
 
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._values: dict[tuple[str, tuple[tuple[str, str], ...]], float] = defaultdict(float)
+    They are the serving service's ``Metrics`` (``shared.metrics``), so ``GET /metrics`` here and the
+    service's metrics port show the same values, in the Prometheus text format.
+    """
+
+    def __init__(self, metrics: Metrics | None = None) -> None:
+        self.metrics = metrics or Metrics("serving")
 
     @staticmethod
     def labels(route: Route | None, endpoint: str) -> dict[str, str]:
@@ -111,65 +104,36 @@ class ServingMetrics:
         return {"profile": route.profile_id or "", "channel": route.channel,
                 "adapter": route.adapter_sha256 or "base", "endpoint": endpoint}
 
-    def answered(self, labels: Mapping[str, str], status: int, code: str | None = None) -> None:
-        with self._lock:
-            self._add("neurons_serving_requests_total", {**labels, "status": str(status)}, 1)
-            if code is not None:
-                self._add("neurons_serving_errors_total", {**labels, "code": code}, 1)
+    def answered(self, labels: Mapping[str, str], status: int, code: str | None = None,
+                 seconds: float | None = None) -> None:
+        self.metrics.add("neurons_serving_requests_total", **labels, status=status)
+        if code is not None:
+            self.metrics.add("neurons_serving_errors_total", **labels, code=code)
+        if seconds is not None:
+            self.metrics.record("neurons_serving_request_duration_seconds", seconds, **labels, status=status)
 
     def generated(self, labels: Mapping[str, str], prompt_tokens: int, completion_tokens: int, seconds: float,
                   first_token_s: float | None) -> None:
-        with self._lock:
-            self._add("neurons_serving_prompt_tokens_total", labels, prompt_tokens)
-            self._add("neurons_serving_completion_tokens_total", labels, completion_tokens)
-            self._add("neurons_serving_generation_seconds_total", labels, seconds)
-            if seconds > 0:
-                self._values[("neurons_serving_tokens_per_second", _key(labels))] = completion_tokens / seconds
-            if first_token_s is not None:
-                name = "neurons_serving_time_to_first_token_seconds"
-                for bound in (*TTFT_BUCKETS, float("inf")):
-                    if first_token_s <= bound:
-                        self._add(f"{name}_bucket", {**labels, "le": _le(bound)}, 1)
-                self._add(f"{name}_sum", labels, first_token_s)
-                self._add(f"{name}_count", labels, 1)
+        self.metrics.add("neurons_serving_prompt_tokens_total", prompt_tokens, **labels)
+        self.metrics.add("neurons_serving_completion_tokens_total", completion_tokens, **labels)
+        self.metrics.add("neurons_serving_generation_seconds_total", seconds, **labels)
+        if seconds > 0:
+            self.metrics.set("neurons_serving_tokens_per_second", completion_tokens / seconds, **labels)
+        if first_token_s is not None:
+            self.metrics.record("neurons_serving_time_to_first_token_seconds", first_token_s, **labels)
 
     def read(self, labels: Mapping[str, str] | None = None) -> dict[str, float]:
-        """Each metric's total over the series whose labels include ``labels``."""
+        """Each sample's total (``_count`` and ``_sum`` of a histogram apart) over the series that include ``labels``."""
         totals: dict[str, float] = defaultdict(float)
-        with self._lock:
-            for (name, key), value in self._values.items():
-                if labels is None or set(labels.items()) <= set(key):
-                    totals[name] += value
+        wanted = set((labels or {}).items())
+        for family in self.metrics.registry.collect():
+            for sample in family.samples:
+                if family.name.startswith("neurons_serving_") and wanted <= set(sample.labels.items()):
+                    totals[sample.name] += sample.value
         return dict(totals)
 
-    def render(self) -> str:
-        with self._lock:
-            values = dict(self._values)
-        lines = []
-        for family, (kind, help_text) in METRICS_HELP.items():
-            series = sorted((name, key, value) for (name, key), value in values.items()
-                            if name == family or name.startswith(family + "_"))
-            if not series:
-                continue
-            lines += [f"# HELP {family} {help_text}", f"# TYPE {family} {kind}"]
-            lines += [f"{name}{{{','.join(f'{k}={_quoted(v)}' for k, v in key)}}} {value:g}"
-                      for name, key, value in series]
-        return "\n".join(lines) + "\n"
-
-    def _add(self, name: str, labels: Mapping[str, str], amount: float) -> None:
-        self._values[(name, _key(labels))] += amount
-
-
-def _key(labels: Mapping[str, str]) -> tuple[tuple[str, str], ...]:
-    return tuple(sorted(labels.items()))
-
-
-def _le(bound: float) -> str:
-    return "+Inf" if bound == float("inf") else f"{bound:g}"
-
-
-def _quoted(value: str) -> str:
-    return '"' + value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+    def render(self) -> bytes:
+        return self.metrics.render()
 
 
 # --- admission: concurrency, queue, deadline ------------------------------------------------
@@ -326,6 +290,7 @@ class _Serving:
 
     async def answer(self, request: Request, endpoint: str) -> Response:
         route: Route | None = None
+        started = time.perf_counter()
         try:
             checked = check_request(endpoint, await self._body(request), self.limits)
             route = route_for(self.state_source(), checked.model)  # once: this route serves to the end
@@ -339,7 +304,8 @@ class _Serving:
             return await self._generate(checked, route, endpoint, deadline)
         except Exception as exc:
             error = _as_error(exc, endpoint)
-            self.metrics.answered(self.metrics.labels(route, endpoint), error.status, error.code)
+            self.metrics.answered(self.metrics.labels(route, endpoint), error.status, error.code,
+                                  time.perf_counter() - started)
             return _error(error, _headers(route) if route else None)
 
     async def _body(self, request: Request) -> Any:
@@ -385,7 +351,7 @@ class _Serving:
                                                               "dimensions and cannot shorten them", "dimensions")
         labels = self.metrics.labels(route, EMBEDDINGS)
         self.metrics.generated(labels, int(tokens), 0, time.perf_counter() - started, None)
-        self.metrics.answered(labels, 200)
+        self.metrics.answered(labels, 200, seconds=time.perf_counter() - started)
         data = [{"object": "embedding", "index": i, "embedding": _encoded(vector, checked.encoding_format)}
                 for i, vector in enumerate(vectors)]
         return JSONResponse({"object": "list", "data": data, "model": checked.model,
@@ -399,17 +365,19 @@ class _Serving:
                                              max_tokens=checked.max_tokens, temperature=checked.temperature,
                                              stop=list(checked.stop) or None)
 
+        started = time.perf_counter()
         route, generation = await self.admission.run(work, deadline)
-        self._count(route, endpoint, generation)
+        self._count(route, endpoint, generation, started=started)
         shape = _Shape(endpoint, checked, route)
         return JSONResponse(shape.whole(generation), headers=_headers(route))
 
-    def _count(self, route: Route, endpoint: str, generation: Generation, first_token_s: float | None = None) -> None:
+    def _count(self, route: Route, endpoint: str, generation: Generation, first_token_s: float | None = None, *,
+               started: float) -> None:
         labels = self.metrics.labels(route, endpoint)
         first = generation.first_token_s if generation.first_token_s is not None else first_token_s
         self.metrics.generated(labels, generation.prompt_tokens, generation.completion_tokens, generation.seconds,
                                first)
-        self.metrics.answered(labels, 200)
+        self.metrics.answered(labels, 200, seconds=time.perf_counter() - started)
 
     async def _stream(self, checked: Checked, route: Route, endpoint: str, deadline: float) -> Response:
         feed = _Feed(asyncio.get_running_loop())
@@ -464,10 +432,11 @@ class _Serving:
             if shape.checked.include_usage:
                 yield _sse(shape.usage(value))
             yield "data: [DONE]\n\n"
-            self._count(shape.route, shape.endpoint, value, first_token_s)
+            self._count(shape.route, shape.endpoint, value, first_token_s, started=started)
         except Exception as exc:  # the status went out with the first byte: the error is the last event
             error = _as_error(exc, shape.endpoint)
-            self.metrics.answered(self.metrics.labels(shape.route, shape.endpoint), error.status, error.code)
+            self.metrics.answered(self.metrics.labels(shape.route, shape.endpoint), error.status, error.code,
+                                  time.perf_counter() - started)
             yield _sse(error_body(error))
         finally:
             feed.stop.set()

@@ -100,7 +100,7 @@ def _loaded(sha: str, adapter: domain.Adapter, cause: str, cause_id: str, asked_
 @service.on_start
 async def start_serving(svc: Service) -> None:
     """Load the base model once, serve what the stored state serves, then answer the API."""
-    from services.serving.api import RequestLimits, create_app
+    from services.serving.api import RequestLimits, ServingMetrics, create_app
     from services.serving.pool import AdapterPool
     from shared.http_server import bind, binding_problem, serve_in
 
@@ -124,6 +124,6 @@ async def start_serving(svc: Service) -> None:
     limits = RequestLimits(max_tokens=_int("NEURONS_SERVING_MAX_TOKENS", 256),
                            timeout_s=float(_int("NEURONS_SERVING_TIMEOUT_S", 60)),
                            queue=_int("NEURONS_SERVING_QUEUE", 16))
-    app = create_app(settings, lambda: live.state, live.pool, limits, host=host)
+    app = create_app(settings, lambda: live.state, live.pool, limits, ServingMetrics(svc.metrics), host=host)
     serve_in(svc, app, sock, host=host, address=settings.run_dir / "serving-api.json",
              token_required=bool(settings.api_token), what="serving API")

@@ -13,6 +13,12 @@ soak starts, its adapters are checked against the trainer's signature
 (abandoned) with the reason, which names the file; so does a run whose
 held-out data or model folder, as the events name them, lies outside var/
 (``shared.paths``). The soak itself runs in ``soak``.
+
+An MNTP candidate is soaked on its held-out data, as an encoder too; an RL
+candidate (against the adapter it started from, ``domain.candidate_baseline``)
+with the reward, temperature, completion length and prompts its run trained
+with (``validation.started``'s ``evaluation``), on its dataset's held-out
+prompts, or without one on the reward's own prompts.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ from shared.adapter_signing import AdapterSignatureError, verify_adapter_with
 from shared.artefacts import ArtefactError, ArtefactStore, SharedArtefacts
 from shared.contracts.envelope import NewEvent, utcnow
 from shared.decider import Decider
+from shared.metrics import record_soak
 from shared.paths import UnsafePath, contained, file_uri_path, model_spec, segment
 from shared.service import HandlerContext, Service
 from shared.tracing import continued, current_traceparent
@@ -47,6 +54,7 @@ PLAN = SoakPlan(replicas=int(_env("NEURONS_SOAK_REPLICAS", 2)), cycles=int(_env(
 COOLDOWN_S = _env("NEURONS_SOAK_COOLDOWN_S", 0.0)
 DRIFT_EVERY_S = _env("NEURONS_DRIFT_SOAK_S", 24 * 3600.0)  # 0 turns drift soaks off
 THRESHOLDS_FILE = os.environ.get("NEURONS_VALIDATION_THRESHOLDS")
+EVAL_SETTINGS = {"mask_ratio": 0.2, "max_length": 64, "batch_size": 4, "texts_per_episode": 4, "retrieval_pairs": 8}
 
 service = Service("validator", reads=["training", "adapter", "dataset", "scaling"])
 thresholds = load_thresholds(THRESHOLDS_FILE) if THRESHOLDS_FILE else Thresholds.default()
@@ -95,7 +103,7 @@ def on_trained(event, ctx: HandlerContext):
     p = event.payload
     if p.get("adapter_sha256"):
         ctx.state.put("adapters", p["adapter_sha256"], {"dataset_uri": p.get("dataset_uri"), "model": p.get("model"),
-                                                        "kind": p.get("kind", "mntp")})
+                                                        "kind": p.get("kind", "mntp"), "config": p.get("config")})
     for started in validator.run(ctx, event):
         _launch(ctx, started.payload)
 
@@ -130,11 +138,15 @@ def _launch(ctx: HandlerContext, run: dict) -> None:
     model = info.get("model") or service.settings.model
     correlation = run.get("cycle_id") or run["validation_id"]
     traceparent = current_traceparent()
+    # an RL adapter is scored with its own reward at its own settings: the run's (a drift run's
+    # adapter's, as its training said), on top of the validator's episode sizes
+    evaluation = run.get("evaluation") or domain.evaluation_settings(info.get("config"), run["kind"]) or {}
+    eval_settings = {**EVAL_SETTINGS, **evaluation}
 
     async def soak() -> None:
         with continued(traceparent):  # the soak's events, an abandonment too, stay in the cycle's trace
             try:
-                await _soak(run, model, dataset_uri, correlation)
+                await _soak(run, model, dataset_uri, correlation, eval_settings)
             except Exception as exc:  # a failing run never blocks later runs
                 service.log.exception("soak %s failed", run["validation_id"])
                 with service.transaction() as tx:
@@ -179,9 +191,11 @@ def _path_refusal(run: dict, model: str, dataset_uri: str) -> tuple[str | None, 
     return None, dataset_path, model
 
 
-async def _soak(run: dict, model: str, dataset_uri: str, correlation: str) -> None:
+async def _soak(run: dict, model: str, dataset_uri: str, correlation: str, eval_settings: dict) -> None:
     refusal, dataset_path, model = _path_refusal(run, model, dataset_uri)
-    if refusal is None and (not dataset_path or not Path(dataset_path).exists()):
+    # an RL run without a dataset trained on prompts of its own: its soak samples those
+    needs_data = run["kind"] != "rl" or bool(dataset_uri)
+    if refusal is None and needs_data and (not dataset_path or not Path(dataset_path).exists()):
         raise FileNotFoundError(f"held-out data for {run['adapter_sha256'][:12]} not found at {dataset_uri!r}")
     # before any replica starts: a soak of an unchecked adapter measures nothing
     refusal = refusal or _signature_refusal(run)
@@ -210,16 +224,17 @@ async def _soak(run: dict, model: str, dataset_uri: str, correlation: str) -> No
         done = [v for k, v in sorted(ctx.state.items("soak_cycles")) if k.startswith(f"{run['validation_id']}:")]
     raw, uri, energy = await run_soak(
         run, model=model, dataset_path=dataset_path, store=ArtefactStore(service.settings.artefact_dir),
-        eval_settings={"mask_ratio": 0.2, "max_length": 64, "batch_size": 4, "texts_per_episode": 4},
+        eval_settings=eval_settings,
         cooldown_s=COOLDOWN_S, on_cycle=on_cycle, on_replicas=remember,
         env={**os.environ, "NEURONS_VAR": str(service.settings.var_dir)},
         fault={"latency_jitter_ms": _env("NEURONS_SOAK_FAULT_LATENCY_JITTER_MS", 0.0) or None}, done_cycles=done)
     with service.transaction() as ctx:
         decided = domain.decide(domain.RunFinished(run["validation_id"], raw, uri), validator.state(ctx))
         # the verdict carries what the soak measured
-        validator.record(ctx, [NewEvent(e.type, e.aggregate_id, {**e.payload, "energy": energy}, e.correlation_id)
-                               for e in decided], correlation_id=correlation)
+        verdicts = validator.record(ctx, [NewEvent(e.type, e.aggregate_id, {**e.payload, "energy": energy},
+                                                   e.correlation_id) for e in decided], correlation_id=correlation)
     await service.flush_outbox()
+    record_soak(service.metrics, verdicts)  # verdicts and p-values (shared.metrics)
 
 
 @service.every(60.0, jitter=30.0)

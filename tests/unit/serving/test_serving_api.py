@@ -438,7 +438,8 @@ def test_metrics_count_requests_errors_and_tokens_per_profile_and_adapter(settin
     assert assistant["neurons_serving_tokens_per_second"] == 8.0  # 4 tokens in 0.5 s
     assert "# TYPE neurons_serving_requests_total counter" in text
     assert (f'neurons_serving_requests_total{{adapter="{POLICY}",channel="production",'
-            'endpoint="/v1/chat/completions",profile="assistant",status="200"} 2') in text
+            'endpoint="/v1/chat/completions",profile="assistant",service="serving",status="200"} 2.0') in text
+    assert assistant["neurons_serving_request_duration_seconds_count"] == 3
     assert 'code="model_not_found"' in text and 'le="+Inf"' in text
 
 
