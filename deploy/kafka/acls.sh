@@ -19,9 +19,9 @@ acl() {
 
 # neurons-trainer: service:trainer
 acl --allow-principal User:neurons-trainer --operation Write --topic neurons.dlq --topic neurons.training
-acl --allow-principal User:neurons-trainer --operation Read --topic neurons.dataset --topic neurons.operator --topic neurons.training
+acl --allow-principal User:neurons-trainer --operation Read --topic neurons.dataset --topic neurons.operator --topic neurons.scaling --topic neurons.training
 acl --allow-principal User:neurons-trainer --operation Read --group neurons-trainer
-acl --allow-principal User:neurons-trainer --operation Describe --topic neurons.adapter --topic neurons.approval --topic neurons.cycle --topic neurons.energy --topic neurons.hardware --topic neurons.profile --topic neurons.research --topic neurons.scaling --topic neurons.serving --topic neurons.validation
+acl --allow-principal User:neurons-trainer --operation Describe --topic neurons.adapter --topic neurons.approval --topic neurons.cycle --topic neurons.energy --topic neurons.hardware --topic neurons.profile --topic neurons.research --topic neurons.serving --topic neurons.validation
 
 # neurons-evolution: service:evolution
 acl --allow-principal User:neurons-evolution --operation Write --topic neurons.cycle --topic neurons.dlq --topic neurons.research --topic neurons.training

@@ -18,6 +18,9 @@ export KAFKA_ACLS="$BIN/kafka-acls.sh"
 PREFIX="${NEURONS_TOPIC_PREFIX:-neurons.}"  # acls.sh names topics with the prefix it was generated for
 PARTITIONS="${NEURONS_TOPIC_PARTITIONS:-3}"
 REPLICATION="${NEURONS_TOPIC_REPLICATION:-1}"
+# as shared/settings.py: min(2, replication) unless NEURONS_TOPIC_MIN_INSYNC says otherwise
+if [ "$REPLICATION" -ge 2 ]; then DEFAULT_MIN_INSYNC=2; else DEFAULT_MIN_INSYNC=1; fi
+MIN_INSYNC="${NEURONS_TOPIC_MIN_INSYNC:-$DEFAULT_MIN_INSYNC}"
 
 admin() {
   "$@" --bootstrap-server "$KAFKA_BOOTSTRAP" --command-config "$KAFKA_ADMIN_CONFIG"
@@ -42,7 +45,7 @@ fi
 for aggregate in $aggregates dlq; do
   admin "$BIN/kafka-topics.sh" --create --if-not-exists --topic "$PREFIX$aggregate" \
     --partitions "$PARTITIONS" --replication-factor "$REPLICATION" \
-    --config retention.ms=-1 --config retention.bytes=-1
+    --config retention.ms=-1 --config retention.bytes=-1 --config min.insync.replicas="$MIN_INSYNC"
 done
 
 for file in "$HERE"/credentials/*.password; do
