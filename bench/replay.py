@@ -34,6 +34,7 @@ from bench.figure import Figure, ratio
 from shared.archive import ArchivedEvent
 from shared.bus import Publisher
 from shared.keys import ensure_service_keys
+from shared.log_reader import FETCH_WAIT_MS, read_to_end
 from shared.settings import Settings
 from shared.topics import AGGREGATE_TYPES, topic_for
 
@@ -79,8 +80,8 @@ def measure(settings: Settings, cycles: int = 150, rounds: int = 7) -> list[Figu
     projections = {k: v for k, v in breakdown.items() if k.startswith("projection ")}
     common = (f"{len(events)} events of {len({e.type for e in events})} types ({cycles} cycles) x {rounds} rounds, "
               "median round; baseline: raw aiokafka consumption from offset 0, no decoding "
-              f"({setup_ms:.0f} ms to start and find the end offsets, then {per_record_us:.1f} us per record, "
-              "the broker's fetch included)")
+              f"({setup_ms:.0f} ms to start and find the partitions, then {per_record_us:.1f} us per record, "
+              "the broker's fetch and the settle period at the end included)")
     figures = []
     for name, side, read, what in (
             ("replay.archive", "archive", "archive read", "replay_from_archive: archive -> every projection"),
@@ -123,7 +124,7 @@ def _breakdown(settings: Settings) -> dict[str, float]:
         costs["log read + decode"] = (time.perf_counter() - started) / len(logged) * 1e6
     with tempfile.TemporaryDirectory(prefix="bench-projection-", dir=settings.var_dir) as tmp:
         url = f"sqlite:///{tmp}/projection.db"
-        engine = db.engine_for(url)
+        engine = db.engine_for(url, upgrade=True)
         try:
             for projection in all_projections():
                 with paused_gc():
@@ -164,35 +165,24 @@ def _archive_from_log(settings: Settings) -> int:
 
 
 async def _consume_raw(settings: Settings) -> tuple[int, float, float]:
-    """The count of records read, the seconds spent before the first fetch (start, metadata, end
-    offsets) and the seconds spent fetching and reading the records.
-
-    The end offsets are asked for before the partitions are assigned, as ``read_log`` does: asked
-    after, the answer waits behind the first fetch on the broker's connection, and the fetch's time
-    would count as set-up.
+    """The count of records read, the seconds spent before reading (start, metadata) and the seconds
+    spent reading to the end as ``read_log`` does (``shared.log_reader``: the end offsets, the fetches
+    and the settle period that shows nothing more comes).
     """
     started = time.perf_counter()
     consumer = AIOKafkaConsumer(bootstrap_servers=settings.bootstrap(), group_id=None, enable_auto_commit=False,
-                                auto_offset_reset="earliest", client_id="neurons-bench-raw")
+                                auto_offset_reset="earliest", client_id="neurons-bench-raw",
+                                fetch_max_wait_ms=FETCH_WAIT_MS)
     await consumer.start()
     try:
         await consumer._client.force_metadata_update()
         partitions = [TopicPartition(topic_for(a), p) for a in AGGREGATE_TYPES
                       for p in consumer.partitions_for_topic(topic_for(a)) or ()]
-        end = await consumer.end_offsets(partitions)
         setup = time.perf_counter() - started
-        consumer.assign(partitions)
-        await consumer.seek_to_beginning(*partitions)
-        remaining = {tp for tp, offset in end.items() if offset > 0}
         count = 0
-        while remaining:
-            batch = await consumer.getmany(timeout_ms=5000, max_records=5000)
-            if not batch:
-                raise RuntimeError(f"the log stopped short: {len(remaining)} partitions not read to the end")
-            for tp, records in batch.items():
-                count += len(records)
-                if records and records[-1].offset + 1 >= end[tp]:
-                    remaining.discard(tp)
+        # read to the end as read_log reads it (the settle period included): the same stopping rule
+        async for records in read_to_end(consumer, partitions):
+            count += len(records)
         return count, setup, time.perf_counter() - started - setup
     finally:
         await consumer.stop()

@@ -34,8 +34,9 @@ def replay(from_log: bool = typer.Option(False, "--from-log", help="read the Kaf
 
 
 @app.command()
-def republish(force: bool = typer.Option(False, "--force", help="publish even if the log is not empty")) -> None:
-    """Restore an empty broker's log from the archive, in order per aggregate."""
+def republish(force: bool = typer.Option(False, "--force", help="publish every archived event, even those the log holds")) -> None:
+    """Restore the broker's log from the archive: every archived event the log lacks (all of them after a
+    restart of the memory broker), in order per aggregate."""
     count = asyncio.run(audit.republish(Settings.from_env(), force=force))
     typer.echo(f"republished {count} events")
 
@@ -44,7 +45,9 @@ def republish(force: bool = typer.Option(False, "--force", help="publish even if
 def verify(as_json: bool = typer.Option(False, "--json")) -> None:
     """Rebuild every projection into a scratch database and compare it with the live one, and check every
     archived event's signature and producer as of the time it occurred."""
-    report = audit.verify(Settings.from_env())
+    settings = Settings.from_env()
+    report = audit.verify(settings)
+    report["log"] = log_against_archive(settings)
     if as_json:
         typer.echo(json.dumps(report, indent=2))
     else:
@@ -55,8 +58,37 @@ def verify(as_json: bool = typer.Option(False, "--json")) -> None:
             typer.echo(f"events kept arriving while checking ({report['archived_meanwhile']} in the last try): "
                        "a difference may be one of them; run it again when the platform is quiet")
         _echo_signatures(report["signatures"])
+        _echo_log(report["log"])
     if not report["ok"]:
         raise typer.Exit(1)
+
+
+def log_against_archive(settings: Settings) -> dict:
+    """The log read to its end (``shared.log_reader``) against the archive: how many events each holds
+    and how many only one of them does. Informative: after a restart the embedded broker's log is empty
+    until ``neurons audit republish``, and an event just published may not be archived yet."""
+    from sqlmodel import Session, select
+
+    from shared.archive import ArchivedEvent
+
+    try:
+        events, malformed = asyncio.run(audit.read_log(settings, timeout_s=3.0))
+    except Exception as exc:  # no broker: the archive is checked all the same
+        return {"read": False, "error": f"{type(exc).__name__}: {exc}"}
+    on_log = {event.event_id for event in events}
+    with Session(audit.registry_engine(settings)) as session:
+        archived = set(session.exec(select(ArchivedEvent.event_id)).all())
+    return {"read": True, "events": len(on_log), "malformed": malformed, "archived": len(archived),
+            "not_archived": len(on_log - archived), "not_on_log": len(archived - on_log)}
+
+
+def _echo_log(log: dict) -> None:
+    if not log["read"]:
+        typer.echo(f"log not read ({log['error']})")
+        return
+    typer.echo(f"log: {log['events']} events ({log['malformed']} malformed records), archive {log['archived']}; "
+               f"{log['not_archived']} on the log not archived, {log['not_on_log']} archived not on the log"
+               + (" (an empty broker: `neurons audit republish`)" if log["not_on_log"] and not log["events"] else ""))
 
 
 def _echo_signatures(report: dict) -> None:

@@ -15,10 +15,12 @@ app = typer.Typer(no_args_is_help=True, help="Run the embedded Kafka-compatible 
 
 
 @app.command()
-def start(port: int = typer.Option(0, help="loopback port (0 picks a free one)")) -> None:
+def start(port: int = typer.Option(0, help="loopback port (0: the one it had before when free, else a free one)")) -> None:
     """Start the broker, wait until it answers, create the topics."""
     settings = Settings.from_env()
     info = broker.start(settings, port=port or None)
+    if info.note:
+        typer.echo(f"neurons: {info.note}", err=True)
     created = asyncio.run(ensure_topics(settings))
     typer.echo(f"broker {info.state} at {info.bootstrap_servers} (pid {info.pid or '-'}, log {info.log or '-'})")
     if created:

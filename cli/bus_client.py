@@ -74,6 +74,9 @@ async def _end_offsets(consumer: AIOKafkaConsumer, aggregate_types: list[str]) -
             parts = consumer.partitions_for_topic(topic) or set()
         partitions += [TopicPartition(topic, p) for p in parts]
     consumer.assign(partitions)
+    # Where answers will come from. The end a broker reports may be short of the log's (the embedded one
+    # reports it per record batch): reading from there re-reads a few older records, which the caller's
+    # ``matches`` passes over, and never skips a newer one.
     ends = await consumer.end_offsets(partitions)
     for tp, offset in ends.items():
         consumer.seek(tp, offset)

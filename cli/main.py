@@ -7,6 +7,7 @@ see shared/settings.py). A wrong argument prints one line that says what to do.
 from __future__ import annotations
 
 import json
+import logging
 import sys
 
 import typer
@@ -14,6 +15,7 @@ from typer._click import exceptions as cli_errors
 
 from cli import approval_cmds, audit, bench_cmd, broker_cmd, cycle_cmds, data_cmds, demo_cmds, energy_cmd, registry_cmds, train_cmds, validate_cmds
 from cli import acl_cmd, chat_cmd
+from cli import db_cmd
 from shared import processes
 from shared.settings import Settings
 
@@ -21,6 +23,7 @@ app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_
                   help="neurons: train, validate, approve and promote LoRA adapters from an event log.")
 app.add_typer(broker_cmd.app, name="broker")
 app.add_typer(audit.app, name="audit")
+app.add_typer(db_cmd.app, name="db")
 app.add_typer(energy_cmd.app, name="energy")
 app.add_typer(approval_cmds.operator_app, name="operator")
 app.add_typer(approval_cmds.approvals_app, name="approvals")
@@ -46,13 +49,19 @@ app.command("reject")(approval_cmds.reject)
 
 @app.command()
 def up() -> None:
-    """Start the embedded broker (unless KAFKA_BOOTSTRAP_SERVERS is set) and the seven services."""
+    """Start the embedded broker (unless KAFKA_BOOTSTRAP_SERVERS is set) and the seven services, every
+    database first brought to the head schema revision; a service that exits while starting is reported failed."""
     settings = Settings.from_env()
     started = processes.up(settings)
     typer.echo(f"broker {started['broker']}")
-    processes.wait_ready(settings)
+    for row in started["databases"]:
+        typer.echo(f"database   {row['revision']}  {row['url']}")
+    failed = processes.wait_started(settings)
     for name, pid in started["services"].items():
-        typer.echo(f"{name:<10} pid {pid}  log {processes.log_file(settings, name)}")
+        state = f"failed: {failed[name]}" if name in failed else f"pid {pid}"
+        typer.echo(f"{name:<10} {state}  log {processes.log_file(settings, name)}")
+    if failed:
+        raise typer.Exit(1)
 
 
 @app.command()
@@ -65,7 +74,7 @@ def down() -> None:
 
 @app.command()
 def status(as_json: bool = typer.Option(False, "--json", help="print JSON")) -> None:
-    """The broker's address and, for the broker and each service, pid and state."""
+    """The broker's address and, for the broker and each service, pid, state, API and metrics URLs."""
     info = processes.status(Settings.from_env())
     if as_json:
         typer.echo(json.dumps(info, indent=2))
@@ -73,6 +82,7 @@ def status(as_json: bool = typer.Option(False, "--json", help="print JSON")) -> 
     typer.echo(f"bootstrap  {info['bootstrap_servers'] or '-'}")
     for row in [info["broker"], *info["services"]]:
         url = f"  {row['url']}" if row.get("url") else ""
+        url += f"  metrics {row['metrics_url']}" if row.get("metrics_url") else ""
         typer.echo(f"{row['name']:<10} {row['state']:<8} pid {row['pid'] or '-'}{url}")
 
 
@@ -83,6 +93,8 @@ def fail(message: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # aiokafka logs every failed connection attempt; a command says once what went wrong instead
+    logging.getLogger("aiokafka").setLevel(logging.CRITICAL)
     command = typer.main.get_command(app)
     try:
         code = command.main(args=argv, prog_name="neurons", standalone_mode=False)
@@ -104,9 +116,21 @@ def main(argv: list[str] | None = None) -> int:
         typer.echo(f"neurons: {exc.format_message()}", err=True)
         return exc.exit_code
     except (RuntimeError, ValueError, FileNotFoundError, PermissionError) as exc:
-        typer.echo(f"neurons: {exc}", err=True)
+        # aiokafka's errors are RuntimeErrors; one that found no broker says what to do instead
+        typer.echo(f"neurons: {no_broker_line() if type(exc).__name__ == 'KafkaConnectionError' else exc}", err=True)
         return 1
     return 0
+
+
+def no_broker_line() -> str:
+    """What to do when no broker answers a command."""
+    settings = Settings.from_env()
+    if settings.bootstrap_servers:
+        return f"no Kafka broker answers at {settings.bootstrap_servers} (KAFKA_BOOTSTRAP_SERVERS)"
+    from shared import broker
+
+    address = broker.status(settings).bootstrap_servers or "its address"
+    return f"the embedded broker does not answer at {address}: run `neurons broker start` (or `neurons up`)"
 
 
 if __name__ == "__main__":

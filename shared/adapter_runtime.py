@@ -216,6 +216,7 @@ class AdapterRuntime:
         from aiokafka import AIOKafkaConsumer, TopicPartition
 
         from shared.bus import MalformedEvent, decode
+        from shared.log_reader import FETCH_WAIT_MS
         from shared.contracts.signing import Refused
         from shared.topics import ensure_topics, topic_for
 
@@ -229,7 +230,7 @@ class AdapterRuntime:
         topics = [topic_for("adapter")] if channel is not None else [topic_for("adapter"), topic_for("profile")]
         consumer = AIOKafkaConsumer(bootstrap_servers=settings.bootstrap(), group_id=None, enable_auto_commit=False,
                                     auto_offset_reset="earliest", client_id=f"neurons-runtime-{uuid.uuid4().hex[:6]}",
-                                    **settings.kafka_security())
+                                    fetch_max_wait_ms=FETCH_WAIT_MS, **settings.kafka_security())
         await consumer.start()
         try:
             partitions = []
@@ -262,8 +263,10 @@ class AdapterRuntime:
                             await trust.catch_up()  # an approver enrolled since: one offsets request when none was
                         if approved.admits(event, target) and target is not None:
                             latest = target
-                if not caught_up and not behind:
-                    caught_up = True  # history read: serve its last word, without loading every adapter on the way
+                # history read (shared.log_reader: past the reported end, until a fetch brings nothing more):
+                # serve its last word, without loading every adapter on the way
+                if not caught_up and not behind and not batch:
+                    caught_up = True
                     await self._settle(latest, on_swap, ready)
                     latest = None
                 elif caught_up and latest is not None:

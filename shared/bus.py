@@ -153,6 +153,15 @@ def partition_for(key: bytes, partitions: Iterable[int]) -> int:
     return all_partitions[(murmur2(key) & 0x7FFFFFFF) % len(all_partitions)]
 
 
+def _type_of(value: bytes | None) -> str:
+    """The event type a record names, or "unknown" when it names none (a dead letter's label)."""
+    try:
+        kind = json.loads(value or b"").get("type")
+    except (ValueError, AttributeError):
+        return "unknown"
+    return kind if isinstance(kind, str) and 0 < len(kind) <= 100 else "unknown"
+
+
 def _failed(span: trace.Span, exc: Exception) -> None:
     # what start_as_current_span records when its block raises
     if span.is_recording():
@@ -224,9 +233,11 @@ class Publisher:
     and with no key at all events go out unsigned, which every consumer refuses.
     """
 
-    def __init__(self, settings: Settings, service: str, tracer_provider=None, signer: Signer | None | object = _OWN_KEY) -> None:
+    def __init__(self, settings: Settings, service: str, tracer_provider=None, signer: Signer | None | object = _OWN_KEY,
+                 metrics=None) -> None:
         self.settings = settings
         self.service = service
+        self.metrics = metrics  # shared.metrics.Metrics: counts what is published and dead-lettered
         if signer is _OWN_KEY:
             from shared.keys import service_signer
 
@@ -241,13 +252,14 @@ class Publisher:
         self._tracer = tracer_provider.get_tracer("neurons.bus")
 
     async def start(self) -> None:
-        # acks=all with no idempotence: at-least-once, and consumers de-duplicate
-        # on event_id (the embedded broker has no idempotent producer).
+        # acks=all, idempotent where the broker hands out producer ids (Apache Kafka); the
+        # embedded broker does not, and consumers de-duplicate on event_id either way
+        from shared.broker_features import probe, producer_config
+
         self._producer = AIOKafkaProducer(
             bootstrap_servers=self.settings.bootstrap(),
             client_id=f"neurons-{self.service}",
-            acks="all",
-            enable_idempotence=False,
+            **producer_config(await probe(self.settings)),
             linger_ms=0,
             max_request_size=MAX_REQUEST_SIZE,
             **self.settings.kafka_security(),
@@ -307,6 +319,7 @@ class Publisher:
             span.end()
         if wait:
             await future
+        self._count_published([envelope])
 
     async def publish_many(self, envelopes: Sequence[Envelope], *, contexts: Sequence[Context | None] | None = None,
                            validated: bool = False, values: Sequence[bytes] | None = None) -> None:
@@ -333,6 +346,7 @@ class Publisher:
         topics: dict[str, str] = {}
         partitions: dict[str, list[int]] = {}
         batches: dict[tuple[str, int], BatchBuilder] = {}
+        delivered: list = []  # each batch's delivery future: a batch the broker never took raises here
         groups: dict[tuple, _SpanGroup] = {}
         group: _SpanGroup | None = None
         last_context: Context | None = None
@@ -368,7 +382,7 @@ class Publisher:
                     batch = batches[where] = producer.create_batch()
                 if batch.append(timestamp=None, key=key, value=value, headers=headers) is None:
                     del batches[where]
-                    await producer.send_batch(batch, topic, partition=where[1])
+                    delivered.append(await producer.send_batch(batch, topic, partition=where[1]))
                     batch = batches[where] = producer.create_batch()  # takes any first record
                     batch.append(timestamp=None, key=key, value=value, headers=headers)
         except Exception as exc:
@@ -378,11 +392,19 @@ class Publisher:
         finally:
             try:
                 for (topic, partition), batch in batches.items():
-                    await producer.send_batch(batch, topic, partition=partition)
+                    delivered.append(await producer.send_batch(batch, topic, partition=partition))
             finally:
                 for group in groups.values():
                     group.end()
         await producer.flush()
+        for delivery in delivered:  # flush waits for every batch, failed or not: a failure raises here
+            await delivery
+        self._count_published(envelopes)
+
+    def _count_published(self, envelopes: Sequence[Envelope]) -> None:
+        if self.metrics is not None:
+            for envelope in envelopes:
+                self.metrics.add("neurons_events_published_total", type=envelope.type)
 
     async def send_raw(self, topic: str, value: bytes | None, key: bytes | None = None,
                        headers: Headers | None = None) -> None:
@@ -413,3 +435,5 @@ class Publisher:
         ]
         log.warning("dead-lettered %s[%s]@%s by %s: %s", source_topic, partition, offset, consumer, reason)
         await self.send_raw(dlq_topic(), value, key, dlq_headers)
+        if self.metrics is not None:
+            self.metrics.add("neurons_events_dead_lettered_total", type=_type_of(value), reason=kind)

@@ -27,12 +27,14 @@ import logging
 import os
 import random
 import sys
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Awaitable, Callable, Iterable, Iterator
 
 import faust
+from aiokafka.errors import KafkaError
 from opentelemetry import trace
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, select
@@ -40,6 +42,7 @@ from sqlmodel import Session, select
 from shared.contracts import schemas
 from shared.bus import MalformedEvent, Publisher, decode, validate
 from shared.db import engine_for
+from shared.metrics import Metrics, metrics_address
 from shared.contracts.envelope import Envelope, NewEvent, Producer, seal, utcnow
 from shared.contracts.signing import Refused
 from shared.trust_view import TrustView
@@ -51,8 +54,9 @@ from shared.store import (
     mark_processed,
     next_sequence,
     observe_sequence,
+    outbox_depth,
 )
-from shared.topics import group_id, topic_for
+from shared.topics import TopicKeeper, group_id, topic_for
 from shared.tracing import context_from_traceparent, continued, current_traceparent, extract_context, setup_tracing
 
 def _short_fetch_wait(wait_ms: int) -> None:
@@ -147,8 +151,16 @@ class Service:
         self._publisher: Publisher | None = None
         self._publisher_lock: asyncio.Lock | None = None
         self._flush_lock: asyncio.Lock | None = None
+        self._relay_waiting = False  # the last relay found the broker away
         self.tracer_provider = tracer_provider or setup_tracing(name, self.settings)
         self.tracer = self.tracer_provider.get_tracer(f"neurons.{name}")
+        self.metrics = Metrics(name, self.settings)  # shared.metrics: what /metrics shows
+        self._lag: dict[tuple[str, int], int] = {}
+        self._outbox_depth: int | None = None
+        self.metrics.observe("neurons_consumer_lag", lambda: [
+            (lag, {"topic": topic, "partition": partition}) for (topic, partition), lag in sorted(self._lag.items())])
+        self.metrics.observe("neurons_outbox_depth",
+                             lambda: [] if self._outbox_depth is None else [(self._outbox_depth, {})])
         self.producer_info = Producer(service=name, node=self.settings.node)
         self.background: set[asyncio.Task] = set()
 
@@ -190,7 +202,7 @@ class Service:
                 from shared.keys import require_service_signer
 
                 publisher = Publisher(self.settings, self.name, self.tracer_provider,
-                                      signer=require_service_signer(self.settings, self.name))
+                                      signer=require_service_signer(self.settings, self.name), metrics=self.metrics)
                 await publisher.start()
                 self._publisher = publisher
         return self._publisher
@@ -252,7 +264,7 @@ class Service:
         """Emit events from outside a handler (a finished job, a timer)."""
         with continued(traceparent), self.transaction() as ctx:
             sealed = self.stage(ctx, events, correlation_id=correlation_id, causation_id=causation_id)
-        await self.flush_outbox()
+        await self.relay()
         return sealed
 
     async def flush_outbox(self) -> int:
@@ -278,6 +290,22 @@ class Service:
                     session.add(row)
                 session.commit()
             return len(rows)
+
+    async def relay(self) -> int:
+        """``flush_outbox``, but a broker that is away is no error: the events stay in the outbox and the
+        relay timer publishes them when it is back (a restarted broker, a network cut)."""
+        try:
+            count = await self.flush_outbox()
+        except (KafkaError, OSError, asyncio.TimeoutError) as exc:
+            if not self._relay_waiting:
+                self.log.warning("outbox not published, the broker did not take it (%r): the relay tries again "
+                                 "every 2 s", exc)
+            self._relay_waiting = True
+            return 0
+        if self._relay_waiting:
+            self.log.info("outbox published again: the broker takes events")
+            self._relay_waiting = False
+        return count
 
     def own_events(self) -> list[Envelope]:
         """Every event this service has emitted, in order: its own event store.
@@ -328,9 +356,11 @@ class Service:
             return None
         if envelope.aggregate_type == "operator":
             self.trust.fold(envelope)
+        self.metrics.add("neurons_events_consumed_total", type=envelope.type)
         if envelope.type not in self._handlers and self._any_handler is None:
             return envelope
         parent = extract_context(headers)
+        started = time.perf_counter()
         with self.tracer.start_as_current_span(
             f"{self.name} handle {envelope.type}",
             context=parent,
@@ -357,7 +387,8 @@ class Service:
                                             reason=f"handler failed {self.settings.handler_retries} times: {error!r}",
                                             kind="handler_failed", consumer=self.consumer)
                 return None
-            await self.flush_outbox()
+            await self.relay()
+        self.metrics.record("neurons_handler_duration_seconds", time.perf_counter() - started, type=envelope.type)
         for callback in callbacks:
             self.spawn(callback())
         return envelope
@@ -377,7 +408,7 @@ class Service:
         with self.tracer.start_as_current_span(f"{self.name} timer {fn.__name__}"):
             with self.transaction() as ctx:
                 self.stage(ctx, fn(ctx))
-            await self.flush_outbox()
+            await self.relay()
         for callback in ctx.after_commit:
             self.spawn(callback())
 
@@ -422,7 +453,7 @@ class Service:
                 await self.trust.catch_up()  # the operators the log has enrolled so far
             except Exception:  # an unknown key makes the service read the topic again
                 self.log.exception("could not read the operators' enrolments at start-up")
-            await self.flush_outbox()  # what a crash left unpublished
+            await self.relay()  # what a crash left unpublished
             for fn in self._startup:
                 await fn(self)
             self.log.info("service %s ready (reads %s)", self.name, ", ".join(self.reads))
@@ -442,10 +473,47 @@ class Service:
 
         @app.timer(2.0)
         async def relay_outbox() -> None:
-            await self.flush_outbox()
+            await self.relay()
+
+        topics = TopicKeeper(s)
+
+        @app.timer(5.0)
+        async def keep_topics() -> None:
+            await topics.check()  # a broker that came back empty gets the topics again
+
+        @app.timer(5.0)
+        async def measure_backlog() -> None:
+            await self.measure_backlog()
 
         self.app = app
         return app
+
+    async def measure_backlog(self) -> None:
+        """Refresh what the backlog gauges show: the outbox's depth and the consumer's lag per partition."""
+        with Session(self.engine) as session:
+            self._outbox_depth = outbox_depth(session, self.name)
+        app = getattr(self, "app", None)
+        try:
+            consumer = app.consumer if app is not None else None
+            assigned = sorted(consumer.assignment()) if consumer is not None else []
+            if not assigned:
+                return
+            ends = await asyncio.wait_for(consumer.highwaters(*assigned), timeout=5.0)
+            lag = {}
+            for tp in assigned:
+                position = await asyncio.wait_for(consumer.position(tp), timeout=5.0)
+                if ends.get(tp) is not None and position is not None:
+                    lag[(tp.topic, tp.partition)] = max(0, ends[tp] - position)
+            self._lag = lag
+        except Exception as exc:  # not started yet, or rebalancing: the last values stand
+            self.log.debug("consumer lag not measured: %r", exc)
+
+    def serve_metrics(self) -> str:
+        """Answer GET /metrics (NEURONS_METRICS_HOST:NEURONS_METRICS_PORT) and write its URL where status reads it."""
+        url = self.metrics.serve(self.settings.metrics_host, self.settings.metrics_port,
+                                 metrics_address(self.settings, self.name))
+        self.log.info("metrics at %s", url)
+        return url
 
     def _timer_loop(self, seconds: float, jitter: float, fn: TimerFn):
         async def loop() -> None:
@@ -462,10 +530,13 @@ class Service:
 
     def main(self) -> None:
         """Run the worker until SIGTERM; ``python -m services.<name>`` calls this."""
+        from shared.db import require_head
         from shared.topics import ensure_topics
 
+        require_head(self.settings.db_url(self.name), self.name)  # else one line: run neurons db upgrade
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
         asyncio.run(ensure_topics(self.settings))
+        self.serve_metrics()
         app = self.build_app()
         sys.argv = [f"neurons-{self.name}", "worker", "--loglevel", "info", "--without-web"]
         app.main()

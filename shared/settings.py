@@ -29,6 +29,7 @@ ENV_VARS: dict[str, str] = {
     "NEURONS_TOPIC_PREFIX": "namespace of topics and consumer groups (default neurons.)",
     "NEURONS_TOPIC_PARTITIONS": "partitions per topic created at start-up",
     "NEURONS_TOPIC_REPLICATION": "replication factor of created topics",
+    "NEURONS_TOPIC_MIN_INSYNC": "min.insync.replicas of created topics (default min(2, replication factor))",
     "NEURONS_SESSION_TIMEOUT_S": "consumer group session timeout",
     "NEURONS_FETCH_WAIT_MS": "longest a worker's fetch waits at the broker for new records",
     "NEURONS_HANDLER_RETRIES": "attempts before an event goes to the dead-letter topic",
@@ -77,6 +78,8 @@ ENV_VARS: dict[str, str] = {
     "NEURONS_SERVING_QUEUE": "serving requests that may wait for the model; more are answered 429",
     "NEURONS_API_HOST": "address the registry API binds to (default 127.0.0.1; any other needs NEURONS_API_TOKEN)",
     "NEURONS_API_TOKEN": "bearer token every registry API request must carry (required off loopback)",
+    "NEURONS_METRICS_HOST": "address each service's Prometheus /metrics binds (default 127.0.0.1)",
+    "NEURONS_METRICS_PORT": "port of each service's Prometheus /metrics (default 0: a free one, shown by neurons status)",
 }
 
 def _env(name: str, default: str | None = None) -> str | None:
@@ -91,6 +94,7 @@ class Settings:
     database_url: str | None
     topic_partitions: int = 3
     topic_replication: int = 1
+    topic_min_insync: int | None = None  # None: min(2, topic_replication)
     session_timeout_s: float = 6.0
     handler_retries: int = 3
     fetch_wait_ms: int = 100
@@ -116,6 +120,8 @@ class Settings:
     api_token: str | None = field(default=None, repr=False)  # a secret: kept out of reprs and logs
     serving_host: str = "127.0.0.1"
     serving_port: int = 8700
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int = 0
 
     @classmethod
     def from_env(cls) -> "Settings":
@@ -130,6 +136,7 @@ class Settings:
             database_url=_env("NEURONS_DATABASE_URL"),
             topic_partitions=int(_env("NEURONS_TOPIC_PARTITIONS", "3")),
             topic_replication=int(_env("NEURONS_TOPIC_REPLICATION", "1")),
+            topic_min_insync=int(min_insync) if (min_insync := _env("NEURONS_TOPIC_MIN_INSYNC")) else None,
             session_timeout_s=float(_env("NEURONS_SESSION_TIMEOUT_S", "6")),
             handler_retries=int(_env("NEURONS_HANDLER_RETRIES", "3")),
             fetch_wait_ms=int(_env("NEURONS_FETCH_WAIT_MS", "100")),
@@ -156,6 +163,8 @@ class Settings:
             api_token=_env("NEURONS_API_TOKEN"),
             serving_host=_env("NEURONS_SERVING_HOST", "127.0.0.1"),
             serving_port=int(_env("NEURONS_SERVING_PORT", "8700")),
+            metrics_host=_env("NEURONS_METRICS_HOST", "127.0.0.1"),
+            metrics_port=int(_env("NEURONS_METRICS_PORT", "0")),
         )
 
     def with_(self, **changes) -> "Settings":

@@ -86,6 +86,15 @@ def mark_processed(session: Session, consumer: str, envelope: Envelope, outcome:
     session.add(ProcessedEvent(consumer=consumer, event_id=envelope.event_id, event_type=envelope.type, outcome=outcome))
 
 
+def outbox_depth(session: Session, service: str) -> int:
+    """Events ``service`` has stored in its outbox and not published yet."""
+    from sqlalchemy import func
+
+    query = select(func.count()).select_from(OutboxEvent).where(
+        OutboxEvent.service == service, OutboxEvent.published_at.is_(None))
+    return int(session.exec(query).one())
+
+
 def observe_sequence(session: Session, service: str, envelope: Envelope) -> None:
     row = session.get(AggregateSequence, (service, envelope.aggregate_type, envelope.aggregate_id))
     if row is None:

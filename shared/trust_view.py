@@ -88,6 +88,7 @@ class TrustView:
         from aiokafka import TopicPartition
 
         from shared.bus import MalformedEvent, decode
+        from shared.log_reader import read_to_end
         from shared.topics import topic_for
 
         if self._lock is None:
@@ -107,18 +108,14 @@ class TrustView:
             ends = await consumer.end_offsets(partitions)
             if ends == self._log_ends:
                 return False
-            await consumer.seek_to_beginning(*partitions)
             events: list[Envelope] = []
-            while [tp for tp in partitions if await consumer.position(tp) < ends[tp]]:
-                batch = await consumer.getmany(*partitions, timeout_ms=500)
-                if not batch:
-                    break
-                for records in batch.values():
-                    for record in records:
-                        try:
-                            events.append(decode(record.value))
-                        except MalformedEvent:
-                            continue
+            # to the end of the log, not only to the reported high watermark (shared.log_reader)
+            async for records in read_to_end(consumer, partitions, max_wait_s=5.0):
+                for record in records:
+                    try:
+                        events.append(decode(record.value))
+                    except MalformedEvent:
+                        continue
             before = self.state.to_rows()
             fold_operator_events(self.state, events)
             self._rows = self.state.to_rows()
@@ -128,9 +125,14 @@ class TrustView:
     async def _reader(self):
         from aiokafka import AIOKafkaConsumer
 
+        from shared.log_reader import FETCH_WAIT_MS
+
         if self._consumer is None:
+            # earliest: a seek to the beginning that races the default reset to the end would skip records
             consumer = AIOKafkaConsumer(bootstrap_servers=self.settings.bootstrap(), group_id=None,
-                                        enable_auto_commit=False, **self.settings.kafka_security(),
+                                        enable_auto_commit=False, auto_offset_reset="earliest",
+                                        fetch_max_wait_ms=FETCH_WAIT_MS,
+                                        **self.settings.kafka_security(),
                                         client_id=f"neurons-trust-{uuid.uuid4().hex[:6]}")
             await consumer.start()
             self._consumer = consumer

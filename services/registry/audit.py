@@ -17,13 +17,14 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import AIOKafkaConsumer
+from aiokafka.errors import KafkaError
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, func, select
 
 from shared.archive import ArchivedEvent, Projection, export_jsonl, iter_archive, paused_gc, rebuild, table_digest
 from shared.bus import MalformedEvent, Publisher, decode, event_headers
-from shared.db import engine_for
+from shared.db import engine_at_head, engine_for
 from shared.contracts.envelope import Envelope, iso
 from shared.settings import Settings
 from shared.contracts import schemas
@@ -32,6 +33,7 @@ from shared.contracts.trust import Keyring, KeyringError, parse_time, verify_dec
 from shared.contracts.upcasters import UPCASTERS
 from shared.topics import AGGREGATE_TYPES, ensure_topics, topic_for
 from shared.keys import load_anchors
+from shared.log_reader import FETCH_WAIT_MS, partitions_of, read_to_end
 from shared.trust_view import check_envelope
 from services.registry import queries
 from services.registry.projections import all_projections
@@ -41,7 +43,7 @@ VOLATILE_COLUMNS = ("id", "archived_at", "updated_at_local")
 
 
 def registry_engine(settings: Settings) -> Engine:
-    return engine_for(settings.db_url("registry"))
+    return engine_at_head(settings.db_url("registry"))
 
 
 def export(settings: Settings, out: Path) -> int:
@@ -61,35 +63,26 @@ def replay_from_archive(settings: Settings, projections: list[Projection] | None
 
 
 async def read_log(settings: Settings, timeout_s: float = 5.0) -> tuple[list[Envelope], int]:
-    """Every valid event on the source-of-truth topics from offset 0, and the count of malformed records."""
+    """Every valid event on the source-of-truth topics from offset 0, and the count of malformed records.
+
+    Read to the end as ``shared.log_reader`` reads it (the reported high watermark is only a lower
+    bound); ``timeout_s`` is how long it waits without a record before giving up on a broker that
+    reported more than it delivers.
+    """
     consumer = AIOKafkaConsumer(bootstrap_servers=settings.bootstrap(), enable_auto_commit=False,
-                                auto_offset_reset="earliest", group_id=None, **settings.kafka_security())
+                                auto_offset_reset="earliest", group_id=None, fetch_max_wait_ms=FETCH_WAIT_MS,
+                                **settings.kafka_security())
     await consumer.start()
     events: list[Envelope] = []
     malformed = 0
     try:
-        partitions = []
-        for aggregate in AGGREGATE_TYPES:
-            for p in consumer.partitions_for_topic(topic_for(aggregate)) or await _partitions(consumer, aggregate):
-                partitions.append(TopicPartition(topic_for(aggregate), p))
-        # The end as it stands now, asked before the first fetch: asked after, the answer would
-        # wait behind that fetch on the broker's connection.
-        end = await consumer.end_offsets(partitions)
-        consumer.assign(partitions)
-        await consumer.seek_to_beginning(*partitions)
-        remaining = {tp: off for tp, off in end.items() if off > 0}
-        while remaining:
-            batch = await consumer.getmany(timeout_ms=int(timeout_s * 1000), max_records=5000)
-            if not batch:
-                break
-            for tp, records in batch.items():
-                for record in records:
-                    try:
-                        events.append(decode(record.value))
-                    except MalformedEvent:
-                        malformed += 1
-                    if record.offset + 1 >= end[tp]:
-                        remaining.pop(tp, None)
+        partitions = await partitions_of(consumer, [topic_for(aggregate) for aggregate in AGGREGATE_TYPES])
+        async for records in read_to_end(consumer, partitions, max_wait_s=timeout_s):
+            for record in records:
+                try:
+                    events.append(decode(record.value))
+                except MalformedEvent:
+                    malformed += 1
     finally:
         await consumer.stop()
     # at-least-once delivery may have written an event twice; it counts once
@@ -102,11 +95,6 @@ async def read_log(settings: Settings, timeout_s: float = 5.0) -> tuple[list[Env
     return events, malformed
 
 
-async def _partitions(consumer: AIOKafkaConsumer, aggregate: str) -> set[int]:
-    await consumer._client.force_metadata_update()
-    return consumer.partitions_for_topic(topic_for(aggregate)) or set()
-
-
 def replay_from_log(settings: Settings, progress: Callable[[int], None] | None = None) -> tuple[int, int]:
     with paused_gc():
         events, malformed = asyncio.run(read_log(settings))
@@ -114,23 +102,41 @@ def replay_from_log(settings: Settings, progress: Callable[[int], None] | None =
 
 
 async def republish(settings: Settings, force: bool = False) -> int:
-    """Write the archive back to an empty broker, in archive order (per aggregate: sequence order)."""
+    """Write back every archived event the broker's log lacks (all of them with ``force``), in archive
+    order (per aggregate: sequence order); the count written.
+
+    The log is read to its end first, so a broker that came back empty gets the whole archive, and
+    one the services already wrote to since (they carry on after a restart) only what it lost.
+    """
     await ensure_topics(settings)
-    if not force:
-        events, _ = await read_log(settings, timeout_s=1.0)
-        if events:
-            raise RuntimeError(f"the log already holds {len(events)} events; pass --force to publish anyway")
+    on_log = set() if force else {event.event_id for event in (await read_log(settings, timeout_s=2.0))[0]}
     count = 0
     async with Publisher(settings, "registry") as publisher:
         with Session(registry_engine(settings)) as session:
             rows = session.exec(select(ArchivedEvent).order_by(ArchivedEvent.id)).all()
         for row in rows:
             envelope = Envelope.from_json(row.envelope_json)
+            if envelope.event_id in on_log:
+                continue
             # the stored bytes go back unchanged: same event_id, same payload version
-            await publisher.send_raw(topic_for(envelope.aggregate_type), row.envelope_json.encode(),
-                                     envelope.aggregate_id.encode(), event_headers(envelope, []))
+            await _send_again_on_refusal(publisher, topic_for(envelope.aggregate_type), row.envelope_json.encode(),
+                                         envelope.aggregate_id.encode(), event_headers(envelope, []))
             count += 1
     return count
+
+
+async def _send_again_on_refusal(publisher: Publisher, topic: str, value: bytes, key: bytes, headers: list,
+                                 attempts: int = 5) -> None:
+    """``send_raw``, tried again when the broker refuses a write: the embedded broker answers an unknown
+    error when two producers append to one partition at the same moment (the services do, meanwhile)."""
+    for attempt in range(attempts):
+        try:
+            await publisher.send_raw(topic, value, key, headers)
+            return
+        except KafkaError:
+            if attempt == attempts - 1:
+                raise
+            await asyncio.sleep(0.2 * (attempt + 1))
 
 
 def verify(settings: Settings, attempts: int = 5) -> dict:
@@ -172,7 +178,7 @@ def _archive_mark(engine: Engine) -> tuple[int, int | None]:
 
 def _compare(settings: Settings, projections: list[Projection]) -> dict:
     with tempfile.TemporaryDirectory(prefix="neurons-verify-") as tmp:
-        scratch = engine_for(f"sqlite:///{tmp}/scratch.db")
+        scratch = engine_for(f"sqlite:///{tmp}/scratch.db", upgrade=True)
         replay_from_archive(settings, projections, engine=scratch)
         report: dict = {"ok": True, "tables": {}}
         with Session(registry_engine(settings)) as live, Session(scratch) as rebuilt:
@@ -205,7 +211,7 @@ def audit_at(settings: Settings, at: datetime, *, profile: str | None = None, ch
         events = list(iter_archive(session, until=at))
     with tempfile.TemporaryDirectory(prefix="neurons-audit-at-") as tmp:
         url = f"sqlite:///{tmp}/at.db"
-        scratch = engine_for(url)
+        scratch = engine_for(url, upgrade=True)
         try:
             with paused_gc():
                 rebuild(scratch, all_projections(), events)

@@ -15,12 +15,13 @@ from services.registry.manifest import AdapterRecord, ChannelEvent, ChannelHead
 from services.registry.observability import CycleRecord, EnergyReport, TrainingRun, ValidationSnapshot
 from services.registry.profiles import PersonalityProfile
 from services.registry.rows import iso_z, loads
-from shared.db import engine_for
+from shared.archive import ArchivedEvent
+from shared.db import engine_at_head
 from shared.settings import Settings
 
 
 def registry_session(settings: Settings) -> Session:
-    return Session(engine_for(settings.db_url("registry")))
+    return Session(engine_at_head(settings.db_url("registry")))
 
 
 # --- approvals ------------------------------------------------------------------
@@ -199,12 +200,19 @@ def resolve_adapter(session: Session, prefix: str) -> str | None:
 # --- training, cycles, soak runs --------------------------------------------------------------
 
 
+def reward_curve(curve: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """An RL run's curve: reward mean and spread, KL to the starting policy, share of distinct answers."""
+    figures = ("reward_mean", "reward_spread", "kl", "distinct_share")
+    return [{"step": p.get("step"), **{k: p.get(k) for k in figures}} for p in curve if p.get("reward_mean") is not None]
+
+
 def training_view(row: TrainingRun) -> dict[str, Any]:
+    curve = loads(row.loss_curve_json, [])
     return {
         "job_id": row.job_id, "cycle_id": row.cycle_id, "kind": row.kind, "status": row.status,
         "base_model": row.base_model, "base_model_sha256": row.base_model_sha256,
         "dataset_sha256": row.dataset_sha256, "config": loads(row.config_json, {}),
-        "loss_curve": loads(row.loss_curve_json, []), "metrics": loads(row.metrics_json, {}),
+        "loss_curve": curve, "reward_curve": reward_curve(curve), "metrics": loads(row.metrics_json, {}),
         "adapter_sha256": row.adapter_sha256, "adapter_uri": row.adapter_uri, "error": row.error,
         "requested_at": iso_z(row.requested_at), "started_at": iso_z(row.started_at),
         "finished_at": iso_z(row.finished_at),
@@ -244,6 +252,7 @@ def snapshot_view(session: Session, row: ValidationSnapshot) -> dict[str, Any]:
     pending = session.exec(select(ApprovalRecord.request_id).where(ApprovalRecord.status == "pending")
                            .order_by(ApprovalRecord.request_id)).all()
     incidents = loads(row.incidents_json, [])
+    measured = _verdict_evidence(session, row)
     return {
         "validation_id": row.validation_id, "adapter_sha256": row.adapter_sha256, "adapter_uri": row.adapter_uri,
         "cycle_id": row.cycle_id, "kind": row.kind, "purpose": row.purpose, "baseline": loads(row.baseline_json, {}),
@@ -259,12 +268,31 @@ def snapshot_view(session: Session, row: ValidationSnapshot) -> dict[str, Any]:
         "cycles": loads(row.records_json, []),
         "replica_load": loads(row.load_json, []),
         "incidents": incidents,
+        "retrieval": measured.get("retrieval"), "policy": measured.get("policy"),
+        "reward_curve": _training_reward_curve(session, row.adapter_sha256),
         "energy": {**energy_totals(list(reports)), "jobs": [energy_view(r) for r in reports]} if reports else None,
         "promotion_approval": approval_view(approval) if approval else None,
         "pending_approvals": list(pending),
         "started_at": iso_z(row.started_at), "completed_at": iso_z(row.completed_at),
         "last_event_at": iso_z(row.last_event_at),
     }
+
+
+def _verdict_evidence(session: Session, row: ValidationSnapshot) -> dict[str, Any]:
+    """An encoder's retrieval and a policy's answers (mean per side) as the run's verdict carries them,
+    read from the archived ``validation.completed``; {} while the run goes on or when it measured neither."""
+    if row.status != "completed":
+        return {}
+    archived = session.exec(select(ArchivedEvent.envelope_json).where(
+        ArchivedEvent.type == "validation.completed", ArchivedEvent.aggregate_id == row.validation_id)).first()
+    payload = loads(archived, {}).get("payload") or {}
+    return {key: payload[key] for key in ("retrieval", "policy") if isinstance(payload.get(key), dict)}
+
+
+def _training_reward_curve(session: Session, sha: str | None) -> list[dict[str, Any]]:
+    """The reward curve of the RL run that trained adapter ``sha`` (empty for any other run)."""
+    run = session.exec(select(TrainingRun).where(TrainingRun.adapter_sha256 == sha)).first() if sha else None
+    return reward_curve(loads(run.loss_curve_json, [])) if run else []
 
 
 def snapshot(session: Session, validation_id: str) -> dict[str, Any] | None:
@@ -314,7 +342,8 @@ def dashboard(session: Session) -> dict[str, Any]:
         "training": training_runs(session, limit=8),
         "validations": [
             {k: s[k] for k in ("validation_id", "adapter_sha256", "cycle_id", "purpose", "status", "verdict",
-                               "explanation", "score", "success_rate", "totals", "sized_by", "completed_at")}
+                               "explanation", "score", "success_rate", "totals", "sized_by", "completed_at",
+                               "retrieval", "policy")}
             for s in snapshots(session, limit=12)
         ],
         "energy_per_cycle": energy(session)["per_cycle"][:12],

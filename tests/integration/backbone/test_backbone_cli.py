@@ -4,6 +4,7 @@ import json
 
 
 from shared import broker as embedded
+from shared.migrations import head
 from shared.bus import decode
 from tests.support import Platform, await_until, dataset_payload, make_event
 
@@ -14,7 +15,10 @@ def test_up_status_down_runs_and_stops_everything(tmp_path, monkeypatch):
     plat.env.pop("KAFKA_BOOTSTRAP_SERVERS")  # the embedded broker of its own
     monkeypatch.delenv("KAFKA_BOOTSTRAP_SERVERS", raising=False)
     try:
-        plat.cli("up", timeout=180)
+        started = plat.cli("up", timeout=180).stdout
+        # each service's SQLite file brought to the head revision before any service started
+        assert [line.split()[:2] for line in started.splitlines() if line.startswith("database")] == \
+            [["database", head()]] * 7, started
         status = json.loads(plat.cli("status", "--json").stdout)
         assert status["broker"]["state"] == "running"
         assert status["bootstrap_servers"].startswith("127.0.0.1:")
@@ -28,6 +32,41 @@ def test_up_status_down_runs_and_stops_everything(tmp_path, monkeypatch):
     assert after["broker"]["state"] == "stopped"
     assert all(s["state"] == "stopped" for s in after["services"])
     assert not any(embedded.pid_alive(pid) for pid in pids)
+
+
+def test_up_reports_a_service_that_exits_at_start_up_as_failed_with_its_last_words(tmp_path, monkeypatch):
+    # a setting only the energy service reads, and cannot: it exits while it starts, the others run
+    plat = Platform(tmp_path / "var", bootstrap="", NEURONS_MODEL="tiny", NEURONS_SERVING_PORT="0",
+                    NEURONS_API_PORT="0", NEURONS_HARDWARE_PROFILE_S="every half minute")
+    plat.env.pop("KAFKA_BOOTSTRAP_SERVERS")
+    monkeypatch.delenv("KAFKA_BOOTSTRAP_SERVERS", raising=False)
+    try:
+        result = plat.cli("up", timeout=180, check=False)
+        assert result.returncode == 1, result.stdout + result.stderr
+        lines = {line.split()[0]: line for line in result.stdout.splitlines()}
+        assert lines["energy"].startswith("energy     failed: ValueError: could not convert string to float: "
+                                          "'every half minute'  log "), lines["energy"]
+        assert all(" pid " in lines[name] for name in ("trainer", "evolution", "approval", "validator", "registry",
+                                                       "serving")), lines
+        states = {s["name"]: s["state"] for s in json.loads(plat.cli("status", "--json").stdout)["services"]}
+        assert states["energy"] == "stopped" and states["registry"] == "running", states
+    finally:
+        plat.cli("down", timeout=120)
+
+
+def test_a_command_with_the_embedded_broker_stopped_gets_one_line_that_says_what_to_do(tmp_path, monkeypatch):
+    plat = Platform(tmp_path / "var", bootstrap="")
+    plat.env.pop("KAFKA_BOOTSTRAP_SERVERS")
+    monkeypatch.delenv("KAFKA_BOOTSTRAP_SERVERS", raising=False)
+    plat.cli("broker", "start")
+    plat.cli("broker", "stop")
+
+    result = plat.cli("audit", "republish", check=False, timeout=120)
+
+    assert result.returncode == 1
+    address = json.loads((tmp_path / "var" / "broker" / "broker.json").read_text())["bootstrap_servers"]
+    assert result.stderr.strip().splitlines() == [
+        f"neurons: the embedded broker does not answer at {address}: run `neurons broker start` (or `neurons up`)"]
 
 
 def test_a_bad_argument_gets_one_line_that_says_what_to_do(platform):
