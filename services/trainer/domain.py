@@ -37,6 +37,8 @@ REQUESTED, RUNNING, COMPLETED, FAILED = "requested", "running", "completed", "fa
 FINISHED = (COMPLETED, FAILED)
 KINDS = ("mntp", "rl")
 ARTEFACT_STATUSES = ("trained", "fallback")
+# What an RL step reports beside its reward: the KL to the starting policy, the share of distinct answers.
+RL_HEALTH = ("kl", "distinct_share")
 
 
 # --- commands (from the job runner) -------------------------------------------
@@ -60,7 +62,8 @@ class RequestTraining:
 @dataclass(frozen=True)
 class JobProgressed:
     job_id: str
-    point: Mapping[str, Any]  # step, total_steps, loss | reward_mean, learning_rate, tokens_per_s, energy_j
+    point: Mapping[str, Any]  # step, total_steps, loss | reward_mean (+ reward_std, kl, distinct_share),
+    # learning_rate, tokens_per_s, energy_j
 
 
 @dataclass(frozen=True)
@@ -223,13 +226,16 @@ def _progressed(message: JobProgressed, state: TrainerState) -> list[NewEvent]:
     step = int(p["step"])
     if not job or job["status"] != RUNNING or step <= int(job.get("last_step") or 0):
         return []
-    return [NewEvent("training.progressed", message.job_id, {
+    payload = {
         "job_id": message.job_id, "cycle_id": job["cycle_id"], "step": step,
         "total_steps": int(p.get("total_steps") or job["config"].get("steps") or step),
         "loss": p.get("loss"), "reward_mean": p.get("reward_mean"), "reward_std": p.get("reward_std"),
         "learning_rate": float(p.get("learning_rate") or 0.0), "tokens_per_s": float(p.get("tokens_per_s") or 0.0),
         "energy_j": p.get("energy_j"), "checkpoint_step": p.get("checkpoint_step"),
-    })]
+    }
+    # an RL step's health: how far from the starting policy, how varied its answers
+    payload.update({name: float(p[name]) for name in RL_HEALTH if p.get(name) is not None})
+    return [NewEvent("training.progressed", message.job_id, payload)]
 
 
 def _finished(message: JobFinished, state: TrainerState) -> list[NewEvent]:

@@ -7,8 +7,10 @@ with its parent (PR_SET_PDEATHSIG), so a killed trainer never leaves a second
 job training the same cycle; the restarted trainer resumes from the last
 checkpoint instead.
 
-Spec: job_id, kind (mntp|rl), config, dataset_path, dataset_sha256, out_dir,
-cache_dir, resume_from (checkpoint folder or null), warm_start_dir (or null).
+Spec: job_id, kind (mntp|rl), config, dataset_path (null: an RL loop trains on
+its reward's own prompt set), dataset_sha256, out_dir, cache_dir, resume_from
+(checkpoint folder or null), warm_start_dir (or null; training continues that
+adapter with its own rank, alpha and target modules).
 """
 
 from __future__ import annotations
@@ -30,12 +32,14 @@ def emit(kind: str, **fields) -> None:
 
 
 def run(spec: dict) -> dict:
-    from shared.ml import load_jsonl
+    from shared.ml import DatasetError, load_jsonl
     from shared.ml import ml_stack_available, write_fallback_artefact
 
     meter = EnergyMeter()
     stage = "dataset"
-    texts = load_jsonl(Path(spec["dataset_path"]))
+    if not spec.get("dataset_path") and spec["kind"] != "rl":
+        raise DatasetError(f"a {spec['kind']} job needs a dataset")
+    texts = load_jsonl(Path(spec["dataset_path"])) if spec.get("dataset_path") else None
     out_dir = Path(spec["out_dir"])
     config = dict(spec["config"])
     available, reason = ml_stack_available()
@@ -54,7 +58,7 @@ def run(spec: dict) -> dict:
             if spec["kind"] == "rl":
                 from shared.ml import train_rl
 
-                prompts = [t.split(". ")[0][:160] for t in texts]
+                prompts = [t.split(". ")[0][:160] for t in texts] if texts is not None else None
                 result = train_rl(config, prompts, out_dir, Path(spec["cache_dir"]), progress=progress,
                                   warm_start_adapter=warm, dataset_sha256=spec.get("dataset_sha256"),
                                   resume_from=resume)
@@ -78,6 +82,7 @@ def run(spec: dict) -> dict:
         "base_model": result.base_model,
         "resumed_from_step": result.resumed_from_step,
         "placement": result.summary.get("placement"),
+        "prompt_set": result.summary.get("prompt_set"),
         "energy": energy,
         "stage": stage,
     }

@@ -30,7 +30,7 @@ _EXPORTS: dict[str, str] = {
     "ml_stack_available": "fallback", "write_fallback_artefact": "fallback",
     "train_mntp": "mntp", "evaluate_mntp": "mntp", "split_held_out": "mntp",
     "MaskedBatches": "mntp", "MntpLoop": "mntp", "bidirectional_mask": "mntp",
-    "train_rl": "rl", "evaluate_policy": "rl", "get_reward": "rewards",
+    "train_rl": "rl", "evaluate_policy": "rl", "get_reward": "rewards", "reward_prompts": "rewards",
     # measuring
     "bench_trainer": "bench", "BareLoop": "bench",
     # serving

@@ -22,6 +22,10 @@ class _Config:
     @classmethod
     def from_dict(cls: type[C], data: dict[str, Any] | None) -> C:
         data = dict(data or {})
+        for old, new in getattr(cls, "_renamed", {}).items():
+            if old in data:
+                data.setdefault(new, data[old])
+                del data[old]
         known = {f.name for f in fields(cls)}  # type: ignore[arg-type]
         unknown = sorted(set(data) - known)
         if unknown:
@@ -32,6 +36,38 @@ class _Config:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)  # type: ignore[call-overload]
+
+
+# The settings that give a LoRA adapter its shape. An adapter that training
+# continues keeps its own: its ``adapter_config.json`` wins over a configuration's.
+ADAPTER_SHAPE = ("lora_rank", "lora_alpha", "target_modules")
+
+
+def adapter_shape(adapter_config: dict[str, Any]) -> dict[str, Any]:
+    """The shape settings (``ADAPTER_SHAPE``) of a peft ``adapter_config.json``'s content."""
+    targets = adapter_config.get("target_modules")
+    shape = {"lora_rank": adapter_config.get("r"), "lora_alpha": adapter_config.get("lora_alpha"),
+             # peft writes a list, or one pattern as a string
+             "target_modules": sorted(targets) if isinstance(targets, (list, tuple, set)) else targets}
+    return {name: value for name, value in shape.items() if value is not None}
+
+
+def adopt_adapter_shape(config: Any, adapter_config: dict[str, Any]) -> list[str]:
+    """Set ``config``'s rank, alpha and target modules to those of the adapter it continues.
+
+    Returns the settings that changed, so a caller can say so.
+    """
+    changed = []
+    for name, value in adapter_shape(adapter_config).items():
+        current = getattr(config, name)
+        if name == "target_modules" and isinstance(current, list) and isinstance(value, list):
+            same = sorted(current) == value
+        else:
+            same = current == value
+        if not same:
+            changed.append(f"{name} {current} -> {value}")
+            setattr(config, name, value)
+    return changed
 
 
 @dataclass
@@ -72,12 +108,14 @@ class MntpConfig(_Config):
             raise ValueError("max_length must be at least 4 tokens")
         if self.learning_rate <= 0:
             raise ValueError("learning_rate must be positive")
-        self.target_modules = list(self.target_modules)
+        self.target_modules = _targets(self.target_modules)
 
 
 @dataclass
 class RlConfig(_Config):
     """Group-relative policy optimisation with a verifiable reward."""
+
+    _renamed = {"kl_coef": "kl_beta"}  # the name an earlier version used
 
     model: str = "tiny"
     steps: int = 40
@@ -94,7 +132,13 @@ class RlConfig(_Config):
     prompts_per_step: int = 4
     max_new_tokens: int = 8
     temperature: float = 1.0
-    kl_coef: float = 0.0
+    # The update: a PPO-style clipped ratio to the policy that sampled the rollout
+    # (``clip_eps``; 0 turns clipping off), ``policy_updates`` optimiser steps per
+    # rollout, and a KL penalty of weight ``kl_beta`` towards the policy the run
+    # started from (the warm-start adapter, or the base model).
+    kl_beta: float = 0.04
+    clip_eps: float = 0.2
+    policy_updates: int = 1
     max_grad_norm: float = 1.0
     warmup_steps: int = 0
     seed: int = 0
@@ -109,7 +153,19 @@ class RlConfig(_Config):
             raise ValueError("group_size must be at least 2: advantages are relative within a group")
         if self.temperature <= 0:
             raise ValueError("temperature must be positive")
-        self.target_modules = list(self.target_modules)
+        if self.kl_beta < 0:
+            raise ValueError(f"kl_beta must not be negative, got {self.kl_beta}")
+        if not 0.0 <= self.clip_eps < 1.0:
+            raise ValueError(f"clip_eps must lie in [0, 1), got {self.clip_eps}")
+        if self.learning_rate <= 0:
+            raise ValueError("learning_rate must be positive")
+        _positive(self, "policy_updates")
+        self.target_modules = _targets(self.target_modules)
+
+
+def _targets(targets: Any) -> Any:
+    # one string is a pattern for peft, a list a set of module names
+    return targets if isinstance(targets, str) else list(targets)
 
 
 def _positive(config: Any, *names: str) -> None:

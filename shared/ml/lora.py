@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import warnings
 from pathlib import Path
 from typing import Any
 
+from shared.ml.config import adopt_adapter_shape
 from shared.ml.placement import model_device
 
 log = logging.getLogger("neurons.trainer.lora")
@@ -23,8 +25,9 @@ def attach_lora(
 ) -> Any:
     """A trainable ``PeftModel``: a fresh LoRA, or the adapter in ``adapter_dir``.
 
-    An existing adapter keeps its own rank and target modules; the ones given
-    here only shape a fresh adapter.
+    An existing adapter keeps its own rank, alpha and target modules (its
+    ``adapter_config.json``); the ones given here only shape a fresh adapter.
+    ``dropout`` is a training setting and applies to both.
     """
     from peft import LoraConfig, PeftModel, get_peft_model
 
@@ -32,10 +35,12 @@ def attach_lora(
         # Adapting the tied output head is intended (RL); the weights stay tied.
         warnings.filterwarnings("ignore", message=".*tie_word_embeddings.*")
         if adapter_dir is not None:
+            saved = LoraConfig.from_pretrained(str(adapter_dir))
+            saved.lora_dropout = float(dropout)
             # read straight onto the model's device (peft would read onto the first GPU by default)
-            peft_model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=True,
+            peft_model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=True, config=saved,
                                                    torch_device=str(model_device(model)))
-            log.info("loaded adapter %s for further training", adapter_dir)
+            log.info("loaded adapter %s (rank %s) for further training", adapter_dir, saved.r)
         else:
             config = LoraConfig(
                 r=int(rank),
@@ -49,8 +54,24 @@ def attach_lora(
     return peft_model
 
 
+def read_adapter_config(adapter_dir: Path) -> dict[str, Any]:
+    """The content of an adapter folder's ``adapter_config.json``."""
+    path = Path(adapter_dir) / "adapter_config.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{adapter_dir} holds no adapter_config.json: not a LoRA adapter")
+    return json.loads(path.read_text())
+
+
 def attach_configured_lora(model: Any, config: Any, adapter_dir: Path | None = None) -> Any:
-    """``attach_lora`` with the rank, alpha, dropout and targets of a training config (MNTP or RL)."""
+    """``attach_lora`` with the rank, alpha, dropout and targets of a training config (MNTP or RL).
+
+    When training continues ``adapter_dir``, ``config`` takes that adapter's
+    rank, alpha and target modules first, so what the run records is what it trained.
+    """
+    if adapter_dir is not None:
+        changed = adopt_adapter_shape(config, read_adapter_config(adapter_dir))
+        if changed:
+            log.info("continuing adapter %s with its own shape: %s", adapter_dir, ", ".join(changed))
     return attach_lora(model, rank=config.lora_rank, alpha=config.lora_alpha, dropout=config.lora_dropout,
                        target_modules=config.target_modules, adapter_dir=adapter_dir)
 

@@ -2,9 +2,16 @@
 
 Each step samples ``group_size`` completions for each of ``prompts_per_step``
 prompts, scores them with a verifiable reward, turns rewards into advantages
-relative to their group ((r - mean) / (std + eps)) and takes one policy-gradient
-step on the completion tokens' log-probabilities, optionally with a KL penalty
-towards the base model (the same network with the adapter switched off).
+relative to their group and takes ``policy_updates`` optimiser steps on the
+clipped, KL-regularised objective of ``grpo.py``: the ratio is to the policy
+that sampled the rollout, the KL penalty to the policy the run started from
+(the warm-start adapter, or the base model).
+
+Every step reports the reward's mean and spread, the KL to the starting
+policy and the share of distinct completions within a group; the run ends
+with the curve's summary and whether the policy collapsed to one answer
+(``shared.contracts.collapse``). Without a dataset the loop trains on the
+reward's own prompt set and records its name.
 
 Every ``checkpoint_every`` steps the adapter, the optimiser, the scheduler and
 the random state are saved (``checkpoint.py``); a run resumed from a checkpoint
@@ -23,130 +30,67 @@ import logging
 import random
 import statistics
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
 
+from shared.contracts.collapse import distinct_share, policy_collapsed
 from shared.ml.checkpoint import checkpoint_adapter, load_checkpoint, resume, save_checkpoint
 from shared.ml.config import RlConfig
+from shared.ml.grpo import (Rollout, StartingPolicy, completion_logprobs, group_advantages, grpo_loss,
+                            sample_rollout)
 from shared.ml.lora import attach_configured_lora, lora_settings
 from shared.ml.models import load_model, offline, torch_threads
 from shared.ml.placement import resolve
-from shared.ml.result import TrainingResult, finish_trained
-from shared.ml.rewards import get_reward
+from shared.ml.result import TrainingResult, finish_trained, write_summary
+from shared.ml.rewards import get_reward, prompt_set_name, reward_prompts
 
-__all__ = ["RlConfig", "Rollout", "evaluate_policy", "group_advantages", "sample_rollout", "train_rl"]
+__all__ = ["RlConfig", "Rollout", "StartingPolicy", "curve_summary", "evaluate_policy", "group_advantages",
+           "sample_rollout", "train_rl"]
 
 log = logging.getLogger("neurons.trainer.rl")
 
 Progress = Callable[[dict[str, Any]], None]
 Score = Callable[[str, str], float]
-EPS = 1e-4
-
-
-@dataclass
-class Rollout:
-    prompts: list[str]  # one per completion
-    sequences: torch.Tensor  # (N, prompt_len + completion_len)
-    prompt_len: int
-    attention_mask: torch.Tensor  # real prompt tokens and completion tokens up to the first EOS
-    completion_mask: torch.Tensor  # (N, completion_len)
-    completions: list[str]
-
-
-def sample_rollout(model: Any, tokenizer: Any, prompts: Sequence[str], group_size: int, max_new_tokens: int, temperature: float) -> Rollout:
-    """``group_size`` sampled completions per prompt, grouped consecutively."""
-    encoded = tokenizer(list(prompts), return_tensors="pt", padding=True, padding_side="left")
-    was_training = model.training
-    model.eval()
-    with torch.no_grad():
-        sequences = model.generate(
-            input_ids=encoded["input_ids"],
-            attention_mask=encoded["attention_mask"],
-            do_sample=True,
-            temperature=temperature,
-            top_k=0,
-            top_p=1.0,
-            max_new_tokens=max_new_tokens,
-            num_return_sequences=group_size,
-            pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-        )
-    model.train(was_training)
-    prompt_len = encoded["input_ids"].shape[1]
-    completion = sequences[:, prompt_len:]
-    is_eos = completion == tokenizer.eos_token_id
-    # Keep tokens up to and including the first EOS; what follows is padding.
-    completion_mask = (is_eos.long().cumsum(dim=1) - is_eos.long()) == 0
-    attention = torch.cat([encoded["attention_mask"].repeat_interleave(group_size, dim=0), completion_mask.long()], dim=1)
-    texts = [
-        tokenizer.decode(row[mask], skip_special_tokens=True) for row, mask in zip(completion, completion_mask)
-    ]
-    return Rollout(
-        prompts=[p for p in prompts for _ in range(group_size)],
-        sequences=sequences,
-        prompt_len=prompt_len,
-        attention_mask=attention,
-        completion_mask=completion_mask,
-        completions=texts,
-    )
-
-
-def group_advantages(rewards: torch.Tensor) -> torch.Tensor:
-    """(r - mean) / (std + eps) within each group (row); a group of equal rewards teaches nothing."""
-    mean = rewards.mean(dim=1, keepdim=True)
-    std = rewards.std(dim=1, keepdim=True, unbiased=False)
-    return (rewards - mean) / (std + EPS)
-
-
-def completion_logprobs(model: Any, rollout: Rollout, temperature: float) -> torch.Tensor:
-    completion_len = rollout.sequences.shape[1] - rollout.prompt_len
-    # Left padding shifts positions; give the same positions generate() used.
-    positions = (rollout.attention_mask.cumsum(dim=1) - 1).clamp(min=0)
-    logits = model(
-        input_ids=rollout.sequences,
-        attention_mask=rollout.attention_mask,
-        position_ids=positions,
-        logits_to_keep=completion_len + 1,
-    ).logits[:, :-1]
-    logprobs = torch.log_softmax(logits.float() / temperature, dim=-1)
-    tokens = rollout.sequences[:, rollout.prompt_len :]
-    return logprobs.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
-
-
-def policy_loss(model: Any, rollout: Rollout, advantages: torch.Tensor, temperature: float, kl_coef: float) -> torch.Tensor:
-    mask = rollout.completion_mask.float()
-    lengths = mask.sum(dim=1).clamp(min=1.0)
-    logprobs = completion_logprobs(model, rollout, temperature)
-    per_sequence = (logprobs * mask).sum(dim=1) / lengths
-    loss = -(advantages * per_sequence).mean()
-    if kl_coef > 0:
-        with torch.no_grad(), model.disable_adapter():
-            reference = completion_logprobs(model, rollout, temperature)
-        # k3 estimator of KL(policy || reference): non-negative, unbiased.
-        delta = reference - logprobs
-        kl = ((torch.exp(delta) - delta - 1.0) * mask).sum(dim=1) / lengths
-        loss = loss + kl_coef * kl.mean()
-    return loss
 
 
 def evaluate_policy(
     model: Any, tokenizer: Any, prompts: Sequence[str], score: Score, config: RlConfig, seed: int
 ) -> dict[str, float]:
-    """Mean and spread of the reward of sampled completions, with sampling fixed by ``seed``."""
+    """Mean and spread of the reward of sampled completions, and their share of distinct answers per prompt,
+    with sampling fixed by ``seed``."""
     rewards: list[float] = []
+    groups: list[list[str]] = []
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         for start in range(0, len(prompts), config.prompts_per_step):
             chunk = list(prompts[start : start + config.prompts_per_step])
             rollout = sample_rollout(model, tokenizer, chunk, config.group_size, config.max_new_tokens, config.temperature)
             rewards.extend(score(p, c) for p, c in zip(rollout.prompts, rollout.completions))
+            groups.extend(rollout.groups(config.group_size))
     return {
         "reward_mean": statistics.fmean(rewards),
         "reward_std": statistics.pstdev(rewards),
+        "distinct_share": distinct_share(groups),
         "samples": len(rewards),
+    }
+
+
+def curve_summary(curve: Sequence[dict[str, Any]], after: dict[str, Any]) -> dict[str, Any]:
+    """What ``training.completed`` says of a run's curve, and whether its policy collapsed.
+
+    The first and last steps' mean reward, the last step's KL to the starting
+    policy and share of distinct answers; ``collapsed`` judges the evaluation
+    after training (more samples, fixed sampling) by ``policy_collapsed``.
+    """
+    first, last = (curve[0], curve[-1]) if curve else ({}, {})
+    return {
+        "reward_mean_first": first.get("reward_mean"),
+        "reward_mean_last": last.get("reward_mean"),
+        "kl_final": last.get("kl"),
+        "distinct_share_final": last.get("distinct_share"),
+        "collapsed": policy_collapsed(after["reward_std"], after["distinct_share"]),
     }
 
 
@@ -160,7 +104,7 @@ class WarmupConstant:
 
 def train_rl(
     config: RlConfig | dict[str, Any],
-    prompts: Sequence[str],
+    prompts: Sequence[str] | None,
     out_dir: Path,
     cache_dir: Path,
     progress: Progress | None = None,
@@ -170,17 +114,24 @@ def train_rl(
 ) -> TrainingResult:
     """Train a LoRA adapter on a verifiable reward; the adapter and summary land in ``out_dir/adapter``.
 
-    ``resume_from`` is a checkpoint folder written by an earlier run with the
-    same configuration; training continues at its step.
+    ``prompts`` None: the reward's own prompt set, whose name the summary
+    records as ``prompt_set``. ``warm_start_adapter`` is continued with its own
+    rank, alpha and target modules. ``resume_from`` is a checkpoint folder
+    written by an earlier run with the same configuration; training continues at its step.
     """
     config = config if isinstance(config, RlConfig) else RlConfig.from_dict(config)
+    prompt_set = None
+    if prompts is None:
+        prompts, prompt_set = reward_prompts(config.reward), prompt_set_name(config.reward)
     with torch_threads(config.model, config.threads):
-        return _train_rl(config, prompts, out_dir, cache_dir, progress, warm_start_adapter, dataset_sha256, resume_from)
+        return _train_rl(config, prompts, prompt_set, out_dir, cache_dir, progress, warm_start_adapter,
+                         dataset_sha256, resume_from)
 
 
 def _train_rl(
     config: RlConfig,
     prompts: Sequence[str],
+    prompt_set: str | None,
     out_dir: Path,
     cache_dir: Path,
     progress: Progress | None,
@@ -196,7 +147,7 @@ def _train_rl(
     started = time.perf_counter()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    context = f"model={config.model} reward={config.reward} dataset={(dataset_sha256 or '-')[:12]}"
+    context = f"model={config.model} reward={config.reward} prompts={prompt_set or (dataset_sha256 or '-')[:12]}"
 
     loaded = load_model(config.model, cache_dir)
     tokenizer = loaded.tokenizer
@@ -205,6 +156,7 @@ def _train_rl(
     adapter_source = checkpoint_adapter(Path(resume_from)) if state else warm_start_adapter
     model = attach_configured_lora(loaded.model, config, adapter_source)
     model.train()
+    starting = _starting_policy(model, state)
     order = list(prompts)
     random.Random(config.seed).shuffle(order)
     eval_prompts = order[: config.eval_prompts]
@@ -212,14 +164,18 @@ def _train_rl(
         model, tokenizer, eval_prompts, score, config, seed=config.seed + 1)
     log.info("rl %s: reward %.3f ± %.3f before training", context, before["reward_mean"], before["reward_std"])
 
-    run = _RlRun(config, context, model, tokenizer, score, order, before)
+    run = _RlRun(config, context, model, tokenizer, score, order, before, starting)
     if state:
         run.restore(state, resume_from)
     run.train(out_dir / "checkpoint", progress)
 
     after = evaluate_policy(model, tokenizer, eval_prompts, score, config, seed=config.seed + 1)
-    log.info("rl %s: reward %.3f -> %.3f", context, before["reward_mean"], after["reward_mean"])
-    return finish_trained(
+    summary = curve_summary(run.curve, after)
+    log.log(logging.WARNING if summary["collapsed"] else logging.INFO,
+            "rl %s: reward %.3f -> %.3f, spread %.3f, distinct answers %.2f%s", context, before["reward_mean"],
+            after["reward_mean"], after["reward_std"], after["distinct_share"],
+            ": the policy collapsed to one answer" if summary["collapsed"] else "")
+    result = finish_trained(
         kind="rl", model=model, out_dir=out_dir, config=config, lora=lora_settings(model),
         info=loaded.info, dataset_sha256=dataset_sha256,
         records={"prompts": len(prompts), "eval_prompts": len(eval_prompts)}, before=before, after=after,
@@ -229,6 +185,20 @@ def _train_rl(
         warm_start=str(warm_start_adapter) if warm_start_adapter and not state else None,
         placement=resolve("cpu", "float32").describe(),
     )
+    result.metrics.update(summary)  # the same dict as the summary's metrics
+    result.summary["prompt_set"] = prompt_set
+    write_summary(result.adapter_dir, result.summary)
+    return result
+
+
+def _starting_policy(model: Any, state: dict[str, Any] | None) -> StartingPolicy:
+    """The policy to stay near: the adapter as attached, or, on resume, the one the run first started from."""
+    if state and state["extra"].get("starting_policy"):
+        return StartingPolicy(state["extra"]["starting_policy"])
+    if state:
+        log.warning("the checkpoint keeps no starting policy (an earlier version wrote it): "
+                    "the KL penalty holds the run near the checkpoint's adapter")
+    return StartingPolicy.capture(model)
 
 
 class _RlRun:
@@ -243,10 +213,11 @@ class _RlRun:
         score: Score,
         order: list[str],
         before: dict[str, float],
+        starting: StartingPolicy,
     ) -> None:
         self.config, self.context = config, context
         self.model, self.tokenizer, self.score, self.order = model, tokenizer, score, order
-        self.before = before
+        self.before, self.starting = before, starting
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=config.learning_rate, weight_decay=0.0)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, WarmupConstant(config.warmup_steps))
@@ -273,28 +244,20 @@ class _RlRun:
         window_tokens, window_start = 0, time.perf_counter()
         for step in range(self.start_step, config.steps):
             step_started = time.perf_counter()
-            loss, rewards, lr, tokens = self.step(step)
+            point, tokens = self.step(step)
             self.tokens += tokens
             window_tokens += tokens
             self.train_seconds += time.perf_counter() - step_started
-
-            done = step + 1
-            point = {
-                "step": done,
-                "loss": float(loss.detach()),
-                "reward_mean": float(rewards.mean()),
-                "reward_std": float(rewards.std(unbiased=False)),
-                "learning_rate": lr,
-            }
             self.curve.append(point)
+            done = point["step"]
             if done % config.progress_every == 0 or done == config.steps:
                 self.report(point, window_tokens, time.perf_counter() - window_start, progress)
                 window_tokens, window_start = 0, time.perf_counter()
             if config.checkpoint_every and done % config.checkpoint_every == 0 and done < config.steps:
                 self.checkpoint(checkpoint_dir, done)
 
-    def step(self, step: int) -> tuple[torch.Tensor, torch.Tensor, float, int]:
-        """One policy-gradient step: the loss, the rewards, the learning rate used and the tokens sampled."""
+    def step(self, step: int) -> tuple[dict[str, Any], int]:
+        """Sample a rollout, score it and update the policy on it: the step's point on the curve, the tokens sampled."""
         config, order = self.config, self.order
         chosen = [order[(step * config.prompts_per_step + i) % len(order)] for i in range(config.prompts_per_step)]
         rollout = sample_rollout(self.model, self.tokenizer, chosen, config.group_size, config.max_new_tokens,
@@ -302,23 +265,35 @@ class _RlRun:
         rewards = torch.tensor([self.score(p, c) for p, c in zip(rollout.prompts, rollout.completions)],
                                dtype=torch.float32)
         advantages = group_advantages(rewards.view(-1, config.group_size)).view(-1)
-        loss = policy_loss(self.model, rollout, advantages, config.temperature, config.kl_coef)
-        loss.backward()
-        if config.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(self.params, config.max_grad_norm)
+        starting = self.starting.logprobs(self.model, rollout, config.temperature)
         lr = self.optimizer.param_groups[0]["lr"]
-        self.optimizer.step()
+        sampled, first_loss, first_kl = None, 0.0, 0.0
+        for update in range(config.policy_updates):
+            logprobs = completion_logprobs(self.model, rollout, config.temperature)
+            # The first update sees the very policy that sampled the rollout: its log-probabilities are the old ones.
+            sampled = logprobs.detach() if sampled is None else sampled
+            loss, kl = grpo_loss(logprobs, sampled, starting, advantages, rollout.completion_mask,
+                                 config.clip_eps, config.kl_beta)
+            if update == 0:
+                first_loss, first_kl = float(loss.detach()), float(kl)
+            loss.backward()
+            if config.max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(self.params, config.max_grad_norm)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return loss, rewards, lr, int(rollout.attention_mask.sum())
+        point = {"step": step + 1, "loss": first_loss, "reward_mean": float(rewards.mean()),
+                 "reward_std": float(rewards.std(unbiased=False)), "kl": first_kl,
+                 "distinct_share": rollout.distinct_share(config.group_size), "learning_rate": lr}
+        return point, int(rollout.attention_mask.sum())
 
     def report(self, point: dict[str, Any], window_tokens: int, seconds: float, progress: Progress | None) -> None:
         config = self.config
         tokens_per_s = window_tokens / seconds if seconds > 0 else 0.0
         log.info(
-            "rl %s: step %d/%d reward %.3f ± %.3f loss %.4f %.0f tokens/s",
-            self.context, point["step"], config.steps, point["reward_mean"], point["reward_std"], point["loss"],
-            tokens_per_s,
+            "rl %s: step %d/%d reward %.3f ± %.3f kl %.4f distinct %.2f loss %.4f %.0f tokens/s",
+            self.context, point["step"], config.steps, point["reward_mean"], point["reward_std"], point["kl"],
+            point["distinct_share"], point["loss"], tokens_per_s,
         )
         if progress is not None:
             progress({**point, "total_steps": config.steps, "tokens_per_s": tokens_per_s, "tokens": self.tokens,
@@ -326,7 +301,8 @@ class _RlRun:
 
     def checkpoint(self, checkpoint_dir: Path, done: int) -> None:
         extra = {"metrics_before": self.before, "curve": self.curve, "tokens": self.tokens,
-                 "train_seconds": self.train_seconds, "config": self.config.to_dict()}
+                 "train_seconds": self.train_seconds, "config": self.config.to_dict(),
+                 "starting_policy": self.starting.state()}
         save_checkpoint(checkpoint_dir, self.model, self.optimizer, self.scheduler, done, extra)
         self.saved_step = done
         log.info("rl %s: checkpoint at step %d", self.context, done)

@@ -1,13 +1,15 @@
-"""The RL research loop raises a verifiable reward on the tiny model."""
+"""The RL research loop raises a verifiable reward on the tiny model, near the policy it started from."""
 
 from __future__ import annotations
 
+import json
 import statistics
 
 import pytest
 import torch
 from peft import PeftModel
 
+from shared.ml.grpo import StartingPolicy, completion_logprobs, grpo_loss
 from shared.ml.models import load_model
 from shared.ml.rl import RlConfig, group_advantages, train_rl
 from tests.integration.trainer.resume_support import crash_then_resume, same_adapter
@@ -31,12 +33,21 @@ def test_mean_reward_rises_on_length_target(model_cache, tmp_path):
     result = train_rl(config, prompts, tmp_path / "rl", model_cache, progress=points.append)
 
     rewards = [p["reward_mean"] for p in points]
-    assert len(rewards) == 40 and all("reward_std" in p and "tokens_per_s" in p for p in points)
+    assert len(rewards) == 40
+    assert all({"reward_std", "kl", "distinct_share", "tokens_per_s"} <= set(p) for p in points)
     quarter = len(rewards) // 4
     first, last = statistics.fmean(rewards[:quarter]), statistics.fmean(rewards[-quarter:])
-    print(f"rl length_target reward: first quarter {first:.3f}, last quarter {last:.3f}")
-    assert last > first + 0.2
+    print(f"rl length_target reward: first quarter {first:.3f}, last quarter {last:.3f}, "
+          f"final kl {points[-1]['kl']:.3f}")
+    # The KL penalty (default kl_beta) trades some reward for staying near the starting policy.
+    assert last > first + 0.15
     assert result.metrics["after"]["reward_mean"] > result.metrics["before"]["reward_mean"]
+    assert points[0]["kl"] == pytest.approx(0.0, abs=1e-6) and points[-1]["kl"] > 0  # a fresh adapter: the base
+    metrics = result.metrics
+    assert (metrics["reward_mean_first"], metrics["reward_mean_last"]) == (rewards[0], rewards[-1])
+    assert (metrics["kl_final"], metrics["distinct_share_final"]) == (points[-1]["kl"], points[-1]["distinct_share"])
+    assert metrics["collapsed"] is False and metrics["after"]["distinct_share"] > 0.5
+    assert result.summary["prompt_set"] is None  # prompts given: none of a reward's sets
 
     # The adapter (output head included, its frozen base weights not) reloads exactly.
     from safetensors.torch import load_file
@@ -49,24 +60,110 @@ def test_mean_reward_rises_on_length_target(model_cache, tmp_path):
         assert torch.equal(result.model.eval()(input_ids=ids).logits, reloaded(input_ids=ids).logits)
 
 
-def test_kl_penalty_is_zero_while_the_adapter_is_untrained(model_cache):
+def _rollout_on(model, tokenizer):
+    from shared.ml.grpo import sample_rollout
+
+    return sample_rollout(model, tokenizer, ["Item 1:", "Item 22:"], group_size=3, max_new_tokens=4, temperature=1.0)
+
+
+def _loss(model, rollout, starting, kl_beta, clip_eps=0.2, sampled=None, advantages=None):
+    reference = starting.logprobs(model, rollout, 1.0)  # first: it swaps weights the policy's graph would need
+    logprobs = completion_logprobs(model, rollout, 1.0)
+    sampled = logprobs.detach() if sampled is None else sampled
+    advantages = torch.linspace(-1, 1, 6) if advantages is None else advantages
+    return grpo_loss(logprobs, sampled, reference, advantages, rollout.completion_mask, clip_eps, kl_beta)
+
+
+def _move(model, std=0.5):
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, std)
+
+
+def test_the_kl_penalty_is_towards_the_policy_the_run_started_from(model_cache):
     from shared.ml.lora import attach_lora
-    from shared.ml.rl import policy_loss, sample_rollout
 
     loaded = load_model("tiny", model_cache)
     torch.manual_seed(0)
     model = attach_lora(loaded.model, rank=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj", "lm_head"])
-    rollout = sample_rollout(model, loaded.tokenizer, ["Item 1:", "Item 22:"], group_size=3, max_new_tokens=4, temperature=1.0)
-    advantages = torch.linspace(-1, 1, 6)
-    # A fresh LoRA (B = 0) is the reference model, so the KL term adds exactly nothing...
-    assert torch.equal(policy_loss(model, rollout, advantages, 1.0, kl_coef=0.5),
-                       policy_loss(model, rollout, advantages, 1.0, kl_coef=0.0))
-    # ...and once the adapter moves, the penalty is positive.
+    _move(model)  # a warm start: an adapter that already moved the base model
+    starting = StartingPolicy.capture(model)
+    rollout = _rollout_on(model, loaded.tokenizer)
+    # At the start the policy is the starting policy: the penalty adds exactly nothing...
+    loss, kl = _loss(model, rollout, starting, kl_beta=0.5)
+    assert kl == 0.0 and torch.equal(loss, _loss(model, rollout, starting, kl_beta=0.0)[0])
+    with torch.no_grad(), model.disable_adapter():  # ...though the policy is far from the base model
+        base = completion_logprobs(model, rollout, 1.0)
+    assert not torch.allclose(base, starting.logprobs(model, rollout, 1.0))
+    # ...and once the adapter moves on, the penalty is positive; the starting weights stay as they were.
+    before = {name: weight.clone() for name, weight in starting.weights.items()}
+    _move(model)
+    loss, kl = _loss(model, rollout, starting, kl_beta=0.5)
+    assert kl > 0 and loss > _loss(model, rollout, starting, kl_beta=0.0)[0]
+    assert all(torch.equal(before[name], weight) for name, weight in starting.weights.items())
+
+
+def test_the_ratio_to_the_sampling_policy_is_clipped(model_cache):
+    from shared.ml.lora import attach_lora
+
+    loaded = load_model("tiny", model_cache)
+    torch.manual_seed(1)
+    model = attach_lora(loaded.model, rank=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj", "lm_head"])
+    rollout = _rollout_on(model, loaded.tokenizer)
+    starting = StartingPolicy.capture(model)
     with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0, 0.5)
-    assert policy_loss(model, rollout, advantages, 1.0, kl_coef=0.5) > policy_loss(model, rollout, advantages, 1.0, kl_coef=0.0)
+        sampled = completion_logprobs(model, rollout, 1.0)
+    # The policy has since made every sampled token 1.5 times likelier than when it was sampled: past
+    # 1 + clip_eps, a completion with a positive advantage is pulled no further, one with a negative still is.
+    params = [p for p in model.parameters() if p.requires_grad]
+    likelier = sampled - torch.log(torch.tensor(1.5))
+
+    def gradient(advantages, clip_eps):
+        loss, _ = _loss(model, rollout, starting, 0.0, clip_eps, sampled=likelier, advantages=advantages)
+        return [g for g in torch.autograd.grad(loss, params, allow_unused=True) if g is not None]
+
+    assert all(torch.count_nonzero(g) == 0 for g in gradient(torch.ones(6), clip_eps=0.2))
+    assert any(torch.count_nonzero(g) > 0 for g in gradient(torch.ones(6), clip_eps=0.0))  # 0: no clipping
+    assert any(torch.count_nonzero(g) > 0 for g in gradient(-torch.ones(6), clip_eps=0.2))
+
+
+def test_the_loss_stays_finite_when_a_token_was_pushed_far_from_its_sampling_and_starting_policies():
+    logprobs = torch.tensor([[-200.0, -0.1], [-0.5, -300.0]], requires_grad=True)
+    sampled, starting = torch.tensor([[-1.0, -0.2], [-0.4, -1.0]]), torch.tensor([[-2.0, -0.3], [-0.6, -2.0]])
+    loss, kl = grpo_loss(logprobs, sampled, starting, torch.tensor([1.0, -1.0]), torch.ones(2, 2, dtype=torch.bool),
+                         clip_eps=0.2, kl_beta=0.04)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(kl) and torch.isfinite(logprobs.grad).all()
+
+
+@pytest.mark.filterwarnings("ignore:Model has `tie_word_embeddings=True`")
+def test_a_research_loop_continues_an_adapter_of_another_rank_on_its_reward_prompts(model_cache, texts, tmp_path):
+    """MNTP at rank 4, then RL warm-started from it with the default rank 8: the adapter stays rank 4."""
+    from services.trainer.worker import run
+    from shared.ml.mntp import MntpConfig, train_mntp
+
+    mntp = train_mntp(MntpConfig(model="tiny", steps=2, batch_size=4, max_length=32, lora_rank=4, lora_alpha=8,
+                                 checkpoint_every=0, device="cpu", precision="float32"), texts, tmp_path / "mntp",
+                      model_cache)
+    assert RlConfig().lora_rank == 8
+    outcome = run({"job_id": "job-rl", "kind": "rl", "dataset_path": None, "dataset_sha256": None,
+                   "config": {"model": "tiny", "steps": 3, "group_size": 4, "prompts_per_step": 2, "eval_prompts": 2,
+                              "max_new_tokens": 4, "checkpoint_every": 2},
+                   "out_dir": str(tmp_path / "rl"), "cache_dir": str(model_cache), "resume_from": None,
+                   "warm_start_dir": str(mntp.adapter_dir)})
+
+    adapter = json.loads((tmp_path / "rl" / "adapter" / "adapter_config.json").read_text())
+    summary = json.loads((tmp_path / "rl" / "adapter" / "training_summary.json").read_text())
+    assert outcome["status"] == "trained" and adapter["r"] == 4 and adapter["lora_alpha"] == 8
+    assert summary["lora"]["rank"] == summary["config"]["lora_rank"] == 4
+    assert summary["config"]["target_modules"] == ["k_proj", "o_proj", "q_proj", "v_proj"]
+    assert outcome["prompt_set"] == summary["prompt_set"] == "reward:length_target:v1"
+    assert summary["records"]["prompts"] == 32
+    # The penalty holds the loop to the adapter it continues: the first step's policy is that adapter.
+    assert outcome["curve"][0]["kl"] == pytest.approx(0.0, abs=1e-6)
+    assert {"reward_mean_first", "reward_mean_last", "kl_final", "distinct_share_final", "collapsed"} <= set(
+        outcome["metrics"])
 
 
 @pytest.mark.filterwarnings("ignore:Model has `tie_word_embeddings=True`")
