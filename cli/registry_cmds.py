@@ -361,5 +361,37 @@ def validate_show(validation_id: str = typer.Argument(..., help="validation id, 
     typer.echo(f"energy       {energy.get('wh', '-')} Wh")
     approval = snap["promotion_approval"]
     typer.echo(f"promotion    {approval['request_id'] + ' ' + approval['status'] if approval else '-'}")
+    for line in learned_lines(snap):
+        typer.echo(line)
     for record in snap["cycles"]:
         typer.echo(f"  cycle {record['cycle']:>3}  {record['outcome']:<12} score {record['score']}  {record['reason'] or ''}".rstrip())
+
+
+def _figure(value: float | None, pattern: str = "{:.3f}") -> str:
+    return "-" if value is None else pattern.format(value)
+
+
+def learned_lines(snap: dict) -> list[str]:
+    """What the soak measured of what the adapter learned: an encoder's retrieval, a policy's answers
+    (baseline -> candidate) and the RL run's reward curve."""
+    lines = []
+    retrieval = snap.get("retrieval") or {}
+    if retrieval:
+        base, cand = retrieval.get("baseline") or {}, retrieval.get("candidate") or {}
+        lines.append(f"retrieval    recall@1 {_figure(base.get('recall_at_1'))} -> {_figure(cand.get('recall_at_1'))}"
+                     f"  MRR {_figure(base.get('mrr'))} -> {_figure(cand.get('mrr'))}  (baseline -> candidate)")
+    policy = snap.get("policy") or {}
+    if policy:
+        base, cand = policy.get("baseline") or {}, policy.get("candidate") or {}
+        lines.append(f"policy       reward {_figure(base.get('reward_mean'))} -> {_figure(cand.get('reward_mean'))}"
+                     f"  spread {_figure(cand.get('reward_spread'))}"
+                     f"  distinct answers {_figure(cand.get('distinct_share'), '{:.0%}')}"
+                     f"  {'COLLAPSED' if policy.get('collapsed') else 'not collapsed'}")
+    curve = snap.get("reward_curve") or []
+    if curve:
+        shown = curve if len(curve) <= 6 else curve[:: max(1, len(curve) // 5)][:5] + [curve[-1]]
+        lines.append("reward curve " + "  ".join(
+            f"{p['step']}: {_figure(p.get('reward_mean'))}±{_figure(p.get('reward_spread'), '{:.2f}')}"
+            f" kl {_figure(p.get('kl'), '{:.3f}')} distinct {_figure(p.get('distinct_share'), '{:.0%}')}"
+            for p in shown))
+    return lines

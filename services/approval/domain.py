@@ -33,7 +33,15 @@ from shared.contracts.policies import (
 )
 from shared.contracts.envelope import NewEvent, iso
 from shared.contracts.facts import SERVICE_REQUESTER, occurred_at as _occurred_at, validation_facts
-from shared.contracts.trust import Keyring, check_binding, decision_subject, parse_time, verify_decision
+from shared.contracts.trust import (
+    PRODUCTION_CHANNEL,
+    Keyring,
+    check_binding,
+    decision_subject,
+    parse_time,
+    promotion_channel,
+    verify_decision,
+)
 
 PENDING, GRANTED, REJECTED, EXPIRED = "pending", "granted", "rejected", "expired"
 DECISIONS = {"grant": GRANTED, "reject": REJECTED}
@@ -213,6 +221,10 @@ def _on_validation(event: Any, state: ApprovalState, config: ApprovalConfig) -> 
         "verdict": "pass",
         "summary": facts["summary"],
     }
+    from_research = request_id_for("research", facts["cycle_id"] or "") in state.requests
+    channel = promotion_channel(facts["kind"], from_research)
+    if channel != PRODUCTION_CHANNEL:  # no channel named means production, as promotions always have
+        subject["channel"] = channel
     evidence = [
         {"type": "validation.completed", "id": facts["validation_id"], "event_id": _event_id(event)},
         {"type": "adapter", "id": facts["adapter_sha256"], "sha256": facts["adapter_sha256"]},

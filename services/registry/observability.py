@@ -1,8 +1,11 @@
 """What an operator watches: cycles, training runs with their loss curves, soak runs, measured energy.
 
 ``registry_validation_snapshots`` is the observability snapshot of one soak
-run: totals, success rate, a record per soak cycle, the replicas' load over
-time and the incidents. Its energy and its promotion request are joined in at
+run: totals, success rate, a record per soak cycle (with the medians of the
+reward and of an encoder's retrieval it measured), the replicas' load over
+time and the incidents. A training run's curve carries, for an RL run, the
+reward's mean and spread, the KL to the starting policy and the share of
+distinct completions at every reported step. Its energy and its promotion request are joined in at
 read time (``queries.snapshot``), because those events travel on other topics
 and may be read before the run itself.
 """
@@ -23,6 +26,12 @@ from shared.contracts.values import number
 # A loss curve longer than this keeps every other point of its first half,
 # so a long run stays drawable and the stored row stays small.
 MAX_CURVE_POINTS = 2000
+# An RL run's progress, kept on its curve's points: the reward's mean and spread within a group,
+# the KL to the policy it started from and the share of distinct completions (older names after).
+REWARD_FIGURES = {"reward_mean": ("reward_mean",), "reward_spread": ("reward_spread", "reward_std"),
+                  "kl": ("kl", "kl_to_start", "kl_divergence"), "distinct_share": ("distinct_share",)}
+# What a soak cycle measured beyond its verdict, kept on the cycle's record: median per side.
+MEASURED_METRICS = ("reward", "retrieval_recall_at_1", "retrieval_mrr")
 
 
 class CycleRecord(SQLModel, table=True):
@@ -157,6 +166,8 @@ def _apply_cycle(session: Session, event: Envelope) -> None:
         row.verdict, row.fitness = p.get("verdict"), number(p.get("fitness"))
         row.loss_before, row.loss_after = number(p.get("loss_before")), number(p.get("loss_after"))
         row.adapter_sha256 = p.get("adapter_sha256") or row.adapter_sha256
+    elif etype == "cycle.rescored":  # an energy report that came after the verdict
+        row.fitness = number(p.get("fitness"))
     elif etype == "cycle.completed":
         row.status, row.outcome, row.fitness = "completed", p.get("outcome"), number(p.get("fitness"))
         row.adapter_sha256 = p.get("adapter_sha256") or row.adapter_sha256
@@ -196,9 +207,11 @@ def _apply_training(session: Session, event: Envelope) -> None:
         step = _first(p, ("step", "global_step"))
         if step is None:
             step = _first(metrics, ("step", "global_step"))
-        if loss is not None:
+        figures = {key: number(_first(p, names)) for key, names in REWARD_FIGURES.items()}
+        figures = {key: value for key, value in figures.items() if value is not None}
+        if loss is not None or figures:
             curve = json_value(session, row, "loss_curve_json", [])
-            point = {"step": int(step) if isinstance(step, (int, float)) else len(curve) + 1, "loss": loss}
+            point = {"step": int(step) if isinstance(step, (int, float)) else len(curve) + 1, "loss": loss, **figures}
             eval_loss = number(_first(p, ("eval_loss",)) or _first(metrics, ("eval_loss",)))
             if eval_loss is not None:
                 point["eval_loss"] = eval_loss
@@ -252,8 +265,12 @@ def _apply_validation(session: Session, event: Envelope) -> None:
         if any(r.get("cycle") == cycle for r in records):
             return  # a soak cycle reported twice counts once
         at = event.occurred_at.isoformat()
-        records.append({"cycle": cycle, "outcome": p.get("outcome"), "score": p.get("score"),
-                        "vetoes": p.get("vetoes") or [], "reason": p.get("reason"), "at": at})
+        record = {"cycle": cycle, "outcome": p.get("outcome"), "score": p.get("score"),
+                  "vetoes": p.get("vetoes") or [], "reason": p.get("reason"), "at": at}
+        measured = _measured(p.get("metrics"))
+        if measured:  # a soak that measured no reward nor retrieval keeps the record it always had
+            record["measured"] = measured
+        records.append(record)
         set_json(session, row, "records_json", records)
         row.cycles_done = len(records)
         row.cycles_passed = sum(1 for r in records if r["outcome"] == "pass")
@@ -277,6 +294,13 @@ def _apply_validation(session: Session, event: Envelope) -> None:
         if p.get("incidents") and not json_value(session, row, "incidents_json", []):
             set_json(session, row, "incidents_json", list(p["incidents"]))
     session.add(row)
+
+
+def _measured(metrics: Any) -> dict[str, dict[str, float | None]]:
+    """The medians of the cycle's reward and retrieval per side, from its judged metrics."""
+    metrics = metrics if isinstance(metrics, dict) else {}
+    return {name: {"candidate": number(m.get("candidate_median")), "baseline": number(m.get("baseline_median"))}
+            for name, m in metrics.items() if name in MEASURED_METRICS and isinstance(m, dict)}
 
 
 def _apply_energy(session: Session, event: Envelope) -> None:

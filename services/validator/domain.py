@@ -25,7 +25,7 @@ from shared.contracts.values import parse_time
 
 @dataclass(frozen=True)
 class Baseline:
-    kind: str = "base"  # production | base
+    kind: str = "base"  # production | base | parent (the adapter a candidate was warm-started from)
     adapter_sha256: str | None = None
     adapter_uri: str | None = None
 
@@ -217,14 +217,42 @@ def _on_training_completed(event: Any, state: ValidatorState) -> list[NewEvent]:
             validation_id=f"val-{sha[:16]}",
             adapter_sha256=sha,
             adapter_uri=uri,
-            baseline=state.production.get(kind, Baseline("base")),
+            baseline=candidate_baseline(payload, kind, state),
             kind=kind,
             purpose="candidate",
             cycle_id=payload.get("cycle_id"),
             started_at=occurred,
             plan=state.plan,
+            evaluation=evaluation_settings({"prompt_set": payload.get("prompt_set"), **(payload.get("config") or {})},
+                                           kind),
         )
     ]
+
+
+# What an RL run trained with, and so what its soak samples and scores with.
+RL_EVALUATION_KEYS = ("reward", "reward_params", "temperature", "max_new_tokens", "group_size", "prompts",
+                      "prompt_set")
+
+
+def candidate_baseline(payload: Mapping[str, Any], kind: str, state: ValidatorState) -> Baseline:
+    """What a candidate is soaked against: an RL adapter against the adapter it started from (its
+    warm start, wherever that serves, if anywhere), so the soak measures what this run learned;
+    anything else against the adapter of its kind in production, else the base model."""
+    parent = payload.get("warm_start")
+    if kind == "rl" and parent:
+        return Baseline("parent", parent, f"artefact://sha256/{parent}")
+    return state.production.get(kind, Baseline("base"))
+
+
+def evaluation_settings(config: Mapping[str, Any] | None, kind: str) -> dict[str, Any] | None:
+    """The settings a soak evaluates with, from the run's training configuration: for an RL run its
+    reward (and the reward's parameters), sampling temperature, completion length, group size and
+    prompts (or the name of the reward's prompt set it trained on), as far as the configuration names them (the trainer's defaults fill the rest); None for
+    MNTP, whose soak settings are the validator's own."""
+    if kind != "rl":
+        return None
+    config = config or {}
+    return {key: config[key] for key in RL_EVALUATION_KEYS if config.get(key) is not None}
 
 
 def _start_drift_soak(cmd: StartDriftSoak, state: ValidatorState) -> list[NewEvent]:
@@ -337,6 +365,7 @@ def _started(
     cycle_id: str | None,
     started_at: datetime | None,
     plan: SoakPlan,
+    evaluation: Mapping[str, Any] | None = None,
 ) -> NewEvent:
     payload = {
         "validation_id": validation_id,
@@ -352,6 +381,8 @@ def _started(
         "started_at": iso(started_at) if started_at else None,
         "sized_by": plan.sizing(),
     }
+    if evaluation is not None:
+        payload["evaluation"] = dict(evaluation)
     return NewEvent("validation.started", validation_id, payload)
 
 

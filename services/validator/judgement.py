@@ -9,7 +9,8 @@ Judgement, from the bottom up:
   or no_data (see ``stats`` and ``thresholds``);
 * ``judge_cycle`` — all metrics of one cycle: a critical metric judged worse
   vetoes (fail); otherwise the weighted score decides pass, marginal or fail;
-  a critical metric without data makes the cycle inconclusive;
+  a critical metric without data makes the cycle inconclusive; an RL
+  candidate whose policy collapsed (``policy_collapse``) fails, whatever its reward;
 * ``judge_run`` — all cycles: the pooled samples are judged as one cycle; a
   long soak (at least ``consecutive_failures`` cycles) fails only after that
   many consecutive failing cycles, because one bad cycle on a shared machine
@@ -21,12 +22,14 @@ Judgement, from the bottom up:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+import statistics
+from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping, Sequence
 
 from services.validator.samples import SIDES, CycleSamples, Incident, Sides, json_number
 from services.validator.stats import DEFAULT_MIN_N, SampleComparison, compare_samples
-from services.validator.thresholds import KINDS, MetricSpec, Thresholds
+from services.validator.thresholds import KINDS, RETRIEVAL_MRR, RETRIEVAL_RECALL, MetricSpec, Thresholds
+from shared.contracts.collapse import policy_collapsed
 
 METRIC_SCORES = {"better": 1.0, "same": 0.5, "worse": 0.0}
 
@@ -94,7 +97,8 @@ def judge_metric(
         return MetricVerdict(name, "no_data", reason, spec.critical, comparison)
 
     better_sign = -1.0 if spec.direction == "lower" else 1.0
-    raw_effect = c.relative_shift if spec.effect_measure == "relative_shift" else c.rank_biserial
+    raw_effect = {"relative_shift": c.relative_shift, "rank_biserial": c.rank_biserial,
+                  "absolute_shift": c.shift}[spec.effect_measure]
     effect = better_sign * raw_effect
     location_worse = c.p_worse < spec.alpha and effect < 0 and -effect >= spec.min_effect
     location_better = c.p_better < spec.alpha and effect > 0 and effect >= spec.min_effect
@@ -126,6 +130,8 @@ def judge_metric(
 def _describe_location(c: SampleComparison, spec: MetricSpec, effect: float) -> str:
     if spec.effect_measure == "rank_biserial":
         size = f"rank-biserial r={c.rank_biserial:+.3f}"
+    elif spec.effect_measure == "absolute_shift":
+        size = f"absolute, baseline median {c.baseline_median:.4g}"
     else:
         size = f"{_pct(c.relative_shift)} of baseline median {c.baseline_median:.4g}"
     p_dir = min(c.p_better, c.p_worse)
@@ -152,6 +158,38 @@ def _describe_tail(c: SampleComparison, spec: MetricSpec) -> str:
 
 def _pct(value: float) -> str:
     return f"{value:+.1%}" if math.isfinite(value) else ("+inf" if value > 0 else "-inf")
+
+
+# ---------------------------------------------------------------------------
+# A collapsed policy
+# ---------------------------------------------------------------------------
+
+COLLAPSE_VETO = "policy_collapsed"
+# per episode, from an RL replica: the spread (population std) of its completions' rewards and
+# the share of its completions that are distinct
+REWARD_SPREAD, DISTINCT_SHARE = "reward_spread", "distinct_share"
+
+
+def policy_collapse(
+    samples_by_metric: Mapping[str, Sides | tuple[Sequence[float], Sequence[float]]], thresholds: Thresholds
+) -> str | None:
+    """Why the candidate's policy has collapsed, or None when it has not or was not measured.
+
+    A policy that gives (nearly) the same answer whatever it is asked has no reward spread and few
+    distinct answers; its mean reward may still be high (a reward it games), so collapse fails the
+    run on its own. The rule is the trainer's (``shared.contracts.collapse``), applied to the medians
+    over the soak's episodes, so one unlucky episode does not count."""
+    spread = list(samples_by_metric.get(REWARD_SPREAD, ((), ()))[0])
+    distinct = list(samples_by_metric.get(DISTINCT_SHARE, ((), ()))[0])
+    if not spread or not distinct:
+        return None
+    median_spread, median_distinct = statistics.median(spread), statistics.median(distinct)
+    if not policy_collapsed(median_spread, median_distinct, max_spread=thresholds.collapse_max_spread,
+                            max_distinct_share=thresholds.collapse_max_distinct_share):
+        return None
+    return (f"policy collapsed: median reward spread {median_spread:.3g} < {thresholds.collapse_max_spread:g} "
+            f"and median distinct answers {median_distinct:.0%} < {thresholds.collapse_max_distinct_share:.0%} "
+            f"of a prompt's completions (n={len(spread)} episodes)")
 
 
 # ---------------------------------------------------------------------------
@@ -212,8 +250,12 @@ def judge_cycle(
     blind = tuple(n for n, mv in metrics.items() if mv.critical and mv.outcome == "no_data")
     score, group_scores = _score(metrics, thresholds)
     label = f"cycle {cycle}" if cycle is not None else "all cycles"
+    collapse = policy_collapse(samples_by_metric, thresholds)
 
-    if vetoes:
+    if collapse:
+        outcome, vetoes = "fail", (COLLAPSE_VETO, *vetoes)
+        head = f"{label}: fail, {collapse}" + "".join(f"; {metrics[n].reason}" for n in vetoes[1:])
+    elif vetoes:
         outcome = "fail"
         head = f"{label}: fail, critical {'metric' if len(vetoes) == 1 else 'metrics'} worse: " + "; ".join(
             metrics[n].reason for n in vetoes
@@ -282,6 +324,8 @@ class Verdict:
     replicas: Mapping[str, Mapping[str, int]]  # side -> {"replicas", "with_incident"}
     incidents: tuple[Incident, ...]
     thresholds: Thresholds
+    # what the candidate and baseline measured beyond the compared metrics: "retrieval", "policy"
+    measured: Mapping[str, Any] = field(default_factory=dict)
 
     @property
     def metrics(self) -> Mapping[str, MetricVerdict]:
@@ -308,7 +352,34 @@ class Verdict:
             "replicas": {side: dict(counts) for side, counts in self.replicas.items()},
             "incidents": [i.to_dict() for i in self.incidents],
             "thresholds": self.thresholds.to_dict(),
+            **{key: dict(value) for key, value in self.measured.items()},
         }
+
+
+def _mean(values: Sequence[float]) -> float | None:
+    return json_number(statistics.fmean(values)) if values else None
+
+
+def measured_summaries(samples_by_metric: Mapping[str, Sides], pooled: CycleVerdict) -> dict[str, Any]:
+    """The retrieval of an encoder and the answers of a policy, mean per side over all episodes,
+    as ``validation.completed`` carries them; a family the soak did not measure is left out."""
+    def side(names: Mapping[str, str], index: int) -> dict[str, Any] | None:
+        columns = {key: list(samples_by_metric.get(metric, ((), ()))[index]) for key, metric in names.items()}
+        if not any(columns.values()):
+            return None
+        return {**{key: _mean(values) for key, values in columns.items()},
+                "episodes": max(len(values) for values in columns.values())}
+
+    measured: dict[str, Any] = {}
+    retrieval = {"recall_at_1": RETRIEVAL_RECALL, "mrr": RETRIEVAL_MRR}
+    if any(samples_by_metric.get(m) for m in retrieval.values()):
+        measured["retrieval"] = {"candidate": side(retrieval, 0), "baseline": side(retrieval, 1)}
+    policy = {"reward_mean": "reward", "reward_spread": REWARD_SPREAD, "distinct_share": DISTINCT_SHARE}
+    if any(samples_by_metric.get(m) for m in (REWARD_SPREAD, DISTINCT_SHARE)):
+        collapsed = COLLAPSE_VETO in pooled.vetoes
+        measured["policy"] = {"candidate": side(policy, 0), "baseline": side(policy, 1), "collapsed": collapsed,
+                              "collapse_reason": pooled.reason if collapsed else None}
+    return measured
 
 
 def longest_failing_streak(outcomes: Iterable[str]) -> int:
@@ -351,8 +422,8 @@ def judge_run(cycles: Sequence[CycleSamples], thresholds: Thresholds, *, kind: s
     ordered = sorted(cycles, key=lambda c: c.cycle)
     cycle_verdicts = tuple(judge_cycle(c.by_metric(), thresholds, kind=kind, cycle=c.cycle) for c in ordered)
 
-    pooled_sides = CycleSamples(0, tuple(r for c in ordered for r in c.replicas))
-    pooled = judge_cycle(pooled_sides.by_metric(), thresholds, kind=kind, cycle=None)
+    pooled_sides = CycleSamples(0, tuple(r for c in ordered for r in c.replicas)).by_metric()
+    pooled = judge_cycle(pooled_sides, thresholds, kind=kind, cycle=None)
     incidents = tuple(i for c in ordered for i in c.incidents)
     sample_sizes = {
         "candidate": {n: mv.n_candidate for n, mv in pooled.metrics.items()},
@@ -372,6 +443,8 @@ def judge_run(cycles: Sequence[CycleSamples], thresholds: Thresholds, *, kind: s
 
     if not ordered:
         outcome, head = "inconclusive", "inconclusive: no cycle was recorded"
+    elif COLLAPSE_VETO in pooled.vetoes:  # however long the soak: a collapsed policy is no candidate
+        outcome, head = "fail", f"fail: {pooled.reason}"
     elif long_soak and streak >= limit:
         run_of_failures = _longest_failing_cycles(cycle_verdicts)
         outcome = "fail"
@@ -400,7 +473,8 @@ def judge_run(cycles: Sequence[CycleSamples], thresholds: Thresholds, *, kind: s
         f"{_sample_size_sentence(sample_sizes, replicas, incidents)}"
     )
     return Verdict(
-        outcome, reason, pooled.score, pooled, cycle_verdicts, streak, sample_sizes, replicas, incidents, thresholds
+        outcome, reason, pooled.score, pooled, cycle_verdicts, streak, sample_sizes, replicas, incidents, thresholds,
+        measured_summaries(pooled_sides, pooled),
     )
 
 

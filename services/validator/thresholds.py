@@ -9,6 +9,8 @@ keeps the defaults below::
     metrics:
       latency_ms: {min_effect: 0.03}
       tokens_per_s: {direction: higher, group: performance, weight: 1}
+      retrieval_mrr: {min_effect: 0.1}      # an encoder's tolerance on retrieval
+    collapse_max_distinct_share: 0.2
 
 Per metric:
 
@@ -16,8 +18,10 @@ Per metric:
 * ``min_effect`` — the smallest change that matters in practice; a
   statistically significant change below it is judged "same". Measured as the
   Hodges-Lehmann shift relative to the baseline median
-  (``effect_measure: relative_shift``) or as the rank-biserial correlation
-  (``rank_biserial``), which suits counts such as errors whose median is 0;
+  (``effect_measure: relative_shift``), as the rank-biserial correlation
+  (``rank_biserial``), which suits counts such as errors whose median is 0,
+  or as the shift itself in the metric's units (``absolute_shift``), which
+  suits scores in [0, 1] such as retrieval recall@1 and MRR;
 * ``alpha`` — significance level of each one-sided test (and of the KS test);
 * ``critical`` — a significant, material regression vetoes the whole run;
 * ``group`` and ``weight`` — how the metric feeds the score;
@@ -32,8 +36,11 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, Mapping
 
+from shared.contracts.collapse import MAX_DISTINCT_SHARE, MAX_SPREAD
+
 DIRECTIONS = ("lower", "higher")
-EFFECT_MEASURES = ("relative_shift", "rank_biserial")
+RETRIEVAL_RECALL, RETRIEVAL_MRR = "retrieval_recall_at_1", "retrieval_mrr"
+EFFECT_MEASURES = ("relative_shift", "rank_biserial", "absolute_shift")
 KINDS = ("mntp", "rl")
 
 
@@ -82,6 +89,14 @@ def default_metrics() -> dict[str, MetricSpec]:
         "mntp_loss": MetricSpec("lower", min_effect=0.01, critical=True, group="quality", weight=2.0, kinds=("mntp",)),
         "mntp_accuracy": MetricSpec("higher", min_effect=0.01, group="quality", weight=1.0, kinds=("mntp",)),
         "reward": MetricSpec("higher", min_effect=0.02, critical=True, group="quality", weight=3.0, kinds=("rl",)),
+        # An encoder must not find related text worse than its baseline: a gate, not a score (weight 0).
+        # Both lie in [0, 1] and may be 0 on the baseline, so a change is measured in their own units:
+        # ``min_effect`` is the tolerance, the loss of recall@1 or MRR still taken as "no worse".
+        # Judged when the soak measured it (MNTP soaks do), so older raw data re-judges as it was.
+        RETRIEVAL_RECALL: MetricSpec("higher", min_effect=0.1, critical=True, group="quality", weight=0.0,
+                                     effect_measure="absolute_shift", kinds=()),
+        RETRIEVAL_MRR: MetricSpec("higher", min_effect=0.1, critical=True, group="quality", weight=0.0,
+                                  effect_measure="absolute_shift", kinds=()),
         # Users feel the tail of latency, so a wider spread counts even when the
         # median holds.
         "latency_ms": MetricSpec("lower", min_effect=0.05, group="performance", weight=2.0, shape_check=True),
@@ -98,6 +113,10 @@ def default_groups() -> dict[str, float]:
     return {"quality": 0.6, "performance": 0.25, "reliability": 0.15}
 
 
+SCALARS = ("pass_score", "marginal_score", "consecutive_failures", "min_samples", "collapse_max_spread",
+           "collapse_max_distinct_share")
+
+
 @dataclass(frozen=True)
 class Thresholds:
     """Metric scores are better 1, same 0.5, worse 0; a group scores the weighted
@@ -112,6 +131,11 @@ class Thresholds:
     marginal_score: float = 0.45
     consecutive_failures: int = 3
     min_samples: int = 10
+    # An RL policy has collapsed, and fails whatever its mean reward, when its median reward spread
+    # within an episode and its median share of distinct answers to a prompt are both below these
+    # (``shared.contracts.collapse``, the rule the trainer applies too).
+    collapse_max_spread: float = MAX_SPREAD
+    collapse_max_distinct_share: float = MAX_DISTINCT_SHARE
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.marginal_score <= self.pass_score <= 1.0:
@@ -125,6 +149,8 @@ class Thresholds:
             raise ValueError(f"metrics name groups without a weight: {sorted(missing)}")
         if any(w < 0 for w in self.groups.values()):
             raise ValueError("group weights must not be negative")
+        if self.collapse_max_spread < 0 or not 0.0 <= self.collapse_max_distinct_share <= 1.0:
+            raise ValueError("need collapse_max_spread >= 0 and collapse_max_distinct_share in [0, 1]")
 
     @classmethod
     def default(cls) -> "Thresholds":
@@ -146,6 +172,8 @@ class Thresholds:
             "marginal_score": self.marginal_score,
             "consecutive_failures": self.consecutive_failures,
             "min_samples": self.min_samples,
+            "collapse_max_spread": self.collapse_max_spread,
+            "collapse_max_distinct_share": self.collapse_max_distinct_share,
         }
 
     @classmethod
@@ -173,7 +201,7 @@ class Thresholds:
                     raise ValueError(f"metric {name}: a new metric needs a direction")
                 metrics[name] = MetricSpec(**overrides)
         groups = {**base.groups, **(data.get("groups") or {})}
-        scalars = {k: data[k] for k in ("pass_score", "marginal_score", "consecutive_failures", "min_samples") if k in data}
+        scalars = {k: data[k] for k in SCALARS if k in data}
         return replace(base, metrics=metrics, groups=groups, **scalars)
 
     @classmethod

@@ -341,6 +341,16 @@ def config_digest(config: Mapping[str, Any] | None) -> str:
     return hashlib.sha256(canonical_json(dict(config or {}))).hexdigest()
 
 
+PRODUCTION_CHANNEL, RESEARCH_CHANNEL = "production", "research"
+
+
+def promotion_channel(training_kind: str | None, from_research: bool = False) -> str:
+    """The channel a passing candidate's promotion request names: a research loop's adapter (an RL
+    adapter, or any adapter of a ``research.proposed`` loop) goes to ``research``, where it can be
+    tried without touching what production serves; every other adapter to ``production``."""
+    return RESEARCH_CHANNEL if from_research or training_kind == "rl" else PRODUCTION_CHANNEL
+
+
 def decision_subject(kind: str, subject: Mapping[str, Any]) -> dict[str, Any]:
     """What a decision on a request of ``kind`` must sign, from the request's ``subject``.
 

@@ -46,26 +46,34 @@ function replicas(v) {
 
 function code(text, title) { const c = el("code", text); if (title) c.title = title; return c; }
 
+// One run's curve: the loss of an MNTP run, the mean reward of an RL run (with its KL and answer variety).
 function lossCurve(run) {
-  const points = run.loss_curve || [];
+  const rewards = run.reward_curve || [];
+  const rl = rewards.length > 0;
+  const points = rl ? rewards.map(p => ({ step: p.step, y: p.reward_mean }))
+    : (run.loss_curve || []).map(p => ({ step: p.step, y: p.loss }));
   const fig = el("figure");
   fig.dataset.job = run.job_id;
-  const last = points.length ? points[points.length - 1].loss : null;
+  const last = rl ? rewards[rewards.length - 1] : null;
+  const tail = rl
+    ? `reward ${num(rewards[0].reward_mean, 3)} → ${num(last.reward_mean, 3)} ± ${num(last.reward_spread, 3)}` +
+      ` · KL ${num(last.kl, 4)} · distinct answers ${last.distinct_share === null || last.distinct_share === undefined ? "—" : Math.round(last.distinct_share * 100) + "%"}`
+    : `last loss ${num(points.length ? points[points.length - 1].y : null, 3)}`;
   fig.appendChild(el("figcaption",
-    `${run.cycle_id || "no cycle"} · job ${run.job_id} · ${run.status} · ${points.length} steps · last loss ${num(last, 3)}`));
+    `${run.cycle_id || "no cycle"} · job ${run.job_id} · ${run.status} · ${points.length} steps · ${tail}`));
   const W = 340, H = 140, L = 36, B = 18, T = 6, R = 6;
   const chart = svg("svg", { viewBox: `0 0 ${W} ${H}`, width: W, height: H, role: "img",
-    "aria-label": `loss curve of ${run.job_id}` });
-  chart.classList.add("loss-curve");
+    "aria-label": `${rl ? "reward" : "loss"} curve of ${run.job_id}` });
+  chart.classList.add(rl ? "reward-curve" : "loss-curve");
   if (points.length) {
-    const steps = points.map(p => p.step), losses = points.map(p => p.loss);
-    const x0 = Math.min(...steps), x1 = Math.max(...steps), y0 = Math.min(...losses), y1 = Math.max(...losses);
+    const steps = points.map(p => p.step), ys = points.map(p => p.y);
+    const x0 = Math.min(...steps), x1 = Math.max(...steps), y0 = Math.min(...ys), y1 = Math.max(...ys);
     const sx = s => L + (x1 === x0 ? 0.5 : (s - x0) / (x1 - x0)) * (W - L - R);
     const sy = y => T + (y1 === y0 ? 0.5 : (y1 - y) / (y1 - y0)) * (H - T - B);
     chart.appendChild(svg("line", { x1: L, y1: H - B, x2: W - R, y2: H - B, stroke: "#d1d5db" }));
     chart.appendChild(svg("line", { x1: L, y1: T, x2: L, y2: H - B, stroke: "#d1d5db" }));
-    const path = svg("polyline", { fill: "none", stroke: "#2563eb", "stroke-width": 1.5,
-      points: points.map(p => `${sx(p.step).toFixed(1)},${sy(p.loss).toFixed(1)}`).join(" ") });
+    const path = svg("polyline", { fill: "none", stroke: rl ? "#10b981" : "#2563eb", "stroke-width": 1.5,
+      points: points.map(p => `${sx(p.step).toFixed(1)},${sy(p.y).toFixed(1)}`).join(" ") });
     chart.appendChild(path);
     const label = (x, y, text, anchor) => { const t = svg("text", { x, y, "text-anchor": anchor || "start" }); t.textContent = text; chart.appendChild(t); };
     label(L - 4, T + 8, num(y1, 2), "end");
@@ -75,6 +83,23 @@ function lossCurve(run) {
   }
   fig.appendChild(chart);
   return fig;
+}
+
+// What the soak measured of what the adapter learned: an encoder's retrieval, a policy's reward and variety.
+function learned(v) {
+  const r = v.retrieval, p = v.policy;
+  if (r && (r.candidate || r.baseline)) {
+    const side = s => s ? `${num(s.recall_at_1, 2)} / ${num(s.mrr, 2)}` : "—";
+    return el("span", `recall@1 / MRR ${side(r.candidate)} vs ${side(r.baseline)}`, "learned-retrieval");
+  }
+  if (p && (p.candidate || p.baseline)) {
+    const c = p.candidate || {}, b = p.baseline || {};
+    const text = `reward ${num(c.reward_mean, 3)} vs ${num(b.reward_mean, 3)}` + (p.collapsed ? " · collapsed" : "");
+    const cell = el("span", text, p.collapsed ? "learned-collapsed" : "learned-policy");
+    if (p.collapse_reason) cell.title = p.collapse_reason;
+    return cell;
+  }
+  return "—";
 }
 
 function energyBars(rows) {
@@ -103,13 +128,14 @@ function render(data) {
   fillTable("approvals", data.pending_approvals, a => [
     code(a.request_id), a.kind, a.subject_id, a.requested_by, when(a.expires_at)]);
   const curves = document.querySelector("#training .curves");
-  curves.replaceChildren(...data.training.filter(r => (r.loss_curve || []).length).map(lossCurve));
+  curves.replaceChildren(...data.training.filter(r => (r.loss_curve || []).length || (r.reward_curve || []).length)
+    .map(lossCurve));
   document.querySelector("#training .empty").hidden = curves.children.length > 0;
   fillTable("validations", data.validations, v => [
     code(v.validation_id), code(short(v.adapter_sha256), v.adapter_sha256), v.purpose,
     el("span", v.verdict || v.status, `verdict-${v.verdict || v.status}`), num(v.score, 2),
     v.success_rate === null ? "—" : `${Math.round(v.success_rate * 100)}%`, replicas(v),
-    `${v.totals.cycles_done}/${v.totals.cycles_planned ?? "?"}`, v.totals.incidents]);
+    `${v.totals.cycles_done}/${v.totals.cycles_planned ?? "?"}`, v.totals.incidents, learned(v)]);
   energyBars(data.energy_per_cycle);
   fillTable("energy", data.energy_per_cycle, e => [
     e.cycle_id, num(e.training_wh, 4), num(e.validation_wh, 4), num(e.wh, 4), num(e.gco2e, 3),

@@ -73,11 +73,24 @@ def training() -> list:
     return events
 
 
+def rl_training() -> list:
+    """An RL job's progress: the mean reward rising, its spread, KL to the starting policy, distinct answers."""
+    events = [make_event("training.started", "job-rl", {
+        "job_id": "job-rl", "cycle_id": "cyc-research", "kind": "rl", "model": "tiny", "dataset_sha256": None,
+        "config": {"steps": 4}, "resumed_from_step": None}, service="trainer")]
+    for step in range(1, 5):
+        events.append(make_event("training.progressed", "job-rl", {
+            "job_id": "job-rl", "cycle_id": "cyc-research", "step": step, "total_steps": 4, "loss": 0.1,
+            "reward_mean": 0.5 + 0.1 * step, "reward_std": 0.2, "kl": 0.001 * step, "distinct_share": 0.75,
+            "learning_rate": 2e-2, "tokens_per_s": 50.0, "energy_j": None}, sequence=1 + step, service="trainer"))
+    return events
+
+
 @pytest.mark.skipif(CHROMIUM is None, reason="no chromium on PATH (apt-get install chromium) to drive the dashboard")
 async def test_the_dashboard_shows_production_verdicts_energy_approvals_and_loss_curves(registry, tmp_path):
     served, waiting = sha_of("dashboard-served"), sha_of("dashboard-waiting")
     await publish(registry.settings, *soak(served), energy("job-dash", "training", 2.5),
-                  energy(f"val-{served[:16]}", "validation", 1.25), *training())
+                  energy(f"val-{served[:16]}", "validation", 1.25), *training(), *rl_training())
     await promote(registry, served)
     await publish(registry.settings, validation_completed(waiting), approval_requested(waiting))
     waiting_request = f"apr-promotion-val-{waiting[:16]}"
@@ -110,4 +123,5 @@ async def test_the_dashboard_shows_production_verdicts_energy_approvals_and_loss
     assert f'title="sized to scaling.recommended {ADVICE}">2 (advice: 4)</span>' in html  # what sized it
     assert CYCLE in html and "3.7500" in html  # energy per cycle: 2.5 Wh training + 1.25 Wh validation
     assert 'class="loss-curve"' in html and "<polyline" in html
+    assert 'class="reward-curve"' in html and "reward 0.600 → 0.900 ± 0.200 · KL 0.0040 · distinct answers 75%" in html
     assert shot.returncode == 0 and (tmp_path / "dashboard.png").stat().st_size > 10_000
