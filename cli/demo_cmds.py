@@ -28,16 +28,23 @@ def cycle_run(
     requested_by: str = typer.Option(..., "--requested-by", envvar="NEURONS_OPERATOR",
                                      help="who asks for the cycle (signs the request); they may not approve "
                                      "its promotion themselves"),
+    dataset: str | None = typer.Option(None, "--dataset", help="dataset id (default: the latest registered)"),
+    force_gate: list[str] = typer.Option([], "--force-gate", help="admins only: start the cycle although this "
+                                         "gate is closed (hardware)"),
     wait: bool = typer.Option(True, "--wait/--no-wait", help="follow the cycle to its end"),
     timeout: float = typer.Option(900.0, help="seconds to wait for the whole cycle"),
-    as_json: bool = typer.Option(False, "--json", help="print only the JSON summary"),
+    as_json: bool = typer.Option(False, "--json", help="JSON lines: a deferral as it happens, the summary last"),
 ) -> None:
-    """Run one self-training cycle on a running platform: request, train, soak, promote."""
+    """Run one self-training cycle on a running platform: request, train, soak, promote.
+
+    Settings given with --set and --steps run exactly as given, or the request is refused with the reason."""
     from cli.cycle_cmds import _parse_config
 
     settings = Settings.from_env()
     signer = signer_for(settings, requested_by)
-    request = cycle_request(requested_by, model, steps, _parse_config(set_))
+    _preflight(settings, requested_by, signer, operator if wait else None, model, dataset, force_gate)
+    request = cycle_request(requested_by, model, steps, _parse_config(set_), dataset_id=dataset,
+                            force_gates=force_gate)
     if not wait:
         asyncio.run(publish_signed(settings, request, signer))
         typer.echo(json.dumps({"command_id": request.aggregate_id}) if as_json else f"requested {request.aggregate_id}")
@@ -45,9 +52,42 @@ def cycle_run(
     with Reporter(quiet=as_json) as reporter:
         view = asyncio.run(follow_cycle(settings, request=request, match_trigger={"command_id": request.aggregate_id},
                                         operator=operator, reporter=reporter, timeout_s=timeout, signer=signer))
+    if view.outcome.startswith("refused: ") and not as_json:
+        typer.echo(f"neurons: {view.outcome}", err=True)
+        raise typer.Exit(1)
     _print_summary(view.summary, settings, as_json)
     if view.outcome != "promoted":
         raise typer.Exit(1)
+
+
+def _preflight(settings: Settings, requested_by: str, signer, operator: str | None, model: str | None,
+               dataset: str | None, force_gates: list[str]) -> None:
+    """What the cycle will need, checked before anything is requested: one line and exit on the first gap."""
+    from cli.cycle_run import FORCEABLE_GATES, dataset_problem, model_problem, registered_datasets, role_problems
+
+    def refuse(line: str, code: int = 1) -> None:
+        typer.echo(f"neurons: {line}", err=True)
+        raise typer.Exit(code)
+
+    unknown = sorted(set(force_gates) - set(FORCEABLE_GATES))
+    if unknown:
+        refuse(f"--force-gate {unknown[0]}: only {', '.join(FORCEABLE_GATES)} may be forced", 2)
+    if operator == requested_by:
+        refuse(f"--operator {operator} asked for the cycle and may not approve its promotion; "
+               f"name another approver", 2)
+    # who asks must be allowed to (an admin, when a gate is forced); who signs the promotion must approve
+    needs = {requested_by: (signer.key_id, ("admin",) if force_gates else ("requester", "approver", "admin"))}
+    if operator is not None:
+        needs[operator] = (signer_for(settings, operator).key_id, ("approver",))
+    problem = model_problem(settings, model)
+    try:
+        roles = role_problems(settings, needs)
+        problem = problem or dataset_problem(settings, asyncio.run(registered_datasets(settings)), dataset)
+    except Exception as exc:  # the broker does not answer
+        refuse(f"cannot read the log at {settings.bootstrap()} ({type(exc).__name__}); "
+               f"is the platform running (`neurons status`)?")
+    for line in roles + ([problem] if problem else []):
+        refuse(line)
 
 
 DEMO_ENV = {
@@ -182,9 +222,29 @@ def _dashboard_url(settings: Settings) -> str | None:
     return info.get("url") or f"http://127.0.0.1:{info.get('port')}/"
 
 
+def _retrieval_change(summary: dict, settings: Settings) -> str:
+    """The adapter as an encoder: recall@1 and MRR on held-out pairs, its soak's baseline (the base model,
+    or the adapter it replaces) -> the adapter, as the verdict the registry keeps says."""
+    from services.registry.queries import registry_session, snapshot
+
+    if not summary.get("validation_id"):
+        return "-"
+    with registry_session(settings) as session:
+        retrieval = (snapshot(session, summary["validation_id"]) or {}).get("retrieval") or {}
+    base, adapter = retrieval.get("baseline") or {}, retrieval.get("candidate") or {}
+    if not adapter:
+        return "-"
+
+    def figure(side: dict, key: str) -> str:
+        return "-" if side.get(key) is None else f"{side[key]:.3f}"
+
+    return (f"recall@1 {figure(base, 'recall_at_1')} -> {figure(adapter, 'recall_at_1')}, "
+            f"MRR {figure(base, 'mrr')} -> {figure(adapter, 'mrr')} (before -> after)")
+
+
 def _print_summary(summary: dict, settings: Settings, as_json: bool) -> None:
-    if as_json:
-        typer.echo(json.dumps(summary, indent=2, default=str))
+    if as_json:  # one line, the last: JSON lines before it (a deferral) stay parseable one by one
+        typer.echo(json.dumps(summary, default=str))
         return
     from rich.console import Console
     from rich.table import Table
@@ -200,6 +260,7 @@ def _print_summary(summary: dict, settings: Settings, as_json: bool) -> None:
         ("verdict", summary.get('verdict_explanation') or summary.get('verdict')),  # it begins with the verdict
         ("trained on", summary_line(summary.get("placement"))),
         ("held-out loss", f"{metrics.get('loss_before', float('nan')):.4f} -> {metrics.get('loss_after', float('nan')):.4f}" if metrics.get("loss_before") is not None else "-"),
+        ("retrieval", _retrieval_change(summary, settings)),
         ("energy", f"{energy.get('wh') or 0:.3f} Wh, {energy.get('gco2e') or 0:.3f} gCO2e ({', '.join(sorted({j['method'] or 'unmeasured' for j in energy.get('jobs', [])})) or '-'})"),
         ("adapter files", summary.get("artefact_dir") or "-"),
         ("soak raw data", summary.get("raw_data_uri") or "-"),

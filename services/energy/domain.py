@@ -13,8 +13,10 @@ state and the same decisions.
   while the window stays over, further reports add nothing new.
 - ``ProfileHardware`` records ``hardware.profiled`` and recommends micro-batch,
   gradient accumulation and replica counts (``scaling.recommended``) from the
-  memory, cores and the energy budget left, each with its reasons (the sizing
-  rules are in ``services.energy.scaling``).
+  memory, cores and the energy budget left, and from what was observed: the
+  soaks' replica memory, latency and incidents (``validation.cycle_completed``)
+  and the training jobs' joules per step (``training.completed``), each with
+  its reasons (the sizing rules are in ``services.energy.scaling``).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any, Iterable, Mapping
 
-from services.energy.scaling import ScalingConfig, recommend_scaling
+from services.energy.scaling import Observed, ScalingConfig, observe, recommend_scaling
 from shared.contracts.envelope import NewEvent
 from shared.contracts.values import iso, number, time_or_none
 
@@ -147,6 +149,7 @@ class EnergyState:
     recent_wh: Mapping[str, tuple[float, ...]] = field(default_factory=dict)
     crossings: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     hardware: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    observed: Observed = field(default_factory=Observed)  # soak cycles and training jobs, for scaling
 
     @property
     def horizon(self) -> timedelta:
@@ -162,6 +165,8 @@ class EnergyState:
         rows.update({f"recent:{kind}": {"wh": list(values)} for kind, values in self.recent_wh.items()})
         rows.update({f"crossing:{window}": dict(payload) for window, payload in self.crossings.items()})
         rows.update({f"hardware:{node}": dict(profile) for node, profile in self.hardware.items()})
+        if self.observed != Observed():
+            rows["observed:node"] = self.observed.to_dict()
         return rows
 
     @classmethod
@@ -175,7 +180,8 @@ class EnergyState:
         return cls(budgets=budgets, usage=tuple(usage), reported=frozenset(parts.get("reported", {})),
                    recent_wh={kind: tuple(r["wh"]) for kind, r in parts.get("recent", {}).items()},
                    crossings={window: dict(r) for window, r in parts.get("crossing", {}).items()},
-                   hardware={node: dict(r) for node, r in parts.get("hardware", {}).items()})
+                   hardware={node: dict(r) for node, r in parts.get("hardware", {}).items()},
+                   observed=Observed.from_dict(parts.get("observed", {}).get("node")))
 
 
 def initial_state(config: EnergyConfig | None = None) -> EnergyState:
@@ -198,7 +204,8 @@ def evolve(state: EnergyState, event: Any) -> EnergyState:
         return replace(state, crossings={**state.crossings, payload["window"]: dict(payload)})
     if event.type == HARDWARE_PROFILED:
         return replace(state, hardware={**state.hardware, event.aggregate_id: dict(payload)})
-    return state
+    observed = observe(state.observed, event)  # a soak cycle's replicas, a training job's joules per step
+    return state if observed is state.observed else replace(state, observed=observed)
 
 
 def _usage_order(usage: Usage) -> tuple[datetime, str]:
@@ -411,6 +418,7 @@ def _scaling_event(
         wh_per_training=_mean(state.recent_wh.get("training")),
         wh_per_validation=_mean(state.recent_wh.get("validation")),
         config=config.scaling,
+        observed=state.observed,
     )
     payload["node"] = node
     payload["recommended_at"] = iso(at)

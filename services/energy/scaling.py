@@ -1,16 +1,27 @@
 """Sizing jobs to the hardware: micro-batch, gradient accumulation and replicas.
 
 Pure: no clock, no files, no environment. From one node's hardware profile
-(cores, load, memory, GPUs), the model's size and the energy budget left,
-``recommend_scaling`` gives the ``scaling.recommended`` figures, each with the
-reasons that produced it. ``services.energy.domain`` turns them into the event.
+(cores, load, memory, GPUs), the model's size, the energy budget left and what
+the node was observed to do (``Observed``: the soaks' replica memory, latency
+and incidents from ``validation.cycle_completed``, the trainer's measured
+joules per step from ``training.completed``), ``recommend_scaling`` gives the
+``scaling.recommended`` figures, each with the reasons that produced it; a
+reason names every observation it used. ``services.energy.domain`` turns them
+into the event.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from statistics import median
 from typing import Any, Mapping
+
+from shared.contracts.values import number
+
+# Soak cycles and training jobs remembered for sizing: enough to smooth one odd
+# cycle, few enough to follow a change of model or hardware.
+OBSERVATIONS_KEPT = 20
 
 
 @dataclass(frozen=True)
@@ -38,6 +49,88 @@ class ScalingConfig:
     max_trainer_replicas: int = 8
     max_validator_replicas: int = 8
     default_model_params: int = 135_000_000
+    # A soak episode slower than this (median over the replicas) means the
+    # replicas starve each other: fewer run at once.
+    target_replica_latency_ms: float = 10_000.0
+
+
+@dataclass(frozen=True)
+class Observed:
+    """What this node was seen to do, newest last: soak cycles' replica processes and training jobs.
+
+    A soak cycle (``validation.cycle_completed``): ``processes`` replicas ran
+    at once (both sides), the largest resident memory among them
+    (``peak_rss_mb``), their median episode latency (``latency_ms``) and how
+    many ended in an incident. A training job (``training.completed``): its
+    measured joules over its steps. Each is kept once (by soak cycle, by job).
+    """
+
+    soak_cycles: tuple[Mapping[str, Any], ...] = ()
+    training_jobs: tuple[Mapping[str, Any], ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"soak_cycles": [dict(c) for c in self.soak_cycles],
+                "training_jobs": [dict(j) for j in self.training_jobs]}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any] | None) -> "Observed":
+        data = data or {}
+        return cls(tuple(dict(c) for c in data.get("soak_cycles") or ()),
+                   tuple(dict(j) for j in data.get("training_jobs") or ()))
+
+    def peak_rss_bytes(self) -> float | None:
+        peaks = [c["peak_rss_mb"] for c in self.soak_cycles if c.get("peak_rss_mb") is not None]
+        return max(peaks) * 2**20 if peaks else None
+
+    def latency(self) -> tuple[float, int] | None:
+        """The median episode latency over the soak cycles kept, and the replica processes they ran."""
+        timed = [c for c in self.soak_cycles if c.get("latency_ms") is not None]
+        if not timed:
+            return None
+        return median(c["latency_ms"] for c in timed), int(median(c["processes"] for c in timed))
+
+    def joules_per_step(self) -> tuple[float, int] | None:
+        """The median measured joules per training step, and the median steps of a job."""
+        if not self.training_jobs:
+            return None
+        return (median(j["joules"] / j["steps"] for j in self.training_jobs),
+                int(median(j["steps"] for j in self.training_jobs)))
+
+
+def observe(observed: Observed, event: Any) -> Observed:
+    """``observed`` with what a soak cycle's or a training job's event showed; others change nothing."""
+    payload = event.payload or {}
+    if event.type == "validation.cycle_completed":
+        record = _soak_cycle(payload)
+        if record is None or any(c["key"] == record["key"] for c in observed.soak_cycles):
+            return observed
+        return replace(observed, soak_cycles=(observed.soak_cycles + (record,))[-OBSERVATIONS_KEPT:])
+    if event.type == "training.completed":
+        record = _training_job(payload, event.aggregate_id)
+        if record is None or any(j["key"] == record["key"] for j in observed.training_jobs):
+            return observed
+        return replace(observed, training_jobs=(observed.training_jobs + (record,))[-OBSERVATIONS_KEPT:])
+    return observed
+
+
+def _soak_cycle(payload: Mapping[str, Any]) -> dict[str, Any] | None:
+    replicas = [r for r in payload.get("replicas") or () if isinstance(r, Mapping)]
+    if not replicas:
+        return None
+    rss = [number(r.get("rss_mb")) for r in replicas if number(r.get("rss_mb")) is not None]
+    latency = [number(r.get("latency_ms")) for r in replicas if number(r.get("latency_ms")) is not None]
+    incidents = [str(r["incident"]) for r in replicas if r.get("incident")]
+    return {"key": f"{payload.get('validation_id')}#{payload.get('cycle')}", "processes": len(replicas),
+            "peak_rss_mb": max(rss) if rss else None, "latency_ms": median(latency) if latency else None,
+            "incidents": len(incidents), "incident": incidents[0] if incidents else None}
+
+
+def _training_job(payload: Mapping[str, Any], aggregate_id: str) -> dict[str, Any] | None:
+    energy = payload.get("energy") if isinstance(payload.get("energy"), Mapping) else {}
+    joules, steps = number(energy.get("joules")), number(payload.get("steps"))
+    if joules is None or joules <= 0 or not steps or steps <= 0:
+        return None
+    return {"key": str(payload.get("job_id") or aggregate_id), "joules": joules, "steps": int(steps)}
 
 
 @dataclass(frozen=True)
@@ -139,8 +232,10 @@ def recommend_scaling(
     wh_per_training: float | None = None,
     wh_per_validation: float | None = None,
     config: ScalingConfig = ScalingConfig(),
+    observed: Observed | None = None,
 ) -> dict[str, Any]:
     """Micro-batch, gradient accumulation and replica counts for one node, with reasons."""
+    observed = observed or Observed()
     node = _Node.of(profile)
     footprint = _Footprint.of(model_params, node.on_gpu, config)
     budget = _Budget(remaining_wh, binding_window)
@@ -151,7 +246,7 @@ def recommend_scaling(
         "validator_replicas": [],
     }
     trainers, device_memory = _trainer_replicas(
-        node, footprint, budget, wh_per_training, config, reasons["trainer_replicas"]
+        node, footprint, budget, wh_per_training, config, reasons["trainer_replicas"], observed
     )
     share = device_memory if node.on_gpu else device_memory / max(1, trainers)
     micro_batch = _micro_batch(share, footprint, model_params, config, reasons["micro_batch"])
@@ -159,7 +254,8 @@ def recommend_scaling(
     reasons["gradient_accumulation"].append(
         f"target batch {config.target_batch} / micro-batch {micro_batch} -> {accumulation} accumulation step(s)"
     )
-    validators = _validator_replicas(node, footprint, budget, wh_per_validation, config, reasons["validator_replicas"])
+    validators = _validator_replicas(node, footprint, budget, wh_per_validation, config, reasons["validator_replicas"],
+                                     observed)
     return {
         "model_params": int(model_params),
         "device": "cuda" if node.on_gpu else "cpu",
@@ -178,7 +274,22 @@ def recommend_scaling(
             "binding_window": binding_window,
             "wh_per_training": wh_per_training,
             "wh_per_validation": wh_per_validation,
+            "observed": _observed_inputs(observed),
         },
+    }
+
+
+def _observed_inputs(observed: Observed) -> dict[str, Any]:
+    """The observations the advice used, as ``inputs.observed`` records them."""
+    latency, per_step = observed.latency(), observed.joules_per_step()
+    peak = observed.peak_rss_bytes()
+    return {
+        "soak_cycles": len(observed.soak_cycles),
+        "replica_peak_rss_mb": None if peak is None else round(peak / 2**20, 1),
+        "replica_latency_ms": None if latency is None else round(latency[0], 1),
+        "incidents_last_soak_cycle": observed.soak_cycles[-1]["incidents"] if observed.soak_cycles else None,
+        "training_jobs": len(observed.training_jobs),
+        "joules_per_step": None if per_step is None else round(per_step[0], 3),
     }
 
 
@@ -189,6 +300,7 @@ def _trainer_replicas(
     wh_per_training: float | None,
     config: ScalingConfig,
     notes: list[str],
+    observed: Observed,
 ) -> tuple[int, float]:
     """Trainers the node holds, and the memory of the device they train on."""
     one_sample = footprint.fixed + footprint.per_sample
@@ -212,13 +324,32 @@ def _trainer_replicas(
         by_cores = max(1, node.free_cores // config.cores_per_trainer)
         notes.append(f"{node.core_note}; {config.cores_per_trainer} cores per trainer -> {by_cores}")
         device_memory = usable_total
+    energy_caps = [budget.cap(wh_per_training, "training", notes), _steps_cap(budget, observed, notes)]
     trainers = _capped(
         [by_hardware, by_cores, config.max_trainer_replicas],
-        budget.cap(wh_per_training, "training", notes),
+        min((c for c in energy_caps if c is not None), default=None),
         config.max_trainer_replicas,
         notes,
     )
     return trainers, device_memory
+
+
+def _steps_cap(budget: _Budget, observed: Observed, notes: list[str]) -> int | None:
+    """Training jobs the budget left pays for at the measured joules per step; None when it sets no cap."""
+    measured = observed.joules_per_step()
+    if measured is None:
+        notes.append("no training job measured yet: no joules per step to size against")
+        return None
+    per_step, steps = measured
+    seen = (f"measured {per_step:.3g} J per step (median of {len(observed.training_jobs)} training job(s), "
+            f"{steps} steps a job)")
+    if budget.remaining_wh is None or budget.remaining_wh <= 0:
+        notes.append(seen)
+        return None
+    steps_left = math.floor(budget.remaining_wh * 3600 / per_step)
+    cap = steps_left // steps
+    notes.append(f"{seen}: {budget.remaining_wh:.1f} Wh left pay for {steps_left} steps -> {cap} job(s)")
+    return cap
 
 
 def _micro_batch(
@@ -253,8 +384,10 @@ def _validator_replicas(
     wh_per_validation: float | None,
     config: ScalingConfig,
     notes: list[str],
+    observed: Observed,
 ) -> int:
-    """Validators the node holds: inference only, so lighter than a trainer."""
+    """Validators the node holds: inference only, so lighter than a trainer; what the soaks showed
+    (memory, latency, incidents) outranks the model of it."""
     per_validator = footprint.per_validator
     if node.on_gpu:
         by_memory = sum(math.floor(u / per_validator) for u in node.usable_gpu_memory(config))
@@ -269,11 +402,42 @@ def _validator_replicas(
     by_cores = max(1, node.free_cores // config.cores_per_validator)
     notes.append(f"{node.core_note}; {config.cores_per_validator} core(s) per replica -> {by_cores}")
     return _capped(
-        [by_memory, by_cores, config.max_validator_replicas],
+        [by_memory, by_cores, config.max_validator_replicas, *_observed_validator_caps(node, observed, config, notes)],
         budget.cap(wh_per_validation, "validation", notes),
         config.max_validator_replicas,
         notes,
     )
+
+
+def _observed_validator_caps(node: _Node, observed: Observed, config: ScalingConfig, notes: list[str]) -> list[int]:
+    """The replica caps the soaks' observations set: measured memory, latency, incidents."""
+    if not observed.soak_cycles:
+        notes.append("no soak observed yet: replica memory and latency as modelled")
+        return []
+    caps = []
+    cycles = len(observed.soak_cycles)
+    peak = observed.peak_rss_bytes()
+    if peak:
+        usable = node.usable_ram(config)
+        caps.append(math.floor(usable / peak))
+        notes.append(f"observed peak replica memory {peak / 2**20:.0f} MiB over the last {cycles} soak cycle(s): "
+                     f"{_gib(usable)} usable RAM / {_gib(peak)} -> {caps[-1]}")
+    latency = observed.latency()
+    if latency is not None:
+        ms, processes = latency
+        if ms > config.target_replica_latency_ms:
+            caps.append(max(1, math.floor(processes * config.target_replica_latency_ms / ms)))
+            notes.append(f"observed median episode latency {ms:.0f} ms with {processes} replica processes, above "
+                         f"the {config.target_replica_latency_ms:.0f} ms target -> {caps[-1]}")
+        else:
+            notes.append(f"observed median episode latency {ms:.0f} ms with {processes} replica processes, within "
+                         f"the {config.target_replica_latency_ms:.0f} ms target")
+    last = observed.soak_cycles[-1]
+    if last["incidents"]:
+        caps.append(max(1, last["processes"] - last["incidents"]))
+        notes.append(f"{last['incidents']} of {last['processes']} replica processes ended in an incident in the "
+                     f"last soak cycle ({last['incident']}) -> {caps[-1]}")
+    return caps
 
 
 def _capped(caps: list[int], energy_cap: int | None, maximum: int, notes: list[str]) -> int:

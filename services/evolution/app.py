@@ -15,6 +15,7 @@ from shared.policy_file import load_policies
 from services.evolution import domain
 from services.evolution.search import DEFAULT_CONFIG, DEFAULT_SPACE, Param, SearchSettings, SearchSpace, population_from_events
 from shared.contracts.envelope import NewEvent
+from shared.contracts.values import utcnow
 from shared.decider import Decider, from_document
 from shared.service import HandlerContext, Service
 
@@ -76,6 +77,10 @@ def _handle(ctx: HandlerContext, message, model: str | None = None) -> None:
     evolution.run(ctx, message, cfg)
 
 
+# the schedule's first cycle waits one interval after this (a fresh platform does not train at once)
+STARTED_AT = utcnow()
+
+
 @service.on_start
 async def rebuild_population(svc: Service) -> None:
     population = population_from_events(svc.own_events())
@@ -113,9 +118,11 @@ def _command(event, kind):
     for name in ("dataset_id", "config", "warm_start", "adapter_sha256"):
         if payload.get(name) is not None and name in kind.__dataclass_fields__:
             fields[name] = payload[name]
+    if payload.get("force_gates") and "force_gates" in kind.__dataclass_fields__:
+        fields["force_gates"] = tuple(payload["force_gates"])
     return kind(**fields)
 
 
 @service.every(_float("NEURONS_EVOLUTION_TICK_S", 5.0), jitter=1.0)
 def tick(ctx: HandlerContext):
-    _handle(ctx, domain.Tick(now=ctx.now))
+    _handle(ctx, domain.Tick(now=ctx.now, started_at=STARTED_AT))

@@ -6,8 +6,9 @@ quarantined (``dataset.registered``), and operators (``RequestCycle``,
 id, which then passes the gates (``gates.gate_cycle``): it is deferred,
 proposed, or abandoned when its dataset is gone. An approved cycle is followed
 through ``training.completed`` and ``validation.completed`` (``cycle.evaluated``
-carries its fitness into the population of ``search``) to its end:
-``cycle.completed`` with the outcome.
+carries its fitness into the population of ``search``; each later
+``energy.reported`` of its jobs re-scores it, ``cycle.rescored``: see
+``results``) to its end: ``cycle.completed`` with the outcome.
 
 ``decide`` looks a command up in ``_COMMANDS`` and an event in
 ``_REACTIONS``; ``evolve`` looks an event up in ``_FOLDS``. A type in none of
@@ -34,7 +35,6 @@ from services.evolution.gates import (
     fold_budget_exceeded,
     fold_dataset,
     fold_drift_verdict,
-    fold_energy_reported,
     fold_hardware_profile,
     fold_promoted,
     fold_scaling,
@@ -43,7 +43,9 @@ from services.evolution.gates import (
     retries_due,
     schedule_slot_due,
 )
-from services.evolution.search import FAIL_FITNESS, Population, fitness
+from services.evolution.results import evaluation, fold_energy_report, fold_rescored, rescore_on_energy
+from services.evolution.requests import forced_gate_problem, setting_problems
+from services.evolution.search import Population, research_individual_id, reward_facts
 from shared.contracts.envelope import NewEvent, iso
 from shared.contracts.facts import (
     SERVICE_REQUESTER,
@@ -52,7 +54,7 @@ from shared.contracts.facts import (
     training_facts,
     verdict_facts as validation_facts,
 )
-from shared.contracts.trust import parse_time
+from shared.contracts.trust import PRODUCTION_CHANNEL, parse_time
 
 DEFERRED, PROPOSED, APPROVED, EVALUATED, COMPLETED = "deferred", "proposed", "approved", "evaluated", "completed"
 
@@ -66,18 +68,24 @@ class CommandRejected(ValueError):
 
 @dataclass(frozen=True)
 class Tick:
-    """The clock: retry deferred cycles that are due and run the schedule."""
+    """The clock: retry deferred cycles that are due and run the schedule.
+
+    ``started_at``: when the service started; the schedule's first cycle waits one interval after it."""
 
     now: datetime
+    started_at: datetime | None = None
 
 
 @dataclass(frozen=True)
 class RequestCycle:
     """An operator asks for an MNTP cycle now (still subject to the gates).
 
-    ``config`` overrides searched settings; ``dataset_id`` defaults to the
-    latest usable dataset, ``warm_start`` to the latest promoted adapter.
-    ``command_id`` makes a retried command idempotent (default: operator + time).
+    ``config`` sets searched settings exactly (the search varies only the
+    others; ``requests`` refuses a value it cannot run as given);
+    ``dataset_id`` defaults to the latest usable dataset, ``warm_start`` to
+    the latest promoted adapter. ``force_gates`` names gates an admin lets
+    this cycle pass (``gates.FORCEABLE_GATES``). ``command_id`` makes a retried command
+    idempotent (default: operator + time).
     """
 
     operator_id: str
@@ -86,6 +94,7 @@ class RequestCycle:
     config: Mapping[str, Any] | None = None
     warm_start: str | None = None
     command_id: str | None = None
+    force_gates: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -119,6 +128,7 @@ class Cycle:
     validation: Mapping[str, Any] | None = None  # facts read from validation.completed
     fitness: float | None = None
     outcome: str | None = None
+    energy_reports: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)  # by job id (energy.reported)
 
     @property
     def request_id(self) -> str:
@@ -268,7 +278,8 @@ def _on_tick(tick: Tick, state: EvolutionState, config: EvolutionConfig) -> list
         new = _attempt(state.cycles[cycle.cycle_id], state, config, now)
         state = _fold_all(state, new)
         events += new
-    slot = schedule_slot_due(state, config, now)
+    started_at = parse_time(tick.started_at) if tick.started_at is not None else None
+    slot = schedule_slot_due(state, config, now, started_at)
     if slot is not None and state.latest_dataset_id is not None:
         trigger = {"type": "schedule", "slot": slot}
         cycle = _new_cycle("mntp", trigger, SERVICE_REQUESTER, f"schedule:{slot}")
@@ -294,6 +305,8 @@ def _usable_dataset(state: EvolutionState, dataset_id: str | None) -> Mapping[st
 
 
 def _on_request_cycle(cmd: RequestCycle, state: EvolutionState, config: EvolutionConfig) -> list[NewEvent]:
+    if _command_cycle_id("mntp", "operator", cmd) in state.cycles:
+        return []  # carried out already: a redelivered command is neither run nor refused again
     if cmd.dataset_id is not None and _usable_dataset(state, cmd.dataset_id) is None:
         raise CommandRejected(f"dataset {cmd.dataset_id!r} is unknown or quarantined")
     if _usable_dataset(state, cmd.dataset_id) is None:
@@ -301,6 +314,10 @@ def _on_request_cycle(cmd: RequestCycle, state: EvolutionState, config: Evolutio
     unknown = set(cmd.config or {}) - set(config.search.space.names())
     if unknown:
         raise CommandRejected(f"unknown settings {sorted(unknown)}; searchable: {config.search.space.names()}")
+    problem = "; ".join(setting_problems(config.search.space, cmd.config or {})) or \
+        forced_gate_problem(cmd.force_gates, cmd.operator_id, config.keyring)
+    if problem:
+        raise CommandRejected(problem)
     return _operator_cycle("mntp", "operator", cmd, cmd.warm_start, state, config)
 
 
@@ -316,13 +333,23 @@ def _on_request_research(cmd: RequestResearch, state: EvolutionState, config: Ev
 def _operator_cycle(kind: str, key: str, cmd: RequestCycle | RequestResearch, warm_start: str | None,
                     state: EvolutionState, config: EvolutionConfig) -> list[NewEvent]:
     """The cycle an operator's command asks for, once (a retried command finds it already there)."""
-    command_id = cmd.command_id or f"{cmd.operator_id}:{iso(parse_time(cmd.requested_at))}"
+    command_id = _command_id(cmd)
     trigger = {"type": "operator", "command_id": command_id, "dataset_id": cmd.dataset_id,
                "config": dict(cmd.config or {}), "warm_start": warm_start}
+    if getattr(cmd, "force_gates", ()):
+        trigger["force_gates"] = sorted(cmd.force_gates)  # what the admin let pass travels with the cycle
     cycle = _new_cycle(kind, trigger, cmd.operator_id, f"{key}:{command_id}")
     if cycle.cycle_id in state.cycles:
         return []
     return _attempt(cycle, state, config, parse_time(cmd.requested_at))
+
+
+def _command_id(cmd: RequestCycle | RequestResearch) -> str:
+    return cmd.command_id or f"{cmd.operator_id}:{iso(parse_time(cmd.requested_at))}"
+
+
+def _command_cycle_id(kind: str, key: str, cmd: RequestCycle | RequestResearch) -> str:
+    return _new_cycle(kind, {}, cmd.operator_id, f"{key}:{_command_id(cmd)}").cycle_id
 
 
 def _attempt(cycle: Cycle, state: EvolutionState, config: EvolutionConfig, now: datetime) -> list[NewEvent]:
@@ -375,7 +402,7 @@ def _evaluate_if_ready(cycle: Cycle, now: datetime) -> list[NewEvent]:
         return []
     training = cycle.training
     if training.get("failed"):
-        score, verdict = FAIL_FITNESS, "training_failed"
+        verdict = "training_failed"
     elif training.get("fallback"):
         # No adapter was learnt (the ML stack is missing): nothing to say about the config.
         return [_completed(cycle, "fallback", now, reason="the trainer produced a fallback artefact")]
@@ -386,25 +413,12 @@ def _evaluate_if_ready(cycle: Cycle, now: datetime) -> list[NewEvent]:
                            reason=f"validation {cycle.validation.get('validation_id')} was inconclusive")]
     else:
         verdict = cycle.validation["verdict"]
-        score = fitness(verdict, training.get("loss_before"), training.get("loss_after"),
-                        training.get("energy_wh"))
-    individual = (cycle.proposal or {}).get("individual") or {}
-    evaluated = NewEvent("cycle.evaluated", cycle.cycle_id, {
-        "cycle_id": cycle.cycle_id,
-        "kind": cycle.kind,
-        "individual_id": individual.get("individual_id"),
-        "verdict": verdict,
-        "fitness": score,
-        "loss_before": training.get("loss_before"),
-        "loss_after": training.get("loss_after"),
-        "energy_wh": training.get("energy_wh"),
-        "adapter_sha256": training.get("adapter_sha256"),
-        "validation_id": (cycle.validation or {}).get("validation_id"),
-        "evaluated_at": iso(now),
-    }, correlation_id=cycle.cycle_id)
+    # scored from the verdict and every energy report of the cycle so far (MNTP and RL alike)
+    evaluated = evaluation(cycle, verdict, research_individual_id(cycle.cycle_id) if cycle.kind == "rl" else None,
+                           now)
     if verdict == "pass":
         return [evaluated]  # the promotion decides how it ends
-    scored = replace(cycle, fitness=score)
+    scored = replace(cycle, fitness=evaluated.payload["fitness"])
     outcome = "training_failed" if verdict == "training_failed" else "failed"
     return [evaluated, _completed(scored, outcome, now)]
 
@@ -442,6 +456,7 @@ _REACTIONS: Mapping[str, Reaction] = {
     "training.failed": _on_result,
     "validation.completed": _on_result,
     "adapter.promoted": _on_promoted,
+    "energy.reported": rescore_on_energy,
 }
 
 
@@ -511,7 +526,7 @@ def _fold_training_result(state: EvolutionState, event: Any) -> EvolutionState:
     cycle = _cycle_for(state, event)
     if cycle is None or cycle.training is not None:
         return state
-    return _put(state, replace(cycle, training=training_facts(event)))
+    return _put(state, replace(cycle, training={**training_facts(event), **reward_facts(event.payload)}))
 
 
 def _fold_verdict(state: EvolutionState, event: Any) -> EvolutionState:
@@ -549,6 +564,16 @@ def _put(state: EvolutionState, cycle: Cycle) -> EvolutionState:
 
 Fold = Callable[[EvolutionState, Any], EvolutionState]
 
+
+def _fold_promoted_on_channel(state: EvolutionState, event: Any) -> EvolutionState:
+    """A promotion; only production's adapter becomes the default warm start, so a research loop's
+    adapter promoted to its own channel leaves the platform's next cycles where they were."""
+    folded = fold_promoted(state, event)
+    if (event.payload.get("channel") or PRODUCTION_CHANNEL) != PRODUCTION_CHANNEL:
+        return replace(folded, promoted_adapter=state.promoted_adapter)
+    return folded
+
+
 _FOLDS: Mapping[str, Fold] = {
     "cycle.deferred": _fold_gated,
     "cycle.proposed": _fold_gated,
@@ -562,11 +587,12 @@ _FOLDS: Mapping[str, Fold] = {
     "approval.requested": fold_approval_requested,
     "approval.rejected": fold_approval_closed,
     "approval.expired": fold_approval_closed,
-    "adapter.promoted": fold_promoted,
+    "adapter.promoted": _fold_promoted_on_channel,
     "dataset.registered": fold_dataset,
     "hardware.profiled": fold_hardware_profile,
     "scaling.recommended": fold_scaling,
-    "energy.reported": fold_energy_reported,
+    "energy.reported": fold_energy_report,
+    "cycle.rescored": fold_rescored,
     "energy.budget_exceeded": fold_budget_exceeded,
 }
 

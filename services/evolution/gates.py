@@ -11,12 +11,14 @@ is proposed it passes the gates, in this order (``evaluate_gates``):
   carbon     grid intensity at or above the pause threshold (at or above the
              caution threshold the cycle runs with fewer steps instead)
   hardware   load average per core above the limit, or too little free memory
+             (an admin's request may force it: ``FORCEABLE_GATES``)
 
 ``gate_cycle`` turns their answer into ``cycle.deferred`` (the gate, why, and
 a ``retry_at``) or the proposal: ``cycle.proposed`` (MNTP, settings from
 ``search``) or ``research.proposed`` (RL). A ``Tick`` tries a deferred cycle
 again at or after its ``retry_at`` (``retries_due``) and fires the jittered
-schedule (``schedule_slot_due``).
+schedule (``schedule_slot_due``), never within one interval of start-up or
+of the latest cycle (``schedule_rested_at``).
 
 Before training, ``request_training`` answers ``approval.granted`` with
 ``training.requested`` only when the grant verifies (``verify_grant``): an
@@ -58,6 +60,9 @@ if TYPE_CHECKING:
     from services.evolution.domain import Cycle, EvolutionState
 
 GATES = ("incidents", "approvals", "energy", "carbon", "hardware")
+# Gates an admin may let an operator's cycle pass (``force_gates`` in ``cycle.requested``): the load of
+# the machine is the admin's call; incidents, approvals, energy and carbon are not waived by anyone.
+FORCEABLE_GATES = ("hardware",)
 # Energy samples older than this are dropped from the state whatever the window.
 ENERGY_HISTORY = timedelta(days=8)
 
@@ -85,8 +90,8 @@ class EvolutionConfig:
     max_load_per_core: float = 0.85
     min_memory_available_gb: float = 2.0
     retry_after: timedelta = timedelta(minutes=30)
-    research_config: Mapping[str, Any] = field(default_factory=lambda: {
-        "learning_rate": 1e-5, "lora_rank": 8, "lora_alpha": 16, "steps": 100, "batch_size": 4})
+    # over search.RESEARCH_CONFIG (the measured RL defaults); the starting adapter decides rank, alpha, targets
+    research_config: Mapping[str, Any] = field(default_factory=dict)
 
 
 # --- the gates before a proposal ------------------------------------------------------
@@ -102,14 +107,17 @@ class GateResult:
 
 
 def evaluate_gates(state: EvolutionState, config: EvolutionConfig, now: datetime,
-                   estimate_wh: float) -> GateResult:
-    """Whether a cycle estimated at ``estimate_wh`` may be proposed at ``now``: the first closed gate, if any."""
+                   estimate_wh: float, forced: Iterable[str] = ()) -> GateResult:
+    """Whether a cycle estimated at ``estimate_wh`` may be proposed at ``now``: the first closed gate, if any.
+
+    ``forced``: gates an admin let this cycle pass (only those in ``FORCEABLE_GATES`` count)."""
     later = now + config.retry_after
+    forced = set(forced) & set(FORCEABLE_GATES)
     closed = (_incidents_gate(state, config, later)
               or _approvals_gate(state, config, later)
               or _energy_gate(state, config, now, estimate_wh)
               or _carbon_gate(state, config, later)
-              or _hardware_gate(state, config, later))
+              or (None if "hardware" in forced else _hardware_gate(state, config, later)))
     if closed is not None:
         return closed
     intensity = carbon_intensity(state, config)
@@ -252,18 +260,24 @@ def gate_cycle(cycle: Cycle, dataset: Mapping[str, Any] | None, state: Evolution
                config: EvolutionConfig, now: datetime) -> NewEvent:
     """``cycle`` through the gates at ``now``: ``cycle.deferred`` when one is closed, else its proposal.
 
-    The settings come from the search (``cycle_settings``); in the carbon
-    caution mode the cycle runs with fewer steps, and the gates judge that.
+    The settings come from the search (``cycle_settings``) with an
+    operator's explicit settings on top, exactly as given (the request
+    handling refused any the cycle could not run as given); in the carbon
+    caution mode the cycle runs with fewer steps, unless the operator set
+    them, and the gates judge that.
     """
-    individual, settings = cycle_settings(cycle.kind, cycle.trigger.get("config"), state.population,
-                                          config.search, config.research_config)
+    explicit = dict(cycle.trigger.get("config") or {})
+    forced = cycle.trigger.get("force_gates") or ()
+    individual, searched = cycle_settings(cycle.kind, None, state.population, config.search, config.research_config)
+    settings = {**searched, **explicit}
     estimate = estimate_energy_wh(settings, state.population, config.default_wh_per_sample_step)
-    gate = evaluate_gates(state, config, now, estimate)
-    if gate.open and gate.carbon_mode == "caution":
+    gate = evaluate_gates(state, config, now, estimate, forced)
+    if gate.open and gate.carbon_mode == "caution" and "steps" not in explicit:
         # Fewer steps rather than no cycle: the grid is dirty, not forbidding.
-        settings = with_fewer_steps(cycle.kind, settings, config.caution_steps_factor, config.search.space)
+        shorter = with_fewer_steps(cycle.kind, settings, config.caution_steps_factor, config.search.space)
+        settings = {**shorter, **explicit}
         estimate = estimate_energy_wh(settings, state.population, config.default_wh_per_sample_step)
-        gate = evaluate_gates(state, config, now, estimate)
+        gate = evaluate_gates(state, config, now, estimate, forced)
     if not gate.open:
         return NewEvent("cycle.deferred", cycle.cycle_id, {
             "cycle_id": cycle.cycle_id,
@@ -304,6 +318,8 @@ def _proposal(cycle: Cycle, dataset: Mapping[str, Any] | None, individual: Indiv
         payload["generation"] = individual.generation
         payload["individual"] = {"individual_id": individual.individual_id, "generation": individual.generation,
                                  "parents": list(individual.parents)}
+        if individual.rationale is not None:  # which past results chose these settings
+            payload["rationale"] = dict(individual.rationale)
         return NewEvent("cycle.proposed", cycle.cycle_id, payload, correlation_id=cycle.cycle_id)
     return NewEvent("research.proposed", cycle.cycle_id, payload, correlation_id=cycle.cycle_id)
 
@@ -406,15 +422,27 @@ def retries_due(state: EvolutionState, now: datetime) -> list[Cycle]:
                   key=lambda c: (c.retry_at, c.cycle_id))
 
 
-def next_due(state: EvolutionState, config: EvolutionConfig, now: datetime) -> datetime | None:
+def next_due(state: EvolutionState, config: EvolutionConfig, now: datetime,
+             started_at: datetime | None = None) -> datetime | None:
     """When a ``Tick`` has something to do next: a deferred retry or the schedule."""
     times = [c.retry_at for c in state.cycles.values() if c.awaiting_retry]
     if config.schedule_interval is not None:
         slot = math.floor(now.timestamp() / config.schedule_interval.total_seconds())
         if state.last_schedule_slot is not None and state.last_schedule_slot >= slot:
             slot += 1
-        times.append(schedule_due_at(slot, config))
+        rested = schedule_rested_at(state, config, started_at)
+        times.append(max(schedule_due_at(slot, config), rested) if rested else schedule_due_at(slot, config))
     return min(times, default=None)
+
+
+def schedule_rested_at(state: EvolutionState, config: EvolutionConfig,
+                       started_at: datetime | None) -> datetime | None:
+    """The schedule fires no sooner than one interval after the service started and after the latest
+    cycle proposed (whatever started it), so it never competes with a start-up or an operator's cycle."""
+    proposed = [parse_time(c.proposal["proposed_at"]) for c in state.cycles.values()
+                if c.proposal and c.proposal.get("proposed_at")]
+    marks = proposed + ([started_at] if started_at is not None else [])
+    return max(marks) + config.schedule_interval if marks and config.schedule_interval else None
 
 
 def schedule_due_at(slot: int, config: EvolutionConfig) -> datetime:
@@ -425,9 +453,14 @@ def schedule_due_at(slot: int, config: EvolutionConfig) -> datetime:
     return datetime.fromtimestamp(slot * interval + jitter, tz=timezone.utc)
 
 
-def schedule_slot_due(state: EvolutionState, config: EvolutionConfig, now: datetime) -> int | None:
-    """The schedule slot that should fire at ``now``, if any. Missed slots are not caught up."""
+def schedule_slot_due(state: EvolutionState, config: EvolutionConfig, now: datetime,
+                      started_at: datetime | None = None) -> int | None:
+    """The schedule slot that should fire at ``now``, if any. Missed slots are not caught up; none fires
+    within one interval of ``started_at`` or of the latest cycle (``schedule_rested_at``)."""
     if config.schedule_interval is None:
+        return None
+    rested = schedule_rested_at(state, config, started_at)
+    if rested is not None and now < rested:
         return None
     slot = math.floor(now.timestamp() / config.schedule_interval.total_seconds())
     if state.last_schedule_slot is not None and state.last_schedule_slot >= slot:

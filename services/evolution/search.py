@@ -1,18 +1,22 @@
 """Configuration search: which training configuration the next cycle tries.
 
-A steady-state genetic search. The population is every configuration proposed
-so far and, once its cycle is validated, its fitness: loss improvement per kWh
-measured (``fitness``). The first ``population_size`` proposals sample the
-bounded space; after that each child comes from two tournament-selected
-parents among the best ``population_size`` evaluated configurations, by uniform
-crossover and bounded mutation.
+A steady-state genetic search. The population is every configuration tried so
+far (MNTP cycles' and research loops' alike) and, once its cycle is validated,
+its fitness: improvement per kWh measured (``cycle_fitness``: the held-out loss
+for MNTP, the mean reward for RL; every ``energy.reported`` of the cycle's jobs
+counts, and a later one re-scores it, ``cycle.rescored``). The first
+``population_size`` proposals sample the bounded space; after that each child
+comes from two tournament-selected parents among the best ``population_size``
+evaluated configurations, by uniform crossover and bounded mutation. Each
+proposal carries its ``rationale``: how it was chosen and the past results
+(cycles, verdicts, energy reports, fitness) that chose it.
 
 Everything is reproducible: the random generator is seeded from the search
 seed, the generation and the population's content, so the same events always
 give the same next configuration, on any node, after any restart. The
 population is never kept in a side file; ``population_from_events`` rebuilds
-it from the ``cycle.proposed`` / ``cycle.evaluated`` / ``cycle.completed``
-events that evolution itself wrote.
+it from the ``cycle.proposed`` / ``research.proposed`` / ``cycle.evaluated`` /
+``cycle.rescored`` / ``cycle.completed`` events that evolution itself wrote.
 
 ``cycle_settings`` gives the settings a cycle runs with (the next individual,
 or the research defaults for RL, with an operator's overrides on top);
@@ -119,6 +123,15 @@ class SearchSettings:
 
 @dataclass(frozen=True)
 class Individual:
+    """One configuration tried, and what its cycle's results say of it.
+
+    ``kind`` is the cycle's (``mntp`` or ``rl``: a research loop's settings are
+    a configuration tried too); ``verdict``, ``validation_id`` and
+    ``energy_reports`` (``{job_id, job_kind, wh}``) are the results its
+    ``fitness`` was computed from. ``rationale`` is only set on the individual
+    ``next_individual`` proposes: why the search chose it.
+    """
+
     individual_id: str
     generation: int
     config: Mapping[str, Any]
@@ -126,17 +139,31 @@ class Individual:
     cycle_id: str | None = None
     fitness: float | None = None
     energy_wh: float | None = None
+    kind: str = "mntp"
+    verdict: str | None = None
+    validation_id: str | None = None
+    energy_reports: tuple[Mapping[str, Any], ...] = ()
+    rationale: Mapping[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {"individual_id": self.individual_id, "generation": self.generation,
                 "config": dict(self.config), "parents": list(self.parents), "cycle_id": self.cycle_id,
-                "fitness": self.fitness, "energy_wh": self.energy_wh}
+                "fitness": self.fitness, "energy_wh": self.energy_wh, "kind": self.kind,
+                "verdict": self.verdict, "validation_id": self.validation_id,
+                "energy_reports": [dict(r) for r in self.energy_reports]}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "Individual":
         return cls(data["individual_id"], int(data["generation"]), dict(data["config"]),
                    tuple(data.get("parents") or ()), data.get("cycle_id"), data.get("fitness"),
-                   data.get("energy_wh"))
+                   data.get("energy_wh"), data.get("kind") or "mntp", data.get("verdict"),
+                   data.get("validation_id"), tuple(dict(r) for r in data.get("energy_reports") or ()))
+
+    def result(self, role: str) -> dict[str, Any]:
+        """This configuration's results as a proposal's ``rationale`` lists them."""
+        return {"role": role, "cycle_id": self.cycle_id, "individual_id": self.individual_id, "kind": self.kind,
+                "verdict": self.verdict, "validation_id": self.validation_id, "fitness": self.fitness,
+                "energy_wh": self.energy_wh, "energy_reports": [r["job_id"] for r in self.energy_reports]}
 
 
 @dataclass(frozen=True)
@@ -178,16 +205,51 @@ class Population:
                                     dict(payload.get("config") or {}), tuple(spec.get("parents") or ()),
                                     payload.get("cycle_id"))
             return replace(self, individuals=self.individuals + (individual,))
+        if event.type == "research.proposed":
+            return self._with_research(payload)
         if event.type in ("cycle.evaluated", "cycle.completed"):
             if payload.get("fitness") is None:
                 return self
-            target = (self.get(payload["individual_id"]) if payload.get("individual_id")
-                      else self.by_cycle(payload.get("cycle_id") or ""))
+            target = self._target(payload)
             if target is None or target.fitness is not None:
                 return self  # the first evaluation of a configuration is the one that counts
-            updated = replace(target, fitness=float(payload["fitness"]), energy_wh=payload.get("energy_wh"))
-            return replace(self, individuals=tuple(updated if i is target else i for i in self.individuals))
+            return self._scored(target, payload)
+        if event.type == "cycle.rescored":
+            target = self._target(payload)
+            counted = {r["job_id"] for r in target.energy_reports} if target is not None else set()
+            if target is None or not {r["job_id"] for r in payload.get("energy_reports") or ()} >= counted:
+                return self  # an earlier rescoring read late: the one counting more reports holds
+            return self._scored(target, payload)
         return self
+
+    def _target(self, payload: Mapping[str, Any]) -> Individual | None:
+        return (self.get(payload["individual_id"]) if payload.get("individual_id")
+                else self.by_cycle(payload.get("cycle_id") or ""))
+
+    def _with_research(self, payload: Mapping[str, Any]) -> "Population":
+        """A research loop's settings: a configuration tried, scored by its own verdict and energy."""
+        cycle_id = payload.get("cycle_id") or ""
+        individual_id = research_individual_id(cycle_id)
+        if not cycle_id or self.get(individual_id) is not None:
+            return self
+        generation = max((i.generation for i in self.individuals), default=0)
+        individual = Individual(individual_id, generation, dict(payload.get("config") or {}), (), cycle_id,
+                                kind="rl")
+        return replace(self, individuals=self.individuals + (individual,))
+
+    def _scored(self, target: Individual, payload: Mapping[str, Any]) -> "Population":
+        reports = payload.get("energy_reports")
+        updated = replace(
+            target, fitness=float(payload["fitness"]), energy_wh=payload.get("energy_wh"),
+            kind=payload.get("kind") or target.kind, verdict=payload.get("verdict") or target.verdict,
+            validation_id=payload.get("validation_id") or target.validation_id,
+            energy_reports=target.energy_reports if reports is None else tuple(dict(r) for r in reports))
+        return replace(self, individuals=tuple(updated if i is target else i for i in self.individuals))
+
+
+def research_individual_id(cycle_id: str) -> str:
+    """A research loop's configuration in the population: one per research cycle."""
+    return f"rl-{cycle_id}"
 
 
 def population_from_events(events: Iterable[Any]) -> Population:
@@ -214,6 +276,54 @@ def fitness(verdict: str | None, loss_before: float | None, loss_after: float | 
         return 0.0
     kwh = max(float(energy_wh) if energy_wh is not None else MIN_ENERGY_WH, MIN_ENERGY_WH) / 1000.0
     return max((float(loss_before) - float(loss_after)) / kwh, FAIL_FITNESS / 2)
+
+
+def measured_energy_wh(training_wh: float | None, reports: Iterable[Mapping[str, Any]]) -> float | None:
+    """A cycle's measured energy: every ``energy.reported`` of its jobs (training and soak).
+
+    Until the energy service has reported the training job, the trainer's own
+    reading stands in for it (the same meter, read at the same time).
+    """
+    reports = [r for r in reports if r.get("wh") is not None]
+    total = sum(float(r["wh"]) for r in reports)
+    if not any(r.get("job_kind") == "training" for r in reports) and training_wh is not None:
+        total += float(training_wh)
+    elif not reports:
+        return None
+    return total
+
+
+def improvement(kind: str, training: Mapping[str, Any]) -> tuple[float | None, float | None]:
+    """``(before, after)`` of what the cycle set out to improve, oriented so that lower is better.
+
+    MNTP: the held-out masked loss. RL: the mean reward (negated, so a gain
+    lowers it) when the trainer measured it, else its loss.
+    """
+    if kind == "rl" and training.get("reward_before") is not None and training.get("reward_after") is not None:
+        return -float(training["reward_before"]), -float(training["reward_after"])
+    return training.get("loss_before"), training.get("loss_after")
+
+
+def reward_facts(payload: Mapping[str, Any]) -> dict[str, float | None]:
+    """The mean reward before and after an RL job, from ``training.completed`` metrics (flat or nested)."""
+    metrics = payload.get("metrics") if isinstance(payload.get("metrics"), Mapping) else {}
+
+    def read(when: str) -> float | None:
+        nested = metrics.get(when) if isinstance(metrics.get(when), Mapping) else {}
+        value = metrics.get(f"reward_mean_{when}", nested.get("reward_mean"))
+        return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+    return {"reward_before": read("before"), "reward_after": read("after")}
+
+
+def cycle_fitness(kind: str, verdict: str | None, training: Mapping[str, Any],
+                  energy_reports: Iterable[Mapping[str, Any]]) -> tuple[float, float | None]:
+    """``(fitness, measured Wh)`` of a cycle from its verdict, its training result and its energy reports."""
+    energy = measured_energy_wh(training.get("energy_wh"), energy_reports)
+    if verdict == "training_failed":
+        return FAIL_FITNESS, energy
+    before, after = improvement(kind, training)
+    return fitness(verdict, before, after, energy), energy
 
 
 def estimate_energy_wh(config: Mapping[str, Any], population: Population,
@@ -251,34 +361,82 @@ def rng_for(population: Population, settings: SearchSettings) -> random.Random:
     return random.Random(int.from_bytes(hashlib.sha256(material.encode()).digest()[:8], "big"))
 
 
-def _tournament(pool: list[Individual], size: int, rng: random.Random) -> Individual:
+def _tournament(pool: list[Individual], size: int, rng: random.Random) -> tuple[Individual, list[Individual]]:
+    """The fittest of ``size`` entrants drawn from ``pool``, and the entrants."""
     entrants = rng.sample(pool, min(size, len(pool)))
-    return max(entrants, key=lambda i: (i.fitness, -pool.index(i)))
+    return max(entrants, key=lambda i: (i.fitness, -pool.index(i))), entrants
 
 
 def next_individual(population: Population, settings: SearchSettings = SearchSettings()) -> Individual:
-    """The configuration to try next (not yet in ``population``, without a cycle)."""
+    """The configuration to try next (not yet in ``population``, without a cycle), with its ``rationale``."""
     rng = rng_for(population, settings)
     generation = generation_of(population, settings)
-    evaluated = population.evaluated()
+    # a research loop's fitness is reward per kWh, an MNTP cycle's loss drop per kWh: only the latter breed routine cycles
+    evaluated = [i for i in population.evaluated() if i.kind == "mntp"]
     space = settings.space
     seen = {canonical(dict(i.config)) for i in population.individuals}
     parents: tuple[str, ...] = ()
     if not population.individuals:
         config = space.clamp(settings.initial_config)
+        rationale = _rationale("initial", "the first configuration tried: the usual LoRA/MNTP starting point", [])
     elif len(population.individuals) < settings.population_size or len(evaluated) < 2:
         config = space.sample(rng)
+        rationale = _rationale("sample", f"exploring: {len(population.individuals)} configurations tried, "
+                                         f"{len(evaluated)} with results; the search breeds from results once "
+                                         f"{settings.population_size} are tried and 2 have results", [])
     else:
         ranked = sorted(evaluated, key=lambda i: (-i.fitness, population.individuals.index(i)))
         pool = ranked[: settings.population_size]
-        mother = _tournament(pool, settings.tournament_size, rng)
-        father = _tournament([i for i in pool if i is not mother] or pool, settings.tournament_size, rng)
+        mother, first = _tournament(pool, settings.tournament_size, rng)
+        father, second = _tournament([i for i in pool if i is not mother] or pool, settings.tournament_size, rng)
         parents = (mother.individual_id, father.individual_id)
         config = _child(mother.config, father.config, space, settings, rng, seen)
+        rationale = _crossover_rationale(mother, father, first + second, len(pool), len(evaluated))
     individual_id = "ind-" + hashlib.sha256(
         canonical({"n": len(population.individuals), "config": config, "parents": parents}).encode()
     ).hexdigest()[:12]
-    return Individual(individual_id, generation, config, parents)
+    return Individual(individual_id, generation, config, parents, rationale=rationale)
+
+
+def _rationale(method: str, reason: str, results: list[dict[str, Any]]) -> dict[str, Any]:
+    return {"method": method, "reason": reason, "results": results}
+
+
+def _crossover_rationale(mother: Individual, father: Individual, entrants: list[Individual], pool: int,
+                         evaluated: int) -> dict[str, Any]:
+    """The parents, and every configuration they won their tournaments against, with their fitness."""
+    outranked: list[Individual] = []
+    for entrant in entrants:
+        if entrant is not mother and entrant is not father and entrant not in outranked:
+            outranked.append(entrant)
+    results = [mother.result("parent"), father.result("parent")] + [i.result("outranked") for i in outranked]
+    reason = (f"child of the winners of two tournaments among the {pool} fittest of {evaluated} configurations "
+              f"with results (fitness: improvement per kWh measured; a failed verdict ranks last)")
+    return _rationale("crossover", reason, results)
+
+
+# --- research loops (RL) ------------------------------------------------------------------
+
+# The bounds in which a research loop learns: a policy-gradient step on a LoRA
+# moves the policy at rates around the trainer's RL default (2e-2); an MNTP rate
+# (1e-5..1e-3) leaves it where it was. On SmolLM2, 30 steps at 2e-2 often end in
+# one answer for every prompt, at 5e-3 with a varied, higher reward: the start.
+# The KL weight and the clip keep it near the adapter it started from.
+RESEARCH_SPACE = SearchSpace((
+    Param("learning_rate", "log", 2e-3, 3e-2),
+    Param("kl_beta", "log", 0.01, 0.2),
+    Param("clip_eps", "linear", 0.1, 0.3),
+))
+RESEARCH_CONFIG = {"learning_rate": 5e-3, "kl_beta": 0.04, "clip_eps": 0.2, "steps": 100}
+# A research loop continues an adapter, which keeps its own shape (the trainer reads it from the adapter).
+ADAPTER_SHAPE = ("lora_rank", "lora_alpha", "target_modules")
+
+
+def research_settings(research_config: Mapping[str, Any], overrides: Mapping[str, Any] | None) -> dict[str, Any]:
+    """A research loop's settings: ``research_config`` with ``overrides`` on top, inside ``RESEARCH_SPACE``,
+    without the adapter's shape (rank, alpha, target modules), which the starting adapter decides."""
+    merged = {**RESEARCH_CONFIG, **research_config, **(overrides or {})}
+    return RESEARCH_SPACE.clamp({name: value for name, value in merged.items() if name not in ADAPTER_SHAPE})
 
 
 def cycle_settings(kind: str, overrides: Mapping[str, Any] | None, population: Population, settings: SearchSettings,
@@ -289,7 +447,7 @@ def cycle_settings(kind: str, overrides: Mapping[str, Any] | None, population: P
     ``overrides`` go on top; searched settings stay inside their bounds.
     """
     if kind != "mntp":
-        return None, {**research_config, **(overrides or {})}
+        return None, research_settings(research_config, overrides)
     individual = next_individual(population, settings)
     return individual, settings.space.clamp({**individual.config, **(overrides or {})})
 

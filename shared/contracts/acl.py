@@ -46,7 +46,7 @@ RESTORE = "restore"  # `neurons audit republish`
 # services/<name>/app.py (tests/unit/backbone/test_acl.py keeps the two equal).
 # None: every aggregate type (the registry archives the whole log).
 SERVICE_READS: Mapping[str, tuple[str, ...] | None] = {
-    "trainer": ("training", "dataset"),
+    "trainer": ("training", "dataset", "scaling"),
     "evolution": ("dataset", "cycle", "research", "approval", "training", "validation",
                   "energy", "hardware", "scaling", "adapter"),
     "approval": ("cycle", "research", "validation", "approval"),
