@@ -75,9 +75,6 @@ SERVICES = ("registry",)
 # shortest pause still lets the registry archive the previous promotion's own
 # events first.
 PAUSE_S = (0.2, 1.8)
-# The fetch wait faust's aiokafka driver gives its consumers; the delivery
-# baseline reads with the same setting.
-WORKER_FETCH_WAIT_MS = 1500
 # The measuring consumer's fetch wait: short, so the clock stops soon after the answer is there.
 MEASURE_FETCH_WAIT_MS = 100
 ADAPTER_BYTES = 4096  # each promoted adapter's weights file: small, random, so every sha is new
@@ -137,7 +134,7 @@ def measure(settings: Settings, promotions: int = 30, warmup: int = 2, probes: i
                f"embedded broker; {promotions} promotions after {warmup} not counted, "
                f"{PAUSE_S[0]}-{PAUSE_S[1]} s apart at random; max {max(latencies):.0f} ms{split}; "
                f"baseline (p99): one raw record published and read by a plain aiokafka consumer with the "
-               f"worker's fetch wait ({WORKER_FETCH_WAIT_MS} ms), p50 {delivery_p50:.0f} / p99 "
+               f"workers' fetch wait ({settings.fetch_wait_ms} ms, NEURONS_FETCH_WAIT_MS), p50 {delivery_p50:.0f} / p99 "
                f"{delivery_p99:.0f} ms over {len(delivery)}"),
         extra={"latencies_ms": [round(x, 2) for x in latencies], "max_ms": max(latencies), "parts": parts,
                "baseline_p50": delivery_p50, "baseline_samples": len(delivery)},
@@ -145,10 +142,11 @@ def measure(settings: Settings, promotions: int = 30, warmup: int = 2, probes: i
 
 
 async def _delivery(settings: Settings, probes: int) -> list[float]:
-    """Publish -> receive of a bare record on the same broker, read as the worker's consumer reads."""
+    """Publish -> receive of a bare record on the same broker, read as the workers' consumers read: with the
+    fetch wait the services give them (``Settings.fetch_wait_ms``, shared.service's short fetch wait)."""
     topic = dlq_topic()  # no service reads it, and a probe is no event
     consumer = AIOKafkaConsumer(bootstrap_servers=settings.bootstrap(), group_id=None, enable_auto_commit=False,
-                                client_id="neurons-bench-probe", fetch_max_wait_ms=WORKER_FETCH_WAIT_MS)
+                                client_id="neurons-bench-probe", fetch_max_wait_ms=settings.fetch_wait_ms)
     producer = AIOKafkaProducer(bootstrap_servers=settings.bootstrap(), client_id="neurons-bench-probe",
                                 acks="all", enable_idempotence=False, linger_ms=0)
     await consumer.start()

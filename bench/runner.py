@@ -17,14 +17,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from bench import machine
+from bench import learning, machine
+from bench.learning import LearningSizes
 from bench.figure import Figure
 from bench.scratch import Scratch, environment
 from shared.contracts.envelope import iso, utcnow
 from shared.settings import Settings
 
 # In the order they run: broker figures first, then the CPU-heavy training ones.
-FIGURES = ("bus", "signing", "replay", "promotion", "serving", "trainer", "energy")
+FIGURES = ("bus", "signing", "replay", "promotion", "serving", "trainer", "energy", "learning")
 
 
 @dataclass(frozen=True)
@@ -52,17 +53,19 @@ class Sizes:
     serving_texts: int  # texts in each
     serving_swaps: int  # promotions of serving.swap
     serving_swap_warmup: int
+    learning: LearningSizes
 
 
 DEFAULT = Sizes(bus_events=5000, bus_rounds=5, signing_batches=50, signing_rounds=5, replay_cycles=150,
                 replay_rounds=7, promotions=60, promotion_warmup=2, delivery_probes=30, trainer_steps=100,
                 trainer_repeats=3, energy_steps=50, gpu_model="smollm2", gpu_steps=30, gpu_batch=16, gpu_seq_len=512,
                 serving_model="smollm2", serving_requests=8, serving_max_tokens=64, serving_batches=8,
-                serving_texts=32, serving_swaps=20, serving_swap_warmup=2)
+                serving_texts=32, serving_swaps=20, serving_swap_warmup=2, learning=learning.DEFAULT)
 QUICK = Sizes(bus_events=200, bus_rounds=2, signing_batches=2, signing_rounds=1, replay_cycles=6, replay_rounds=1,
               promotions=4, promotion_warmup=1, delivery_probes=3, trainer_steps=4, trainer_repeats=1, energy_steps=5,
               gpu_model="tiny", gpu_steps=5, gpu_batch=4, gpu_seq_len=64, serving_model="tiny", serving_requests=3,
-              serving_max_tokens=16, serving_batches=3, serving_texts=16, serving_swaps=4, serving_swap_warmup=1)
+              serving_max_tokens=16, serving_batches=3, serving_texts=16, serving_swaps=4, serving_swap_warmup=1,
+              learning=learning.QUICK)
 
 
 def selected(only: Sequence[str] | None) -> list[str]:
@@ -169,6 +172,11 @@ def _measure(name: str, scratch: Scratch, sizes: Sizes, model_cache: Path, gpu: 
                         model_cache, model=sizes.gpu_model, steps=sizes.gpu_steps, batch=sizes.gpu_batch,
                         seq_len=sizes.gpu_seq_len, compile=compiled)))
         return figures
+    if name == "learning":
+        try:
+            return learning.measure(model_cache, sizes.learning)
+        except Exception as exc:
+            return [Figure.failed(n, learning.UNITS[n], learning.TARGETS[n], exc) for n in learning.NAMES]
     if name == "energy":
         return [_guard(energy.NAME, "ms per step", f"ratio < {energy.TARGET}",
                        lambda: energy.measure(model_cache, steps=sizes.energy_steps))]

@@ -122,9 +122,16 @@ class Scratch:
         shutil.rmtree(self.root, ignore_errors=True)
 
     def __enter__(self) -> "Scratch":
+        from shared import db
+
+        # every database this process opens meanwhile is a scratch one, made at need
+        self._upgraded_before = db.upgrade_on_open(True)
         return self
 
     def __exit__(self, *exc) -> None:
+        from shared import db
+
+        db.upgrade_on_open(self._upgraded_before)
         self.close()
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-FIGURE_HELP = "bus, signing, replay, promotion, serving, trainer, energy"  # bench.runner.FIGURES
+FIGURE_HELP = "bus, signing, replay, promotion, serving, trainer, energy, learning"  # bench.runner.FIGURES
 
 
 def bench(
