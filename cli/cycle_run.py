@@ -25,6 +25,7 @@ from cli.bus_client import command_event
 from services.evolution.gates import FORCEABLE_GATES
 from shared.bus import Publisher, decode_batch
 from shared.contracts.envelope import Envelope, NewEvent
+from shared.log_reader import FETCH_WAIT_MS, partitions_of, read_records
 from shared.settings import Settings
 from shared.topics import AGGREGATE_TYPES, ensure_topics, topic_for
 
@@ -341,21 +342,12 @@ async def registered_datasets(settings: Settings) -> list[dict[str, Any]]:
     # earliest: a seek to the beginning can otherwise lose a race with the default reset to the end
     consumer = AIOKafkaConsumer(bootstrap_servers=settings.bootstrap(), group_id=None, enable_auto_commit=False,
                                 auto_offset_reset="earliest", client_id=f"neurons-datasets-{uuid.uuid4().hex[:6]}",
-                                **settings.kafka_security())
+                                fetch_max_wait_ms=FETCH_WAIT_MS, **settings.kafka_security())
     await consumer.start()
     datasets: list[dict[str, Any]] = []
     try:
-        await consumer._client.force_metadata_update()
-        topic = topic_for("dataset")
-        partitions = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())]
-        consumer.assign(partitions)
-        ends = await consumer.end_offsets(partitions)
-        await consumer.seek_to_beginning(*partitions)
-        records = []
-        deadline = time.monotonic() + 30.0  # a busy broker may take a while to answer the first fetch
-        while [tp for tp in partitions if await consumer.position(tp) < ends[tp]] and time.monotonic() < deadline:
-            batch = await consumer.getmany(*partitions, timeout_ms=1000)
-            records += [r for rs in batch.values() for r in rs]
+        # to the end of the log, not only to the reported high watermark (a busy broker may be slow to answer)
+        records = await read_records(consumer, await partitions_of(consumer, [topic_for("dataset")]), max_wait_s=30.0)
         for record in sorted(records, key=lambda r: r.timestamp):
             try:
                 event = decode(record.value)

@@ -85,22 +85,15 @@ class TrustView:
         one offsets request on a consumer kept open, so a flood of events
         signed by unknown keys costs little.
         """
-        from aiokafka import TopicPartition
-
         from shared.bus import MalformedEvent, decode
-        from shared.log_reader import read_to_end
+        from shared.log_reader import partitions_of, read_to_end
         from shared.topics import topic_for
 
         if self._lock is None:
             self._lock = asyncio.Lock()
         async with self._lock:
             consumer = await self._reader()
-            topic = topic_for("operator")
-            parts = consumer.partitions_for_topic(topic)
-            if not parts:
-                await consumer._client.force_metadata_update()
-                parts = consumer.partitions_for_topic(topic) or set()
-            partitions = [TopicPartition(topic, p) for p in sorted(parts)]
+            partitions = await partitions_of(consumer, [topic_for("operator")])
             if not partitions:
                 return False
             if set(consumer.assignment()) != set(partitions):
