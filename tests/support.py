@@ -10,6 +10,7 @@ import sys
 import time
 import uuid
 from pathlib import Path
+from typing import Callable
 
 ROOT = Path(__file__).resolve().parent.parent
 ADMIN = "admin"  # every test platform's first admin, anchored in its trust file
@@ -207,8 +208,10 @@ def dataset_payload(dataset_id: str = "ds-1", **overrides) -> dict:
     return payload
 
 
-async def read_topic(bootstrap: str, topic: str, expect: int, timeout: float = 30.0) -> list:
-    """Every record of ``topic`` from offset 0, waiting until at least ``expect`` arrived."""
+async def read_topic(bootstrap: str, topic: str, expect: int, timeout: float = 30.0,
+                     until: Callable[[list], bool] | None = None) -> list:
+    """Every record of ``topic`` from offset 0, waiting until at least ``expect`` arrived (or, given
+    ``until``, until it holds for the records read so far)."""
     from aiokafka import AIOKafkaConsumer
 
     consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, group_id=None, auto_offset_reset="earliest",
@@ -217,7 +220,8 @@ async def read_topic(bootstrap: str, topic: str, expect: int, timeout: float = 3
     records = []
     deadline = time.monotonic() + timeout
     try:
-        while len(records) < expect and time.monotonic() < deadline:
+        done = until or (lambda read: len(read) >= expect)
+        while not done(records) and time.monotonic() < deadline:
             batch = await consumer.getmany(timeout_ms=500)
             for recs in batch.values():
                 records.extend(recs)
