@@ -139,13 +139,20 @@ def up(settings: Settings, services: tuple[str, ...] = SERVICES) -> dict:
     return {"broker": info.bootstrap_servers, "services": pids, "databases": upgraded}
 
 
-def down(settings: Settings, services: tuple[str, ...] = SERVICES) -> dict:
+def stop_services(settings: Settings, services: tuple[str, ...] = SERVICES) -> dict[str, bool]:
+    """Stop ``services`` together: each gets SIGTERM at once, as each needs a second or two to leave its
+    group; which of them were running."""
     from concurrent.futures import ThreadPoolExecutor
 
-    # every worker gets SIGTERM at once: each needs a second or two to leave its group
+    if not services:
+        return {}
     with ThreadPoolExecutor(max_workers=len(services)) as pool:
         results = list(pool.map(lambda name: stop_service(settings, name), services))
-    stopped = dict(zip(services, results))
+    return dict(zip(services, results))
+
+
+def down(settings: Settings, services: tuple[str, ...] = SERVICES) -> dict:
+    stopped: dict = stop_services(settings, services)
     stopped["broker"] = broker.stop(settings)
     return stopped
 

@@ -126,8 +126,7 @@ class Platform:
     def stop(self, *services: str) -> None:
         from shared import processes
 
-        for name in services or tuple(self.started):
-            processes.stop_service(self.settings, name)
+        processes.stop_services(self.settings, tuple(services or self.started))
 
     def kill(self, service: str) -> None:
         from shared import processes

@@ -93,35 +93,3 @@ def test_a_thousand_malformed_messages_land_in_the_dlq_and_the_cycle_completes(p
     assert all(dict(r.headers).get("dlq_reason") for r in records)
     counts = Counter(e["type"] for e in platform.archived() if e["correlation_id"] == summary["cycle_id"])
     assert counts["adapter.promoted"] == 1 and counts["profile.adapter_updated"] == 1
-
-
-@pytest.mark.slow
-def test_a_broker_restart_is_restored_from_the_archive(tmp_path, monkeypatch):
-    plat = Platform(tmp_path / "var", bootstrap="")
-    plat.env.pop("KAFKA_BOOTSTRAP_SERVERS")  # its own embedded broker: this test restarts it
-    monkeypatch.delenv("KAFKA_BOOTSTRAP_SERVERS", raising=False)
-    plat.apply(monkeypatch)
-    try:
-        plat.cli("broker", "start")
-        prepare(plat, tmp_path)  # enrols the operators: on the log of this broker
-        start(plat, tmp_path)
-        plat.cli("cycle", "request", "--operator", "alice", "--set", "steps=5")
-        wait_until(lambda: archived_types(plat)["training.requested"] > 0, 120, message="a cycle under way")
-        wait_until(lambda: archived_types(plat)["scaling.recommended"] > 0, 60, message="hardware profiled")
-        plat.stop()
-        before = len(plat.archived())
-        plat.cli("broker", "stop")
-        plat.cli("broker", "start")  # memory storage: an empty log
-        from services.registry.audit import read_log
-
-        assert asyncio.run(read_log(plat.settings, timeout_s=2))[0] == []
-        out = plat.cli("audit", "republish").stdout
-        assert f"republished {before} events" in out
-        restored, malformed = asyncio.run(read_log(plat.settings))
-        assert sorted(e.event_id for e in restored) == sorted(e["event_id"] for e in plat.archived())
-        assert malformed == 0
-        verify = json.loads(plat.cli("audit", "verify", "--json").stdout)
-        assert verify["ok"], verify["differs"]
-    finally:
-        plat.stop()
-        plat.cli("down", check=False)
