@@ -91,6 +91,15 @@ METRICS: dict[str, MetricSpec] = {spec.name: spec for spec in (
           "Adapters promoted to a channel."),
     _spec("neurons_rollbacks_total", "counter", "service channel",
           "Channels rolled back to an earlier adapter."),
+    # --- evolution (services.evolution) --------------------------------------------------------
+    _spec("neurons_cycles_proposed_total", "counter", "service kind trigger",
+          "Cycles the gates let through, by kind (mntp, rl) and what started them (schedule, dataset, operator)."),
+    _spec("neurons_cycles_deferred_total", "counter", "service gate",
+          "Cycles deferred, by the gate that held them (hardware, energy, carbon, approvals, ...)."),
+    _spec("neurons_cycles_completed_total", "counter", "service kind outcome",
+          "Cycles ended, by kind and outcome (promoted, failed, inconclusive, training_failed, ...)."),
+    _spec("neurons_cycle_requests_refused_total", "counter", "service kind",
+          "Operators' cycle (mntp) and research (rl) requests refused, the reason in the refusal event."),
     # --- approvals (services.approval) ----------------------------------------------------------
     _spec("neurons_approval_wait_seconds", "histogram", "service kind outcome",
           "Seconds from an approval's request to its outcome (granted, rejected, expired), by kind.", "s"),
@@ -285,6 +294,21 @@ def record_channel_change(metrics: Metrics, event: Any) -> None:
         metrics.add("neurons_promotions_total", channel=event.payload.get("channel"))
     elif event.type == "adapter.rolled_back":
         metrics.add("neurons_rollbacks_total", channel=event.payload.get("channel"))
+
+
+def record_evolution(metrics: Metrics, events: Iterable[Any]) -> None:
+    """cycle.proposed / research.proposed, cycle.deferred, cycle.completed and refused requests count."""
+    for event in events:
+        payload = event.payload
+        if event.type in ("cycle.proposed", "research.proposed"):
+            metrics.add("neurons_cycles_proposed_total", kind=payload.get("kind"),
+                        trigger=(payload.get("trigger") or {}).get("type"))
+        elif event.type == "cycle.deferred":
+            metrics.add("neurons_cycles_deferred_total", gate=payload.get("gate"))
+        elif event.type == "cycle.completed":
+            metrics.add("neurons_cycles_completed_total", kind=payload.get("kind"), outcome=payload.get("outcome"))
+        elif event.type in ("cycle.request_refused", "research.request_refused"):
+            metrics.add("neurons_cycle_requests_refused_total", kind="rl" if event.type.startswith("research") else "mntp")
 
 
 APPROVAL_OUTCOMES = {"approval.granted": "granted", "approval.rejected": "rejected", "approval.expired": "expired"}

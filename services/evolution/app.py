@@ -17,6 +17,7 @@ from services.evolution.search import DEFAULT_CONFIG, DEFAULT_SPACE, Param, Sear
 from shared.contracts.envelope import NewEvent
 from shared.contracts.values import utcnow
 from shared.decider import Decider, from_document
+from shared.metrics import record_evolution
 from shared.service import HandlerContext, Service
 
 service = Service("evolution", reads=["dataset", "cycle", "research", "approval", "training", "validation",
@@ -74,7 +75,8 @@ def _handle(ctx: HandlerContext, message, model: str | None = None) -> None:
     cfg = config()
     if model:
         cfg = replace(cfg, model=model)  # an operator may ask for another base model for this cycle
-    evolution.run(ctx, message, cfg)
+    sealed = evolution.run(ctx, message, cfg)
+    ctx.committed(lambda: record_evolution(service.metrics, sealed))  # proposed, deferred, completed cycles
 
 
 # the schedule's first cycle waits one interval after this (a fresh platform does not train at once)
@@ -100,9 +102,11 @@ def on_event(event, ctx: HandlerContext):
             _handle(ctx, _command(event, kind), model=event.payload.get("model"))
         except domain.CommandRejected as exc:
             # the operator hears why; the request stays in the log with its refusal
-            return [NewEvent(f"{event.aggregate_type}.request_refused", event.aggregate_id,
-                             {"command_id": event.aggregate_id, "operator_id": event.payload.get("operator_id"),
-                              "reason": str(exc)})]
+            refusal = [NewEvent(f"{event.aggregate_type}.request_refused", event.aggregate_id,
+                                {"command_id": event.aggregate_id, "operator_id": event.payload.get("operator_id"),
+                                 "reason": str(exc)})]
+            ctx.committed(lambda: record_evolution(service.metrics, refusal))
+            return refusal
         return
     if event.type == "dataset.registered" and event.payload.get("auto_cycle") is False:
         # registered for later cycles: known to evolution, but it starts none now

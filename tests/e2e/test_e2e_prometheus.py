@@ -99,9 +99,12 @@ def test_prometheus_scrapes_every_service_and_sees_the_cycle_train_and_promote(p
         assert summary["outcome"] == "promoted", summary
         promoted = wait_until(lambda: _query(prometheus, 'neurons_promotions_total{channel="production"} >= 1'),
                               60, interval=1.0, message="the promotion counted in Prometheus")
+        ended = wait_until(lambda: _query(prometheus, 'neurons_cycles_completed_total{outcome="promoted"} >= 1'),
+                           60, interval=1.0, message="the cycle's end counted in Prometheus")
         consumed = _query(prometheus, "sum by (service) (neurons_events_consumed_total)")
 
     assert trained[0]["metric"]["job"] == "neurons-trainer" and float(trained[0]["value"][1]) > 0
     assert throughput[0]["metric"]["kind"] == "mntp"
     assert promoted[0]["metric"]["service"] == "registry"
+    assert ended[0]["metric"]["service"] == "evolution" and ended[0]["metric"]["kind"] == "mntp"
     assert {row["metric"]["service"] for row in consumed} == set(SERVICES)

@@ -8,7 +8,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from shared.metrics import (METRICS, Metrics, record_approval_waits, record_channel_change, record_energy,
-                            record_soak, record_training)
+                            record_evolution, record_soak, record_training)
 from tests.support import make_event
 
 
@@ -138,3 +138,20 @@ def test_energy_reports_add_joules_and_emissions_and_count_what_was_not_measured
     assert _value(metrics, "neurons_energy_gco2e_total", job_kind="training") == 0.6
     assert _value(metrics, "neurons_energy_unmeasured_jobs_total", job_kind="validation") == 1
     assert _value(metrics, "neurons_energy_budget_exceeded_total", window="12h") == 1
+
+
+def test_proposed_deferred_completed_and_refused_cycles_are_counted():
+    metrics = Metrics("evolution")
+    proposed = make_event("cycle.proposed", "cyc-1", {"kind": "mntp", "trigger": {"type": "operator"}})
+    research = make_event("research.proposed", "cyc-2", {"kind": "rl", "trigger": {"type": "operator"}})
+    deferred = make_event("cycle.deferred", "cyc-3", {"gate": "hardware", "reason": "load 1.9 per core"})
+    completed = make_event("cycle.completed", "cyc-1", {"kind": "mntp", "outcome": "promoted"})
+    refused = make_event("research.request_refused", "req-1", {"reason": "no adapter to continue"})
+
+    record_evolution(metrics, [proposed, research, deferred, deferred, completed, refused])
+
+    assert _value(metrics, "neurons_cycles_proposed_total", kind="mntp", trigger="operator") == 1
+    assert _value(metrics, "neurons_cycles_proposed_total", kind="rl", trigger="operator") == 1
+    assert _value(metrics, "neurons_cycles_deferred_total", gate="hardware") == 2
+    assert _value(metrics, "neurons_cycles_completed_total", kind="mntp", outcome="promoted") == 1
+    assert _value(metrics, "neurons_cycle_requests_refused_total", kind="rl") == 1
