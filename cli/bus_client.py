@@ -61,7 +61,7 @@ def check_may_publish(settings: Settings, operator: str, signer: Signer, event_t
 async def publish_signed(settings: Settings, envelope: Envelope, signer: Signer) -> None:
     await ensure_topics(settings)
     async with Publisher(settings, "cli", signer=signer) as publisher:
-        await publisher.publish(envelope)
+        await publisher.publish_reliably(envelope)
 
 
 async def _end_offsets(consumer: AIOKafkaConsumer, aggregate_types: list[str]) -> dict:
@@ -104,7 +104,7 @@ async def publish_and_wait(
             await consumer.seek_to_beginning()
         if envelope is not None:
             async with Publisher(settings, "cli", signer=signer) as publisher:
-                await publisher.publish(envelope)
+                await publisher.publish_reliably(envelope)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             for event in decode_batch(await consumer.getmany(timeout_ms=500)):

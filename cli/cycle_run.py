@@ -190,7 +190,7 @@ async def follow_cycle(
         await _assign_all(consumer, from_beginning)
         if request is not None:
             async with Publisher(settings, "cli", signer=signer) as publisher:
-                await publisher.publish(request)
+                await publisher.publish_reliably(request)
         while time.monotonic() < deadline and view.outcome is None:
             events = decode_batch(await consumer.getmany(timeout_ms=500))
             for event in sorted(events, key=lambda e: e.occurred_at):

@@ -15,13 +15,14 @@ default partitioner: murmur2 of the key), with the same key, value and headers.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import struct
 from typing import Callable, Iterable, Sequence
 
 from aiokafka import AIOKafkaProducer
-from aiokafka.errors import MessageSizeTooLargeError
+from aiokafka.errors import KafkaError, MessageSizeTooLargeError
 from aiokafka.producer.message_accumulator import BatchBuilder
 from aiokafka.record.default_records import DefaultRecordBatchBuilder
 from opentelemetry import trace
@@ -320,6 +321,22 @@ class Publisher:
         if wait:
             await future
         self._count_published([envelope])
+
+    async def publish_reliably(self, envelope: Envelope, *, attempts: int = 3, pause_s: float = 0.5) -> None:
+        """``publish``, sent again after a broker error, up to ``attempts`` times (a broker that has just
+        restarted can refuse the first write to an empty partition). A second copy is harmless: every
+        consumer drops an event id it has processed. A command line that sends one event uses this."""
+        validate(envelope)
+        for attempt in range(1, attempts + 1):
+            try:
+                await self.publish(envelope, validated=True)
+                return
+            except (KafkaError, asyncio.TimeoutError) as exc:
+                if attempt == attempts:
+                    raise
+                log.warning("publishing %s failed (%r), sending it again (%d of %d)", envelope.type, exc,
+                            attempt + 1, attempts)
+                await asyncio.sleep(pause_s * attempt)
 
     async def publish_many(self, envelopes: Sequence[Envelope], *, contexts: Sequence[Context | None] | None = None,
                            validated: bool = False, values: Sequence[bytes] | None = None) -> None:

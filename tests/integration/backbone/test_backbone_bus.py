@@ -181,3 +181,52 @@ async def test_publish_many_sends_the_bytes_an_outbox_already_holds(platform, ka
         await publisher.publish_many(events, validated=True, values=held)
     records = await read_topic(kafka_bootstrap, topic_for("dataset"), 3)
     assert sorted(r.value for r in records) == sorted(held)
+
+
+async def test_a_command_sent_again_after_a_broker_error_is_processed_once(platform, kafka_bootstrap):
+    """The broker refuses the first write (as a restarted embedded broker can): the command line's send goes
+    again, and a copy the broker did take is dropped by its consumers."""
+    from aiokafka.errors import UnknownError
+
+    await platform.aensure_topics()
+    platform.start("registry")
+    event = make_event("dataset.registered", "ds-again", dataset_payload("ds-again"))
+    async with platform.publisher() as publisher:
+        real_send, refused = publisher.producer.send, []
+
+        async def send_refusing_once(*args, **kwargs):
+            delivery = await real_send(*args, **kwargs)  # the broker takes it, but the answer is an error
+            if not refused:
+                await delivery
+                refused.append(True)
+                raise UnknownError("the broker's answer to the first write")
+            return delivery
+
+        publisher.producer.send = send_refusing_once
+        await publisher.publish_reliably(event, pause_s=0.05)
+        publisher.producer.send = real_send
+        # the stream's next event, on the same partition: once it is archived, both copies were read
+        follow = make_event("dataset.registered", "ds-again", dataset_payload("ds-again"), sequence=2)
+        await publisher.publish(follow)
+    records = await read_topic(kafka_bootstrap, topic_for("dataset"), 3)
+    assert [json.loads(r.value)["event_id"] for r in records] == [event.event_id] * 2 + [follow.event_id]
+    await await_until(lambda: len(platform.archived()) >= 2, 60, message="the stream's next event archived")
+    assert [e["event_id"] for e in platform.archived()] == [event.event_id, follow.event_id]
+
+
+async def test_a_send_that_keeps_failing_raises_after_its_attempts(platform):
+    from aiokafka.errors import UnknownError
+
+    await platform.aensure_topics()
+    event = make_event("dataset.registered", "ds-never", dataset_payload("ds-never"))
+    async with platform.publisher() as publisher:
+        calls = []
+
+        async def send_refusing(*args, **kwargs):
+            calls.append(args)
+            raise UnknownError("refused")
+
+        publisher.producer.send = send_refusing
+        with pytest.raises(UnknownError):
+            await publisher.publish_reliably(event, attempts=3, pause_s=0.01)
+    assert len(calls) == 3
