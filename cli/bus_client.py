@@ -8,7 +8,7 @@ import uuid
 from pathlib import Path
 from typing import Callable
 
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import AIOKafkaConsumer
 
 import typer
 
@@ -18,6 +18,7 @@ from shared.contracts.envelope import Envelope, NewEvent, Producer, seal
 from shared.contracts.signing import Signer
 from shared.keys import MissingKey, operator_signer
 from shared.settings import Settings
+from shared.log_reader import partitions_of
 from shared.topics import ensure_topics, topic_for
 
 
@@ -65,14 +66,7 @@ async def publish_signed(settings: Settings, envelope: Envelope, signer: Signer)
 
 
 async def _end_offsets(consumer: AIOKafkaConsumer, aggregate_types: list[str]) -> dict:
-    partitions = []
-    for aggregate in aggregate_types:
-        topic = topic_for(aggregate)
-        parts = consumer.partitions_for_topic(topic)
-        if not parts:
-            await consumer._client.force_metadata_update()
-            parts = consumer.partitions_for_topic(topic) or set()
-        partitions += [TopicPartition(topic, p) for p in parts]
+    partitions = await partitions_of(consumer, [topic_for(aggregate) for aggregate in aggregate_types])
     consumer.assign(partitions)
     # Where answers will come from. The end a broker reports may be short of the log's (the embedded one
     # reports it per record batch): reading from there re-reads a few older records, which the caller's

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import AIOKafkaConsumer
 
 from cli.bus_client import command_event
 from services.evolution.gates import FORCEABLE_GATES
@@ -152,9 +152,7 @@ def deferral_line(payload: dict[str, Any]) -> str:
 
 
 async def _assign_all(consumer: AIOKafkaConsumer, from_beginning: bool) -> None:
-    await consumer._client.force_metadata_update()
-    partitions = [TopicPartition(topic_for(a), p) for a in AGGREGATE_TYPES
-                  for p in consumer.partitions_for_topic(topic_for(a)) or ()]
+    partitions = await partitions_of(consumer, [topic_for(a) for a in AGGREGATE_TYPES])
     consumer.assign(partitions)
     if from_beginning:
         await consumer.seek_to_beginning(*partitions)

@@ -213,10 +213,10 @@ class AdapterRuntime:
                      on_swap: Callable[["AdapterRuntime"], Awaitable[None] | None] | None = None,
                      ready: asyncio.Event | None = None) -> None:
         """Serve what the log says, until cancelled."""
-        from aiokafka import AIOKafkaConsumer, TopicPartition
+        from aiokafka import AIOKafkaConsumer
 
         from shared.bus import MalformedEvent, decode
-        from shared.log_reader import FETCH_WAIT_MS
+        from shared.log_reader import FETCH_WAIT_MS, partitions_of
         from shared.contracts.signing import Refused
         from shared.topics import ensure_topics, topic_for
 
@@ -233,13 +233,7 @@ class AdapterRuntime:
                                     fetch_max_wait_ms=FETCH_WAIT_MS, **settings.kafka_security())
         await consumer.start()
         try:
-            partitions = []
-            for topic in topics:
-                parts = consumer.partitions_for_topic(topic)
-                if not parts:
-                    await consumer._client.force_metadata_update()
-                    parts = consumer.partitions_for_topic(topic) or set()
-                partitions += [TopicPartition(topic, p) for p in sorted(parts)]
+            partitions = await partitions_of(consumer, topics)
             consumer.assign(partitions)
             await consumer.seek_to_beginning(*partitions)
             ends = await consumer.end_offsets(partitions)
