@@ -19,9 +19,15 @@ the standard library's docstrings), split as the trainer splits it:
 * ``learning.validator_corrupted``: the validator's judgement
   (``services.validator.judgement.judge_run``, default thresholds) of soaks
   whose candidate is the trained MNTP adapter with Gaussian noise added to its
-  LoRA weights (each tensor's noise as large as its own RMS, ``NOISE_SCALE``),
-  one seed per try, against the clean adapter in production (what a corrupted
-  copy of it would face); and of the clean adapter against the base model.
+  LoRA weights (each tensor's noise ``NOISE_SCALE`` times its own RMS), one
+  seed per try, against the clean adapter in production (what a corrupted copy
+  of it would face); and of the clean adapter against the base model. Noise on
+  the two LoRA factors adds to their product instead of removing it, so a
+  copy with noise of one or three times the RMS keeps what the adapter learned
+  (SmolLM2: held-out loss within 2 % of the clean adapter's) and the
+  validator rightly finds it the same; at ten times the learned gain is gone.
+  A few copies at ``MILD_NOISE_SCALE`` are reported beside the figure, outside
+  its target.
   The episodes are the soak replica's own (masked-token loss and accuracy on
   the held-out texts with the episode's masks, retrieval on its pairs), run in
   this process. Target: every corrupted adapter rejected (verdict fail), every
@@ -47,7 +53,8 @@ TARGETS = {"learning.mntp_loss": f"ratio <= {TARGET_LOSS}", "learning.mntp_retri
            "learning.validator_corrupted": "100% of corrupted rejected, clean passed"}
 UNITS = {"learning.mntp_loss": "nats", "learning.mntp_retrieval": "recall@1", "learning.rl_reward": "reward",
          "learning.validator_corrupted": "share rejected"}
-NOISE_SCALE = 1.0  # noise RMS / the LoRA tensor's own RMS
+NOISE_SCALE = 10.0  # noise RMS / the LoRA tensor's own RMS: a copy whose learned gain is gone
+MILD_NOISE_SCALE = 3.0  # noise that leaves the gain: reported, not judged against the target
 
 
 @dataclass(frozen=True)
@@ -168,7 +175,8 @@ def _rl_figure(cache_dir: Path, sizes: LearningSizes, out: Path) -> Figure:
         samples=int(after["samples"]),
         notes=(f"mean length_target reward of {int(after['samples'])} sampled completions on the reward's own "
                f"prompts, after {sizes.rl_steps} GRPO steps on {sizes.model} (lr {config.learning_rate}, "
-               f"KL beta {config.kl_beta}, clip {config.clip_eps}, evolution's research defaults) against before, same prompts and "
+               f"KL beta {config.kl_beta}, clip {config.clip_eps}, {config.policy_updates} updates per rollout, "
+               f"evolution's research defaults) against before, same prompts and "
                f"sampling seed; {spread}"),
         extra={"model": sizes.model, "steps": sizes.rl_steps, "reward_std_before": before["reward_std"],
                "reward_std_after": after["reward_std"],
@@ -193,22 +201,30 @@ def _corruption_figure(model: Any, tokenizer: Any, held_out: list[str], config: 
     # the clean adapter against the base model (its promotion), then in production: what a corrupted copy faces
     in_production = _episodes(model, tokenizer, held_out, config, sizes.soak_episodes)
     clean = [_verdict(in_production, baseline, thresholds) for _ in range(sizes.clean_tries)]
-    corrupted = []
+
+    def soak_noisy(scale: float, seed: int) -> tuple[str, float]:
+        """The verdict on a copy with noise ``scale`` x each tensor's RMS, and its mean held-out loss."""
+        generator = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for name, p in lora.items():
+                rms = float(original[name].float().pow(2).mean().sqrt()) or 1e-3
+                p.copy_(original[name] + torch.randn(p.shape, generator=generator).to(p) * rms * scale)
+        episodes = _episodes(model, tokenizer, held_out, config, sizes.soak_episodes)
+        return _verdict(episodes, in_production, thresholds), _mean_loss(episodes)
+
     try:
-        for seed in range(sizes.corrupted_tries):
-            generator = torch.Generator().manual_seed(seed)
-            with torch.no_grad():
-                for name, p in lora.items():
-                    rms = float(original[name].float().pow(2).mean().sqrt()) or 1e-3
-                    p.copy_(original[name] + torch.randn(p.shape, generator=generator).to(p) * rms * NOISE_SCALE)
-            corrupted.append(_verdict(_episodes(model, tokenizer, held_out, config, sizes.soak_episodes),
-                                      in_production, thresholds))
+        corrupted, losses = zip(*(soak_noisy(NOISE_SCALE, seed) for seed in range(sizes.corrupted_tries)))
+        mild, mild_losses = zip(*(soak_noisy(MILD_NOISE_SCALE, 1000 + seed) for seed in range(sizes.clean_tries)))
     finally:
         with torch.no_grad():
             for name, p in lora.items():
                 p.copy_(original[name])
+    corrupted, mild = list(corrupted), list(mild)
     rejected = sum(v == "fail" for v in corrupted) / len(corrupted)
     passed_clean = sum(v == "pass" for v in clean) / len(clean)
+    loss_line = (f"held-out loss: base {_mean_loss(baseline):.2f}, clean {_mean_loss(in_production):.2f}, "
+                 f"corrupted {min(losses):.2f}-{max(losses):.2f}, mild noise ({MILD_NOISE_SCALE:g}x) "
+                 f"{min(mild_losses):.2f}-{max(mild_losses):.2f} judged {_tally(mild)}")
     return Figure(
         name="learning.validator_corrupted", value=rejected, unit="share rejected", baseline=None, ratio=None,
         target=TARGETS["learning.validator_corrupted"], passed=rejected == 1.0 and passed_clean == 1.0,
@@ -217,8 +233,11 @@ def _corruption_figure(model: Any, tokenizer: Any, held_out: list[str], config: 
                f"{NOISE_SCALE:g} x each tensor's RMS, one seed per soak) against the clean adapter in production, "
                f"and {len(clean)} of the clean adapter against the base model: 2 cycles x {sizes.soak_episodes // 2} episodes per side, the "
                f"replica's episodes in this process, judged with the default thresholds; verdicts corrupted "
-               f"{_tally(corrupted)}, clean {_tally(clean)}; {time.perf_counter() - started:.0f}s"),
-        extra={"corrupted_verdicts": corrupted, "clean_verdicts": clean, "noise_scale": NOISE_SCALE},
+               f"{_tally(corrupted)}, clean {_tally(clean)}; {loss_line}; {time.perf_counter() - started:.0f}s"),
+        extra={"corrupted_verdicts": corrupted, "clean_verdicts": clean, "noise_scale": NOISE_SCALE,
+               "corrupted_losses": list(losses), "clean_loss": _mean_loss(in_production),
+               "base_loss": _mean_loss(baseline), "mild_noise_scale": MILD_NOISE_SCALE, "mild_verdicts": mild,
+               "mild_losses": list(mild_losses)},
     )
 
 
@@ -238,6 +257,10 @@ def _episodes(model: Any, tokenizer: Any, held_out: list[str], config: Any, epis
         measured.append({"mntp_loss": result["loss"], "mntp_accuracy": result["accuracy"], "errors": 0.0,
                          **retrieval.episode(model, tokenizer, index)})
     return measured
+
+
+def _mean_loss(episodes: list[dict[str, float]]) -> float:
+    return sum(e["mntp_loss"] for e in episodes) / len(episodes)
 
 
 def _verdict(candidate: list[dict[str, float]], baseline: list[dict[str, float]], thresholds: Any) -> str:
