@@ -126,7 +126,7 @@ def test_research_settings_learn_at_rl_rates_and_leave_the_shape_to_the_adapter(
     assert not {"lora_rank", "lora_alpha", "target_modules"} & set(settings)
     assert settings["kl_beta"] > 0 and settings["clip_eps"] == 0.2 and settings["steps"] == 100
     assert research_settings({}, {"learning_rate": 0.01, "steps": 30}) == {
-        "learning_rate": 0.01, "kl_beta": 0.04, "clip_eps": 0.2, "steps": 30}
+        "learning_rate": 0.01, "kl_beta": 0.04, "clip_eps": 0.2, "policy_updates": 2, "steps": 30}
     assert research_settings({}, None)["learning_rate"] == 5e-3
     assert research_settings({"learning_rate": 1.0}, None)["learning_rate"] == high
     RlConfig.from_dict(settings)  # a configuration the trainer runs as it is
